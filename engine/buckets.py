@@ -1,0 +1,117 @@
+"""The Kontext resolutions, their area families, bucket choice, and shape keys.
+
+This module is the single source of truth for which shapes exist: a bucket (w, h) is a
+pixel size; its shape key is what the transformer sees (token counts), and engines are
+built and dispatched by shape key. (w, h) and (h, w) share a key: positions travel in img_ids.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+from .errors import BucketError
+
+# (width, height), all near 1 MP; identical in diffusers, BFL flux and the TensorRT demo.
+KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248),
+    (880, 1184), (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832),
+    (1328, 800), (1392, 752), (1456, 720), (1504, 688), (1568, 672),
+)  # fmt: skip
+
+MULTIPLE = 16  # VAE downsamples 8x, then 2x2 packing: every side a multiple of 16
+PIXELS_PER_TOKEN = MULTIPLE * MULTIPLE
+
+# Family name -> linear scale applied to the 1 MP resolutions.
+FAMILIES: dict[str, float] = {
+    "1mp": 1.0,
+    "0.5mp": math.sqrt(0.5),
+    "0.25mp": 0.5,
+    "small": 0.25,  # ~0.06 MP: the `small` preset on a CPU
+    "tiny": 0.125,  # ~0.016 MP: the `tiny` preset in tests
+}
+
+
+@dataclass(frozen=True, order=True)
+class ShapeKey:
+    """What one transformer call sees: batch and token counts. Engines are keyed by this."""
+
+    batch: int
+    target_tokens: int  # tokens of the image being generated
+    context_tokens: int  # tokens of the packed context image
+    text_tokens: int  # T5 tokens
+
+    @property
+    def image_tokens(self) -> int:
+        """Length of the img stream: target and context concatenated."""
+        return self.target_tokens + self.context_tokens
+
+    @property
+    def total_tokens(self) -> int:
+        return self.image_tokens + self.text_tokens
+
+    def __str__(self) -> str:
+        return f"b{self.batch}_t{self.target_tokens}_c{self.context_tokens}_x{self.text_tokens}"
+
+
+def _round16(x: float) -> int:
+    return max(MULTIPLE, int(round(x / MULTIPLE)) * MULTIPLE)
+
+
+def family_scale(family: str) -> float:
+    try:
+        return FAMILIES[family]
+    except KeyError:
+        known = ", ".join(FAMILIES)
+        raise BucketError(f"unknown bucket family {family!r}; known families: {known}") from None
+
+
+@cache
+def buckets(family: str = "1mp") -> tuple[tuple[int, int], ...]:
+    """The family's resolutions (w, h), in the order of KONTEXT_RESOLUTIONS, duplicates removed."""
+    scale = family_scale(family)
+    out: list[tuple[int, int]] = []
+    for w, h in KONTEXT_RESOLUTIONS:
+        b = (_round16(w * scale), _round16(h * scale))
+        if b not in out:
+            out.append(b)
+    return tuple(out)
+
+
+def tokens(width: int, height: int) -> int:
+    """Packed latent tokens of an image of this pixel size."""
+    if width % MULTIPLE or height % MULTIPLE or width <= 0 or height <= 0:
+        raise BucketError(f"{width}x{height} is not a positive multiple of {MULTIPLE} on both sides")
+    return (width // MULTIPLE) * (height // MULTIPLE)
+
+
+def nearest_bucket(width: int, height: int, family: str = "1mp") -> tuple[int, int]:
+    """The family's bucket with the aspect ratio nearest to width/height: min |w/h - ar|.
+
+    Ties go to the first bucket in KONTEXT_RESOLUTIONS order (as in diffusers and BFL).
+    """
+    if width <= 0 or height <= 0:
+        raise BucketError(f"image size must be positive, got {width}x{height}")
+    ar = width / height
+    return min(buckets(family), key=lambda b: abs(b[0] / b[1] - ar))
+
+
+def shape_key(
+    target: tuple[int, int], context: tuple[int, int], text_tokens: int, batch: int = 1
+) -> ShapeKey:
+    """The shape key of an edit producing `target` (w, h) from a context image of size `context`."""
+    return ShapeKey(batch, tokens(*target), tokens(*context), text_tokens)
+
+
+def family_shape_keys(family: str, text_tokens: int, batch: int = 1) -> frozenset[ShapeKey]:
+    """Every shape key of a family, with the context image in the same bucket as the target."""
+    return frozenset(shape_key(b, b, text_tokens, batch) for b in buckets(family))
+
+
+def family_of(width: int, height: int) -> str | None:
+    """The family that contains this exact bucket, or None."""
+    for name in FAMILIES:
+        if (width, height) in buckets(name):
+            return name
+    return None

@@ -1,0 +1,195 @@
+"""Frozen configuration: model presets (tiny, small, kontext-dev) and the runtime settings of one edit.
+
+Nothing here reads the environment or argv; cli.py turns user input into these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Arguments of diffusers' FluxTransformer2DModel (Kontext uses in_channels 64 and guidance embeds)."""
+
+    num_layers: int  # double-stream blocks
+    num_single_layers: int  # single-stream blocks
+    attention_head_dim: int
+    num_attention_heads: int
+    joint_attention_dim: int  # T5 hidden size
+    pooled_projection_dim: int  # CLIP pooled size
+    axes_dims_rope: tuple[int, int, int]
+    in_channels: int = 64
+    patch_size: int = 1
+    guidance_embeds: bool = True
+
+    @property
+    def hidden_size(self) -> int:
+        return self.attention_head_dim * self.num_attention_heads
+
+    def to_diffusers(self) -> dict[str, object]:
+        return {
+            "patch_size": self.patch_size,
+            "in_channels": self.in_channels,
+            "num_layers": self.num_layers,
+            "num_single_layers": self.num_single_layers,
+            "attention_head_dim": self.attention_head_dim,
+            "num_attention_heads": self.num_attention_heads,
+            "joint_attention_dim": self.joint_attention_dim,
+            "pooled_projection_dim": self.pooled_projection_dim,
+            "guidance_embeds": self.guidance_embeds,
+            "axes_dims_rope": list(self.axes_dims_rope),
+        }
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    """A Flux-style AutoencoderKL: 16 latent channels, 8x downsampling, shift and scale factors."""
+
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    norm_num_groups: int
+    latent_channels: int = 16
+    scaling_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Sizes of the random CLIP and T5 encoders of the synthetic presets."""
+
+    clip_hidden: int
+    clip_layers: int
+    clip_heads: int
+    t5_d_model: int
+    t5_layers: int
+    t5_heads: int
+    t5_d_ff: int
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A complete model: synthetic presets carry configs and a seed, real ones a loader kind."""
+
+    name: str
+    transformer: TransformerConfig
+    bucket_family: str  # the default family of buckets (see buckets.FAMILIES)
+    max_sequence_length: int  # T5 tokens per prompt
+    vae: VaeConfig | None = None  # None: loaded from disk
+    text: TextEncoderConfig | None = None  # None: loaded from disk
+    seed: int = 0  # seed of the random weights (synthetic presets)
+
+    @property
+    def synthetic(self) -> bool:
+        return self.vae is not None
+
+
+KONTEXT_DEV_TRANSFORMER = TransformerConfig(
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    axes_dims_rope=(16, 56, 56),
+)
+
+PRESETS: dict[str, ModelPreset] = {
+    # Every component present, a few thousand parameters each: CI-sized.
+    "tiny": ModelPreset(
+        name="tiny",
+        transformer=TransformerConfig(
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=(4, 6, 6),
+        ),
+        vae=VaeConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
+        text=TextEncoderConfig(
+            clip_hidden=32, clip_layers=2, clip_heads=2, t5_d_model=32, t5_layers=2, t5_heads=2, t5_d_ff=64
+        ),
+        bucket_family="tiny",
+        max_sequence_length=32,
+        seed=0,
+    ),
+    # ~70M transformer parameters (hidden 512, 4 double + 8 single blocks): on a CPU the
+    # transformer dominates the edit, so backend comparisons mean something.
+    "small": ModelPreset(
+        name="small",
+        transformer=TransformerConfig(
+            num_layers=4,
+            num_single_layers=8,
+            attention_head_dim=64,
+            num_attention_heads=8,
+            joint_attention_dim=256,
+            pooled_projection_dim=64,
+            axes_dims_rope=(8, 28, 28),
+        ),
+        vae=VaeConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8),
+        text=TextEncoderConfig(
+            clip_hidden=64, clip_layers=2, clip_heads=2, t5_d_model=256, t5_layers=2, t5_heads=4, t5_d_ff=512
+        ),
+        bucket_family="small",
+        max_sequence_length=128,
+        seed=0,
+    ),
+    # The real 12B model, loaded from a local path (see weights.py).
+    "kontext-dev": ModelPreset(
+        name="kontext-dev",
+        transformer=KONTEXT_DEV_TRANSFORMER,
+        bucket_family="1mp",
+        max_sequence_length=512,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelPreset:
+    """The preset called `name`, or a ConfigError listing the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        known = ", ".join(sorted(PRESETS))
+        raise ConfigError(f"unknown model preset {name!r}; choose one of: {known}, or pass a local path") from None
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """The knobs of one edit. Defaults follow BFL's CLI (30 steps would be theirs; diffusers uses 28)."""
+
+    steps: int = 28
+    guidance: float = 2.5
+    seed: int = 0
+    size: tuple[int, int] | None = None  # output (width, height); None: the input's bucket
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= 1000:
+            raise ConfigError(f"steps must be between 1 and 1000, got {self.steps}")
+        if not 0.0 <= self.guidance <= 100.0:
+            raise ConfigError(f"guidance must be between 0 and 100, got {self.guidance}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be a non-negative 63-bit integer, got {self.seed}")
+        if self.size is not None:
+            w, h = self.size
+            if w <= 0 or h <= 0 or w % 16 or h % 16:
+                raise ConfigError(f"size must be positive multiples of 16, got {w}x{h}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a loaded pipeline runs: device, dtype and what to do with shapes an engine lacks."""
+
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    miss_policy: str = "error"  # error | torch (fall back to the torch transformer, counted)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.miss_policy not in ("error", "torch"):
+            raise ConfigError(f"miss_policy must be 'error' or 'torch', got {self.miss_policy!r}")

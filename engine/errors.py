@@ -1,0 +1,43 @@
+"""Typed errors. Each one says what went wrong and the command or change that fixes it."""
+
+from __future__ import annotations
+
+
+class KontextError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(KontextError, ValueError):
+    """A setting or argument is out of range (steps, guidance, size, preset name...)."""
+
+
+class WeightsError(KontextError):
+    """A checkpoint is missing, incomplete, or not in a format we load."""
+
+
+class ImageError(KontextError, ValueError):
+    """An input image cannot be used (format, size, corruption)."""
+
+
+class BucketError(KontextError, ValueError):
+    """A resolution or shape does not belong to any known bucket family."""
+
+
+class ShapeNotServedError(KontextError):
+    """An engine was asked to run a shape key it was not built for."""
+
+
+class BuildError(KontextError):
+    """A build stage failed (export, quantization, compilation, verification)."""
+
+
+class VerificationError(BuildError):
+    """A built artifact differs from the PyTorch reference beyond its recipe's bound."""
+
+
+class ManifestError(KontextError):
+    """A manifest is missing, unreadable, or does not match this machine or these weights."""
+
+
+class BackendUnavailableError(KontextError):
+    """A backend's library or hardware is not present on this machine."""

@@ -1,0 +1,335 @@
+"""Input images in, output images out: decode and validate PNG/JPEG/WebP, convert to RGB,
+resize and tensorize exactly as diffusers' VaeImageProcessor does, save PNGs with metadata."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import stat
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, PngImagePlugin
+
+from engine.errors import ConfigError, ImageError
+
+logger = logging.getLogger(__name__)
+
+MAX_PIXELS = 64 * 1024 * 1024  # 64 MP: far above any Kontext bucket, far below a decompression bomb
+MAX_FILE_BYTES = 64 * 1024 * 1024  # 64 MiB
+MAX_JPEG_SCANS = 1000  # progressive JPEGs have ~10 scans; thousands is a CPU-exhaustion attack
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WebP")
+
+_PIL_FORMATS = ["PNG", "JPEG", "WEBP"]  # plugins Image.open may try; MPO is JPEG from cameras
+_DECODED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP"})
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_OTHER_MAGIC = (  # recognized only to say what a refused file is
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"%PDF", "PDF"),
+)
+_ACCEPTED_TEXT = ", ".join(ACCEPTED_FORMATS)
+
+ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> Image.Image:
+    """Decode a PNG, JPEG or WebP file (a path or its bytes) into an RGB PIL image.
+
+    Checks, in order, each failing with ImageError: the file is a regular file of at most
+    `max_file_bytes` (checked from its size before reading); it is not empty; its magic
+    bytes say PNG, JPEG or WebP (GIF, BMP, TIFF, text... are refused); its header parses;
+    its header's width * height is at most `max_pixels` (checked BEFORE any pixel is
+    decoded; Pillow's own decompression-bomb limit also applies); the pixel data decodes
+    completely (truncated files are refused, never padded). Animated PNG/WebP: the first
+    frame. The EXIF orientation is applied (ImageOps.exif_transpose).
+
+    Mode rule (see `to_rgb`): palette images become RGB (RGBA first if they carry
+    transparency); grey L/1 is replicated to R=G=B; 16-bit grey (I;16*, and I/F, read as
+    16-bit samples clipped to 0..65535) is scaled to 8 bits by round(v / 257), so 65535 ->
+    255 and 32768 -> 128; CMYK/YCbCr go through Pillow's convert("RGB"); any alpha (RGBA,
+    LA, PA, or a tRNS transparency key) is composited over WHITE, then dropped. 16-bit RGB
+    PNGs arrive as 8-bit RGB from Pillow (high byte). No ICC colour management is done.
+    """
+    data, name = _read_source(source, max_file_bytes)
+    if not data:
+        raise ImageError(f"{name}: the file is empty (0 bytes); accepted formats: {_ACCEPTED_TEXT}")
+    _check_magic(data, name)
+    image = _decode(data, name, max_pixels)
+    rgb = to_rgb(image)
+    logger.debug("loaded %s: %s %dx%d -> RGB", name, image.mode, rgb.width, rgb.height)
+    return rgb
+
+
+def _read_source(source: ImageSource, max_file_bytes: int) -> tuple[bytes, str]:
+    """Return (bytes, a name for messages), refusing anything larger than `max_file_bytes`."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if len(data) > max_file_bytes:
+            raise ImageError(f"image data is {len(data)} bytes; the limit is {max_file_bytes} bytes")
+        return data, f"<{len(data)} bytes>"
+    if not isinstance(source, (str, os.PathLike)):
+        raise ImageError(f"load_image takes a path or bytes, not {type(source).__name__}")
+    path = Path(source)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read the image: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{path}: not a regular file")
+    if st.st_size > max_file_bytes:
+        raise ImageError(f"{path}: the file is {st.st_size} bytes; the limit is {max_file_bytes} bytes")
+    try:
+        with path.open("rb") as f:
+            data = f.read(max_file_bytes + 1)  # the file may have grown since stat()
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read the image: {exc.strerror or exc}") from exc
+    if len(data) > max_file_bytes:
+        raise ImageError(f"{path}: the file is larger than the limit of {max_file_bytes} bytes")
+    return data, str(path)
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """The accepted format named by the magic bytes, or None."""
+    if data.startswith(_PNG_MAGIC):
+        return "PNG"
+    if data.startswith(_JPEG_MAGIC):
+        return "JPEG"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return None
+
+
+def _check_magic(data: bytes, name: str) -> None:
+    found = _sniff_format(data)
+    if found is None:
+        other = next((label for magic, label in _OTHER_MAGIC if data.startswith(magic)), None)
+        what = f"a {other} file" if other else "not a recognized image"
+        raise ImageError(f"{name}: {what}; accepted formats: {_ACCEPTED_TEXT}")
+    if found == "JPEG":
+        scans = data.count(b"\xff\xda")  # SOS markers; 0xFF in entropy-coded data is byte-stuffed
+        if scans > MAX_JPEG_SCANS:
+            raise ImageError(f"{name}: JPEG with {scans} scans (limit {MAX_JPEG_SCANS}); refused as hostile")
+
+
+def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Parse the header, check the pixel count, then decode and apply EXIF orientation.
+
+    The decoder parses untrusted bytes: any exception it raises means the image cannot be
+    used, and is reported as an ImageError.
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as lazy:
+            width, height = lazy.size
+            if lazy.format not in _DECODED_FORMATS:
+                raise ImageError(f"{name}: decoded as {lazy.format}; accepted formats: {_ACCEPTED_TEXT}")
+            if width <= 0 or height <= 0:
+                raise ImageError(f"{name}: invalid dimensions {width}x{height}")
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of "
+                    f"{max_pixels} pixels; refused before decoding"
+                )
+            if getattr(lazy, "is_animated", False):
+                logger.info("%s: animated %s, using its first frame", name, lazy.format)
+            lazy.load()
+            return ImageOps.exif_transpose(lazy)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{name}: refused before decoding, as a decompression bomb: {exc}") from exc
+    except Exception as exc:
+        raise ImageError(
+            f"{name}: cannot decode the image (corrupt or truncated?): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------- modes
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB by the rule stated in `load_image`."""
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if _has_alpha(image):
+        return _composite_over_white(image)
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return _sixteen_bit_grey_to_rgb(image)
+    try:
+        return image.convert("RGB")  # P, 1, L, CMYK, YCbCr, LAB, HSV, RGBX...
+    except (ValueError, OSError) as exc:
+        raise ImageError(f"cannot convert a {mode} image to RGB: {exc}") from exc
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
+
+
+def _composite_over_white(image: Image.Image) -> Image.Image:
+    """Blend straight alpha over an opaque white background: out = a * rgb + (1 - a) * 255."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _sixteen_bit_grey_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit grey -> 8-bit RGB by round(v / 257) (0 -> 0, 65535 -> 255), never clipping at 255."""
+    samples = np.asarray(image).astype(np.float64)  # I;16B arrives as big-endian uint16: astype fixes it
+    eight = np.rint(np.clip(samples, 0.0, 65535.0) / 257.0).astype(np.uint8)  # v/257 never ties at .5
+    return Image.fromarray(np.stack([eight] * 3, axis=-1), mode="RGB")
+
+
+# ---------------------------------------------------------------------------- resize and tensors
+
+
+def resize_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to `size` = (width, height) with LANCZOS, as VaeImageProcessor.resize does for PIL.
+
+    PIL's resize takes (width, height), not (height, width).
+    """
+    width, height = size
+    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        raise ConfigError(f"resize_to needs a positive integer (width, height), got {size!r}")
+    return image.resize((width, height), resample=Image.Resampling.LANCZOS, reducing_gap=None)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> [1, 3, H, W] float32 in [-1, 1], as VaeImageProcessor.preprocess computes it."""
+    if image.mode != "RGB":
+        raise ImageError(f"to_tensor needs an RGB image, got mode {image.mode}; load it with load_image")
+    pixels = np.array(image).astype(np.float32) / 255.0  # [H, W, 3] in [0, 1]
+    tensor = torch.from_numpy(pixels[None].transpose(0, 3, 1, 2)).contiguous()  # [1, 3, H, W]
+    return 2.0 * tensor - 1.0
+
+
+def to_pil(tensor: torch.Tensor) -> Image.Image:
+    """[1, 3, H, W] in [-1, 1] -> RGB PIL image, as VaeImageProcessor.postprocess(output_type="pil").
+
+    Denormalizes in the tensor's own dtype ((x * 0.5 + 0.5).clamp(0, 1)), then float32,
+    then (x * 255).round() to uint8. Non-finite values are refused: they mean the denoiser or
+    the VAE overflowed, and would otherwise turn into arbitrary pixels.
+    """
+    if tensor.ndim != 4 or tensor.shape[0] != 1 or tensor.shape[1] != 3:
+        raise ImageError(f"to_pil needs a [1, 3, H, W] tensor, got shape {list(tensor.shape)}")
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ImageError(
+            f"the decoded image has {bad} non-finite values (NaN/inf): the denoiser or VAE overflowed; "
+            "try a higher-precision backend"
+        )
+    unit = (tensor * 0.5 + 0.5).clamp(0, 1)  # [1, 3, H, W] in [0, 1]
+    pixels = unit.detach().cpu().permute(0, 2, 3, 1).float().numpy()  # [1, H, W, 3]
+    return Image.fromarray((pixels[0] * 255).round().astype("uint8"))
+
+
+# ---------------------------------------------------------------------------- PNG output
+
+
+def save_png(image: Image.Image, path: str | os.PathLike[str], metadata: Mapping[str, str]) -> Path:
+    """Write `image` as a PNG with one text chunk per metadata item, atomically.
+
+    Latin-1 values go in tEXt chunks, others in uncompressed iTXt (UTF-8). Keys are written
+    sorted, and nothing time-dependent is written, so the same image and metadata give the same
+    bytes. The PNG goes to a temporary file in the target's directory, is fsynced, then
+    os.replace()d over `path`: a reader sees the old file or the new one, never half of one.
+    """
+    target = Path(path)
+    info = _png_info(metadata)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise ImageError(f"{target}: cannot create a file in {target.parent}: {exc.strerror or exc}") from exc
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ImageError(f"{target}: cannot write the PNG: {exc.strerror or exc}") from exc
+        raise
+    _fsync_directory(target.parent)
+    logger.debug("saved %s (%d metadata keys)", target, len(metadata))
+    return target
+
+
+def _png_info(metadata: Mapping[str, str]) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    for key in sorted(metadata):
+        value = metadata[key]
+        _check_png_key(key)
+        if not isinstance(value, str):
+            raise ImageError(f"PNG metadata value for {key!r} must be a str, got {type(value).__name__}")
+        if "\x00" in value:
+            raise ImageError(f"PNG metadata value for {key!r} contains a NUL character")
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            info.add_itxt(key, value, lang="", tkey="", zip=False)
+        else:
+            info.add_text(key, value, zip=False)
+    return info
+
+
+def _check_png_key(key: object) -> None:
+    """PNG keywords: 1-79 printable Latin-1 characters, no leading, trailing or double spaces."""
+    ok = (
+        isinstance(key, str)
+        and 1 <= len(key) <= 79
+        and all(32 <= ord(c) <= 126 or 161 <= ord(c) <= 255 for c in key)
+        and key == key.strip()
+        and "  " not in key
+    )
+    if not ok:
+        raise ImageError(f"invalid PNG metadata key {key!r}: use 1-79 printable Latin-1 characters")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_png_metadata(path: str | os.PathLike[str], *, max_pixels: int = MAX_PIXELS) -> dict[str, str]:
+    """The tEXt, zTXt and iTXt chunks of a PNG file, as str -> str."""
+    target = Path(path)
+    try:
+        with Image.open(target, formats=["PNG"]) as png:
+            width, height = png.size
+            if width * height > max_pixels:
+                raise ImageError(f"{target}: {width}x{height} exceeds the limit of {max_pixels} pixels")
+            return {str(key): str(value) for key, value in png.text.items()}  # type: ignore[attr-defined]
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"{target}: cannot read PNG metadata: {type(exc).__name__}: {exc}") from exc
