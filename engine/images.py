@@ -71,7 +71,7 @@ def load_image(
     data, name = _read_source(source, max_file_bytes)
     if not data:
         raise ImageError(f"{name}: the file is empty (0 bytes); accepted formats: {_ACCEPTED_TEXT}")
-    _check_magic(data, name)
+    _check_format(data, name)
     image = _decode(data, name, max_pixels)
     rgb = to_rgb(image)
     logger.debug("loaded %s: %s %dx%d -> RGB", name, image.mode, rgb.width, rgb.height)
@@ -117,7 +117,7 @@ def _sniff_format(data: bytes) -> str | None:
     return None
 
 
-def _check_magic(data: bytes, name: str) -> None:
+def _check_format(data: bytes, name: str) -> None:
     found = _sniff_format(data)
     if found is None:
         other = next((label for magic, label in _OTHER_MAGIC if data.startswith(magic)), None)
@@ -169,10 +169,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
         return image
-    if _has_alpha(image):
-        return _composite_over_white(image)
     if mode in ("I", "F") or mode.startswith("I;16"):
         return _sixteen_bit_grey_to_rgb(image)
+    if _has_alpha(image):
+        return _composite_over_white(image)
     try:
         return image.convert("RGB")  # P, 1, L, CMYK, YCbCr, LAB, HSV, RGBX...
     except (ValueError, OSError) as exc:
@@ -194,6 +194,9 @@ def _sixteen_bit_grey_to_rgb(image: Image.Image) -> Image.Image:
     """16-bit grey -> 8-bit RGB by round(v / 257) (0 -> 0, 65535 -> 255), never clipping at 255."""
     samples = np.asarray(image).astype(np.float64)  # I;16B arrives as big-endian uint16: astype fixes it
     eight = np.rint(np.clip(samples, 0.0, 65535.0) / 257.0).astype(np.uint8)  # v/257 never ties at .5
+    key = image.info.get("transparency")  # a tRNS grey key: those pixels are transparent -> white
+    if isinstance(key, int) and not isinstance(key, bool):
+        eight[samples == key] = 255
     return Image.fromarray(np.stack([eight] * 3, axis=-1), mode="RGB")
 
 

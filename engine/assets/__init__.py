@@ -31,7 +31,9 @@ def calibration_prompts() -> list[tuple[str, str]]:
     try:
         entries = json.loads(CALIBRATION_PROMPTS_FILE.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{CALIBRATION_PROMPTS_FILE} is unreadable ({exc}); reinstall kontext-engine") from exc
+        raise ConfigError(
+            f"{CALIBRATION_PROMPTS_FILE} is unreadable ({exc}); reinstall kontext-engine"
+        ) from exc
     if not isinstance(entries, list):
         raise ConfigError(f"{CALIBRATION_PROMPTS_FILE} must hold a JSON list; reinstall kontext-engine")
     prompts: list[tuple[str, str]] = []

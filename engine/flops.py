@@ -1,0 +1,88 @@
+"""FLOPs of one forward of the Flux / Kontext transformer (diffusers FluxTransformer2DModel) at one shape.
+
+Counts what the layers of diffusers' transformer_flux.py really do: every nn.Linear (2*m*k*n per matmul,
+biases and elementwise work ignored) and the two attention matmuls (QK^T and PV). Benchmarks divide these
+by measured time to report TFLOP/s; a test checks the linear count against a real model's layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .buckets import ShapeKey
+from .config import TransformerConfig
+
+TIMESTEP_CHANNELS = 256  # diffusers Timesteps(num_channels=256) feeding the time and guidance embedders
+MLP_RATIO = 4  # FeedForward(mult=4) in double blocks, proj_mlp in single blocks
+
+
+@dataclass(frozen=True)
+class ForwardFlops:
+    """Floating-point operations of one transformer forward (multiply and add counted separately)."""
+
+    linear: int  # every nn.Linear: embedders, modulation, q/k/v/out, MLPs, output projection
+    attention: int  # QK^T and softmax(QK^T)V of all blocks
+
+    @property
+    def total(self) -> int:
+        return self.linear + self.attention
+
+
+def _mm(rows: int, k: int, n: int) -> int:
+    """FLOPs of [rows, k] @ [k, n]."""
+    return 2 * rows * k * n
+
+
+def conditioning_linear_flops(cfg: TransformerConfig, batch: int) -> int:
+    """time_text_embed: timestep (and guidance) embedders 256 -> D -> D, pooled projection P -> D -> D."""
+    d = cfg.hidden_size
+    per_embedder = _mm(batch, TIMESTEP_CHANNELS, d) + _mm(batch, d, d)
+    embedders = 2 if cfg.guidance_embeds else 1
+    text = _mm(batch, cfg.pooled_projection_dim, d) + _mm(batch, d, d)
+    return embedders * per_embedder + text
+
+
+def double_block_linear_flops(cfg: TransformerConfig, shape: ShapeKey) -> int:
+    """One FluxTransformerBlock: each stream has its own modulation, q/k/v/out and 4x MLP weights."""
+    d, b = cfg.hidden_size, shape.batch
+    modulation = 2 * _mm(b, d, 6 * d)  # norm1.linear and norm1_context.linear act on temb [B, D]
+    per_token = 4 * d * d + 2 * MLP_RATIO * d * d  # q, k, v, out + MLP up and down, per stream
+    img = 2 * b * shape.image_tokens * per_token  # to_q/k/v, to_out.0, ff
+    txt = 2 * b * shape.text_tokens * per_token  # add_q/k/v_proj, to_add_out, ff_context
+    return modulation + img + txt
+
+
+def single_block_linear_flops(cfg: TransformerConfig, shape: ShapeKey) -> int:
+    """One FluxSingleTransformerBlock on the joint sequence: q/k/v and proj_mlp in, proj_out from 5D."""
+    d, b = cfg.hidden_size, shape.batch
+    modulation = _mm(b, d, 3 * d)  # norm.linear on temb
+    rows = b * shape.total_tokens
+    qkv = 3 * _mm(rows, d, d)
+    mlp_in = _mm(rows, d, MLP_RATIO * d)
+    proj_out = _mm(rows, (1 + MLP_RATIO) * d, d)  # cat([attn, mlp]) -> D
+    return modulation + qkv + mlp_in + proj_out
+
+
+def linear_flops(cfg: TransformerConfig, shape: ShapeKey) -> int:
+    """Every nn.Linear of one forward."""
+    d, b = cfg.hidden_size, shape.batch
+    out_channels = cfg.patch_size * cfg.patch_size * cfg.in_channels
+    x_embedder = _mm(b * shape.image_tokens, cfg.in_channels, d)
+    context_embedder = _mm(b * shape.text_tokens, cfg.joint_attention_dim, d)
+    blocks = cfg.num_layers * double_block_linear_flops(cfg, shape)
+    blocks += cfg.num_single_layers * single_block_linear_flops(cfg, shape)
+    norm_out = _mm(b, d, 2 * d)  # AdaLayerNormContinuous.linear on temb
+    proj_out = _mm(b * shape.image_tokens, d, out_channels)
+    return conditioning_linear_flops(cfg, b) + x_embedder + context_embedder + blocks + norm_out + proj_out
+
+
+def attention_flops(cfg: TransformerConfig, shape: ShapeKey) -> int:
+    """Joint attention over S = image + text tokens in every block: 2*S^2*head_dim each for QK^T and PV."""
+    s = shape.total_tokens
+    per_block = 4 * shape.batch * cfg.num_attention_heads * s * s * cfg.attention_head_dim
+    return (cfg.num_layers + cfg.num_single_layers) * per_block
+
+
+def transformer_flops(cfg: TransformerConfig, shape: ShapeKey) -> ForwardFlops:
+    """FLOPs of one FluxTransformer2DModel forward at `shape` (about 165 TFLOP for Kontext dev at 1024^2)."""
+    return ForwardFlops(linear=linear_flops(cfg, shape), attention=attention_flops(cfg, shape))
