@@ -15,10 +15,24 @@ from .errors import BucketError
 
 # (width, height), all near 1 MP; identical in diffusers, BFL flux and the TensorRT demo.
 KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
-    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248),
-    (880, 1184), (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832),
-    (1328, 800), (1392, 752), (1456, 720), (1504, 688), (1568, 672),
-)  # fmt: skip
+    (672, 1568),
+    (688, 1504),
+    (720, 1456),
+    (752, 1392),
+    (800, 1328),
+    (832, 1248),
+    (880, 1184),
+    (944, 1104),
+    (1024, 1024),
+    (1104, 944),
+    (1184, 880),
+    (1248, 832),
+    (1328, 800),
+    (1392, 752),
+    (1456, 720),
+    (1504, 688),
+    (1568, 672),
+)
 
 MULTIPLE = 16  # VAE downsamples 8x, then 2x2 packing: every side a multiple of 16
 PIXELS_PER_TOKEN = MULTIPLE * MULTIPLE
@@ -56,7 +70,7 @@ class ShapeKey:
 
 
 def _round16(x: float) -> int:
-    return max(MULTIPLE, int(round(x / MULTIPLE)) * MULTIPLE)
+    return max(MULTIPLE, round(x / MULTIPLE) * MULTIPLE)
 
 
 def family_scale(family: str) -> float:

@@ -36,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the edit instruction")
     e.add_argument("-o", "--output", type=Path, default=Path("build/edit.png"), help="output PNG")
     e.add_argument("--model", default="tiny", help="preset (tiny, small) or a local path to Kontext dev")
-    e.add_argument("--steps", type=int, default=None, help="denoising steps (default 28; 8 on synthetic presets)")
+    e.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default 28; 8 on synthetic presets)"
+    )
     e.add_argument("--guidance", type=float, default=2.5, help="embedded guidance (default 2.5)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--size", type=_size, default=None, help="output WxH; default: the input's bucket")
@@ -91,7 +93,9 @@ def _device(requested: str | None) -> str:
     if requested is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but torch sees no CUDA device (is this a CPU build of torch?)")
+        raise ConfigError(
+            "--device cuda asked for, but torch sees no CUDA device (is this a CPU build of torch?)"
+        )
     return requested
 
 
@@ -128,8 +132,10 @@ def _edit(args: argparse.Namespace) -> int:
         "source_image": image_path.name,
     }
     save_png(result.image, args.output, metadata)
-    print(f"wrote {args.output} ({result.size[0]}x{result.size[1]}, {settings.steps} steps, "
-          f"{result.timings['total']:.2f}s, {denoiser.name})")  # fmt: skip
+    print(
+        f"wrote {args.output} ({result.size[0]}x{result.size[1]}, {settings.steps} steps, "
+        f"{result.timings['total']:.2f}s, {denoiser.name})"
+    )
     return 0
 
 

@@ -154,7 +154,9 @@ def get_preset(name: str) -> ModelPreset:
         return PRESETS[name]
     except KeyError:
         known = ", ".join(sorted(PRESETS))
-        raise ConfigError(f"unknown model preset {name!r}; choose one of: {known}, or pass a local path") from None
+        raise ConfigError(
+            f"unknown model preset {name!r}; choose one of: {known}, or pass a local path"
+        ) from None
 
 
 @dataclass(frozen=True)

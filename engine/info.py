@@ -21,11 +21,16 @@ def gpu_summary() -> dict[str, str | None]:
     """torch build, CUDA device name and compute capability (None where absent)."""
     import torch
 
-    out: dict[str, str | None] = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": None,
-                                  "capability": None}  # fmt: skip
+    out: dict[str, str | None] = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": None,
+        "capability": None,
+    }
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
-        out["capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
+        major, minor = torch.cuda.get_device_capability(0)
+        out["capability"] = f"{major}.{minor}"
     return out
 
 
@@ -54,8 +59,10 @@ def machine_report(build_dir: Path | None = None) -> str:
     for p in PRESETS.values():
         t = p.transformer
         kind = "synthetic (seeded random weights)" if p.synthetic else "local path"
-        lines.append(f"  {p.name:<12} hidden {t.hidden_size}, {t.num_layers}+{t.num_single_layers} blocks, "
-                     f"family {p.bucket_family}, {kind}")  # fmt: skip
+        lines.append(
+            f"  {p.name:<12} hidden {t.hidden_size}, {t.num_layers}+{t.num_single_layers} blocks, "
+            f"family {p.bucket_family}, {kind}"
+        )
     lines.append("bucket families:")
     for f in FAMILIES:
         bs = buckets(f)

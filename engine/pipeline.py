@@ -63,8 +63,14 @@ class KontextPipeline:
     and the denoiser decides its own model (see backends).
     """
 
-    def __init__(self, components: Components, denoiser: Denoiser, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+    def __init__(
+        self,
+        components: Components,
+        denoiser: Denoiser,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.components = components
         self.denoiser = denoiser
         self.device = torch.device(device)
@@ -113,8 +119,9 @@ class KontextPipeline:
 
     # ------------------------------------------------------------------ the edit
 
-    def prepare(self, image: Image.Image, prompt: str, settings: EditSettings,
-                timings: dict[str, float] | None = None) -> PreparedEdit:  # fmt: skip
+    def prepare(
+        self, image: Image.Image, prompt: str, settings: EditSettings, timings: dict[str, float] | None = None
+    ) -> PreparedEdit:
         """Bucket the image, encode prompt and image, draw noise, build the schedule."""
         timings = {} if timings is None else timings
         bucket = nearest_bucket(image.width, image.height, self.bucket_family)
@@ -128,8 +135,15 @@ class KontextPipeline:
         schedule = sampling.get_schedule(settings.steps, img.shape[1], self.device)
         return PreparedEdit(img, img_ids, ctx, ctx_ids, txt, txt_ids, vec, schedule, bucket, size)
 
-    def edit(self, image: Image.Image, prompt: str, settings: EditSettings | None = None, *,
-             progress: bool = True, callback: sampling.StepCallback | None = None) -> EditResult:  # fmt: skip
+    def edit(
+        self,
+        image: Image.Image,
+        prompt: str,
+        settings: EditSettings | None = None,
+        *,
+        progress: bool = True,
+        callback: sampling.StepCallback | None = None,
+    ) -> EditResult:
         """Edit `image` as `prompt` says. Output size: the input's bucket unless settings.size is set."""
         settings = settings or EditSettings()
         timings: dict[str, float] = {}
@@ -137,8 +151,9 @@ class KontextPipeline:
         p = self.prepare(image, prompt, settings, timings)
         key = shape_key(p.size, p.bucket, p.txt.shape[1])
         step_times: list[float] = []
-        bar = tqdm(total=settings.steps, desc=f"denoise {p.size[0]}x{p.size[1]}", disable=not progress,
-                   leave=False)  # fmt: skip
+        bar = tqdm(
+            total=settings.steps, desc=f"denoise {p.size[0]}x{p.size[1]}", disable=not progress, leave=False
+        )
         last = [time.perf_counter()]
 
         def on_step(i: int, n: int, latents: torch.Tensor) -> None:
@@ -151,13 +166,26 @@ class KontextPipeline:
                 callback(i, n, latents)
 
         with self._timed(timings, "denoise"), torch.inference_mode():
-            latents = sampling.denoise(self.denoiser, p.img, p.img_ids, p.ctx, p.ctx_ids, p.txt, p.txt_ids,
-                                       p.vec, p.schedule, settings.guidance, on_step)  # fmt: skip
+            latents = sampling.denoise(
+                self.denoiser,
+                p.img,
+                p.img_ids,
+                p.ctx,
+                p.ctx_ids,
+                p.txt,
+                p.txt_ids,
+                p.vec,
+                p.schedule,
+                settings.guidance,
+                on_step,
+            )
         bar.close()
         with self._timed(timings, "vae_decode"):
             out = self.decode(latents, p.size)
         timings["total"] = time.perf_counter() - t_start
-        log.info("edit %dx%d, %d steps, %.2fs (%s)", *p.size, settings.steps, timings["total"], self.denoiser.name)
+        log.info(
+            "edit %dx%d, %d steps, %.2fs (%s)", *p.size, settings.steps, timings["total"], self.denoiser.name
+        )
         return EditResult(out, latents, p.bucket, p.size, key, timings, step_times)
 
     # ------------------------------------------------------------------ timing

@@ -95,7 +95,9 @@ def load_components(
     elif path.exists():
         comps = _load_local(path, dtype)
     else:
-        raise WeightsError(f"{name!r} is neither a preset (tiny, small) nor an existing path. {_DOWNLOAD_HINT}")
+        raise WeightsError(
+            f"{name!r} is neither a preset (tiny, small) nor an existing path. {_DOWNLOAD_HINT}"
+        )
     for m in (comps.transformer, comps.vae, comps.text_encoder, comps.text_encoder_2):
         m.to(device=device)
         if comps.preset.synthetic and dtype != torch.float32:
@@ -227,7 +229,9 @@ def _load_local(path: Path, dtype: torch.dtype) -> Components:
     preset = get_preset("kontext-dev")
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise WeightsError(f"{path}: only .safetensors checkpoints are loaded (never pickle). {_DOWNLOAD_HINT}")
+            raise WeightsError(
+                f"{path}: only .safetensors checkpoints are loaded (never pickle). {_DOWNLOAD_HINT}"
+            )
         folder = path.parent
         if not (folder / "model_index.json").exists():
             raise WeightsError(
@@ -241,7 +245,9 @@ def _load_local(path: Path, dtype: torch.dtype) -> Components:
     else:
         folder = path
         if not (folder / "model_index.json").exists():
-            raise WeightsError(f"{folder} is not a diffusers model folder (no model_index.json). {_DOWNLOAD_HINT}")
+            raise WeightsError(
+                f"{folder} is not a diffusers model folder (no model_index.json). {_DOWNLOAD_HINT}"
+            )
         transformer = None
         files = sorted((folder / "transformer").glob("*.safetensors"))
         if not files:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,14 +13,16 @@ from engine.images import load_image, read_png_metadata
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_edit_writes_png_whose_metadata_round_trips(tmp_path):
     out = tmp_path / "out.png"
-    code = main(["edit", "--steps", "2", "--seed", "3", "--no-progress", "-o", str(out),
-                 "--", "", "make it snowy ❄"])  # fmt: skip
+    code = main(
+        ["edit", "--steps", "2", "--seed", "3", "--no-progress", "-o", str(out), "--", "", "make it snowy ❄"]
+    )
     assert code == 0
     meta = read_png_metadata(out)
     assert meta["prompt"] == "make it snowy ❄"

@@ -13,7 +13,9 @@ from engine.weights import build_synthetic, fingerprint_module, load_components
 def test_tiny_is_deterministic_and_in_eval_mode(tiny):
     again = build_synthetic(get_preset("tiny"))
     assert again.weights_id == tiny.weights_id
-    for a, b in zip(tiny.transformer.state_dict().values(), again.transformer.state_dict().values(), strict=True):
+    for a, b in zip(
+        tiny.transformer.state_dict().values(), again.transformer.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
     for m in (tiny.transformer, tiny.vae, tiny.text_encoder, tiny.text_encoder_2):
         assert not m.training
@@ -57,19 +59,19 @@ def test_small_preset_is_transformer_dominated():
 
 @pytest.mark.parametrize("model", ["kontext-dev", "/nonexistent/flux", "sd15"])
 def test_missing_real_weights_say_where_to_get_them(model):
-    with pytest.raises(WeightsError, match="huggingface-cli download black-forest-labs/FLUX.1-Kontext-dev"):
+    with pytest.raises(WeightsError, match=r"huggingface-cli download black-forest-labs/FLUX\.1-Kontext-dev"):
         load_components(model)
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
     ckpt = tmp_path / "flux1-kontext-dev.ckpt"
     ckpt.write_bytes(b"\x80\x04not really a pickle")
-    with pytest.raises(WeightsError, match="only .safetensors"):
+    with pytest.raises(WeightsError, match=r"only \.safetensors"):
         load_components(ckpt)
 
 
 def test_folder_without_model_index_is_refused(tmp_path):
-    with pytest.raises(WeightsError, match="model_index.json"):
+    with pytest.raises(WeightsError, match=r"model_index\.json"):
         load_components(tmp_path)
 
 

@@ -96,8 +96,10 @@ class Manifest:
             if a.precision == precision:
                 return a
         have = ", ".join(a.precision for a in self.artifacts) or "none"
-        raise ManifestError(f"no {precision} artifact in this build (have: {have}); "
-                            f"rebuild with `kontext build --precision {precision}`")  # fmt: skip
+        raise ManifestError(
+            f"no {precision} artifact in this build (have: {have}); "
+            f"rebuild with `kontext build --precision {precision}`"
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -105,14 +107,20 @@ class Manifest:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Manifest:
         if d.get("version") != MANIFEST_VERSION:
-            raise ManifestError(f"manifest version {d.get('version')} is not {MANIFEST_VERSION}; "
-                                "rebuild with `kontext build --force`")  # fmt: skip
+            raise ManifestError(
+                f"manifest version {d.get('version')} is not {MANIFEST_VERSION}; "
+                "rebuild with `kontext build --force`"
+            )
         try:
             arts = tuple(
-                Artifact(**{**a, "verification": {k: Verification(**v) for k, v in a["verification"].items()}})
+                Artifact(
+                    **{**a, "verification": {k: Verification(**v) for k, v in a["verification"].items()}}
+                )
                 for a in d["artifacts"]
             )
-            stages = {k: Stage(**{**v, "outputs": tuple(v.get("outputs", ()))}) for k, v in d["stages"].items()}
+            stages = {
+                k: Stage(**{**v, "outputs": tuple(v.get("outputs", ()))}) for k, v in d["stages"].items()
+            }
             return Manifest(**{**d, "artifacts": arts, "stages": stages})
         except (KeyError, TypeError) as e:
             raise ManifestError(f"manifest is malformed ({e}); rebuild with `kontext build --force`") from e
@@ -151,8 +159,10 @@ def read_manifest(build_dir: Path) -> Manifest:
     """The manifest of `build_dir`, or a ManifestError saying how to build one."""
     path = Path(build_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise ManifestError(f"no {MANIFEST_NAME} in {build_dir}; build one with `kontext build --out {build_dir}`"
-                            " (or `make engine`)")  # fmt: skip
+        raise ManifestError(
+            f"no {MANIFEST_NAME} in {build_dir}; build one with `kontext build --out {build_dir}`"
+            " (or `make engine`)"
+        )
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -163,12 +173,17 @@ def read_manifest(build_dir: Path) -> Manifest:
 def describe(build_dir: Path) -> str:
     """A human summary of a build folder for `kontext info`."""
     m = read_manifest(build_dir)
-    lines = [f"build {build_dir}:", f"  model {m.model} (weights {m.weights_id}), backend {m.backend} "
-             f"{m.backend_version}, opset {m.opset}"]  # fmt: skip
+    lines = [
+        f"build {build_dir}:",
+        f"  model {m.model} (weights {m.weights_id}), backend {m.backend} "
+        f"{m.backend_version}, opset {m.opset}",
+    ]
     if m.gpu:
         lines.append(f"  built on {m.gpu} (compute capability {m.compute_capability})")
     for a in m.artifacts:
         worst = max((v.rel_l2 for v in a.verification.values()), default=float("nan"))
-        lines.append(f"  {a.precision:<5} {a.path} ({a.bytes / 1e6:.1f} MB), {len(a.profiles)} shape keys, "
-                     f"family {a.family}, worst rel L2 {worst:.2e}")  # fmt: skip
+        lines.append(
+            f"  {a.precision:<5} {a.path} ({a.bytes / 1e6:.1f} MB), {len(a.profiles)} shape keys, "
+            f"family {a.family}, worst rel L2 {worst:.2e}"
+        )
     return "\n".join(lines)
