@@ -13,11 +13,11 @@ import logging
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from .config import ModelPreset, get_preset
+from .config import PRESETS, ModelPreset, get_preset
 from .errors import WeightsError
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def build_synthetic(preset: ModelPreset) -> Components:
         raise WeightsError(f"preset {preset.name!r}: CLIP hidden size must equal pooled_projection_dim")
     if tc.t5_d_model != preset.transformer.joint_attention_dim:
         raise WeightsError(f"preset {preset.name!r}: T5 d_model must equal joint_attention_dim")
-    modules = (transformer, vae, text_encoder, text_encoder_2)
+    modules = cast(tuple[torch.nn.Module, ...], (transformer, vae, text_encoder, text_encoder_2))
     for m in modules:
         m.eval().requires_grad_(False)
     return Components(
@@ -180,7 +180,7 @@ def build_synthetic(preset: ModelPreset) -> Components:
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
-        weights_id=fingerprint_module(transformer),
+        weights_id=fingerprint_module(modules[0]),
         source=preset.name,
     )
 
@@ -200,7 +200,7 @@ def _bytes_to_unicode() -> list[str]:
 
 def build_tokenizers() -> tuple[Any, Any]:
     """Character-level CLIP (byte-level BPE, no merges) and T5 (unigram) tokenizers, built in memory."""
-    from transformers import CLIPTokenizer, T5TokenizerFast
+    from transformers import CLIPTokenizer, T5Tokenizer  # T5Tokenizer is the fast (tokenizers) one in 5.x
 
     chars = _bytes_to_unicode()
     vocab: dict[str, int] = {}
@@ -216,7 +216,7 @@ def build_tokenizers() -> tuple[Any, Any]:
     pieces += [("▁" + c, -2.0) for c in alphabet]
     pieces += [(c, -3.0) for c in alphabet]
     pieces.append(("▁", -4.0))
-    t5 = T5TokenizerFast(vocab=pieces, extra_ids=0)
+    t5 = T5Tokenizer(vocab=pieces, extra_ids=0)
     return clip, t5
 
 
@@ -275,6 +275,27 @@ def _load_local(path: Path, dtype: torch.dtype) -> Components:
 
 
 # --------------------------------------------------------------------------- fingerprints
+
+
+def source_signature(model: str | Path) -> str:
+    """A cheap identity of what `load_components(model)` would load, without loading it.
+
+    Synthetic presets: their configuration and seed plus the torch version (the weights are a pure
+    function of those). Local paths: name, size and mtime of every file under the path. Used to skip a
+    build that has nothing to do without importing diffusers or hashing weights.
+    """
+    name = str(model)
+    if name in PRESETS and PRESETS[name].synthetic:
+        return hashlib.sha256(f"{PRESETS[name]!r}|torch {torch.__version__}".encode()).hexdigest()[:16]
+    path = Path(name).expanduser()
+    if not path.exists():
+        return "missing:" + name
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path.parent)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
 
 
 def fingerprint_module(module: torch.nn.Module) -> str:

@@ -59,6 +59,10 @@ class Artifact:
     family: str  # bucket family
     profiles: dict[str, int]  # shape key string -> optimization profile index (0 for ONNX Runtime)
     verification: dict[str, Verification] = field(default_factory=dict)  # shape key string -> errors
+    # Added in the build step (defaults keep older manifests readable):
+    runtime_options: dict[str, Any] = field(default_factory=dict)  # how to load it (ORT SessionOptions...)
+    source_sha256: str = ""  # the (quantized) ONNX graph it was compiled from
+    build_options: dict[str, Any] = field(default_factory=dict)  # Q/DQ counts, TensorRT settings, plan info
 
     def shape_keys(self) -> frozenset[ShapeKey]:
         return frozenset(parse_shape_key(k) for k in self.profiles)
@@ -71,6 +75,8 @@ class Stage:
     inputs: str
     seconds: float
     outputs: tuple[str, ...] = ()  # relative paths the stage wrote
+    output_sha256: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 when written
+    output_stat: dict[str, list[int]] = field(default_factory=dict)  # relative path -> [bytes, mtime_ns]
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,13 @@ class Manifest:
     gpu: str | None = None  # device name the plans were built on (TensorRT)
     compute_capability: str | None = None  # "9.0"
     tool_versions: dict[str, str] = field(default_factory=dict)  # torch, onnx, modelopt, ...
+    # Added in the build step (defaults keep older manifests readable):
+    family: str = ""  # bucket family the artifacts serve
+    calibration: dict[str, Any] = field(default_factory=dict)  # calibrate.CalibrationSpec as a dict
+    complete: bool = True  # False while a build is under way or after it failed
+    pending: tuple[Artifact, ...] = ()  # compiled, not (yet) verified: never served
+    build_seconds: float = 0.0  # wall time of the last build that ran a stage
+    request: str = ""  # hash of the build request and its sources' identity: the no-op fast path
     version: int = MANIFEST_VERSION
 
     def artifact(self, precision: str) -> Artifact:
@@ -112,18 +125,18 @@ class Manifest:
                 "rebuild with `kontext build --force`"
             )
         try:
-            arts = tuple(
-                Artifact(
-                    **{**a, "verification": {k: Verification(**v) for k, v in a["verification"].items()}}
-                )
-                for a in d["artifacts"]
-            )
+            arts = tuple(_artifact(a) for a in d["artifacts"])
+            pending = tuple(_artifact(a) for a in d.get("pending", ()))
             stages = {
                 k: Stage(**{**v, "outputs": tuple(v.get("outputs", ()))}) for k, v in d["stages"].items()
             }
-            return Manifest(**{**d, "artifacts": arts, "stages": stages})
+            return Manifest(**{**d, "artifacts": arts, "stages": stages, "pending": pending})
         except (KeyError, TypeError) as e:
             raise ManifestError(f"manifest is malformed ({e}); rebuild with `kontext build --force`") from e
+
+
+def _artifact(a: dict[str, Any]) -> Artifact:
+    return Artifact(**{**a, "verification": {k: Verification(**v) for k, v in a["verification"].items()}})
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

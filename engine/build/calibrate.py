@@ -1,0 +1,242 @@
+"""Calibration and verification inputs, captured from OUR sampling loop on real edit pairs.
+
+A recording Denoiser wraps the fp32 torch transformer and keeps every call's inputs (and its
+output, the reference velocity). Calibration edits pair the bundled images with the bundled
+instructions (round-robin over the five edit categories) at the buckets their aspect ratios pick;
+verification edits cover every shape key of a bucket family. Seeded: two builds record the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..assets import calibration_image_paths, calibration_prompts
+from ..backends import DENOISER_INPUTS, DENOISER_OUTPUT
+from ..backends.torch import TorchDenoiser
+from ..buckets import ShapeKey, buckets, nearest_bucket
+from ..config import EditSettings
+from ..errors import BuildError
+from ..images import load_image, resize_to
+from ..pipeline import KontextPipeline
+from ..sampling import denoise
+from ..weights import Components
+from .manifest import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+Sample = dict[str, np.ndarray]  # one transformer call: DENOISER_INPUTS (+ DENOISER_OUTPUT) -> array
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Which edits calibration runs and which steps it records. Part of the calibration hash."""
+
+    edits: int = 32  # (image, instruction) pairs; the instructions cover all five categories
+    steps: int = 4  # sampling steps per edit (the schedule of a `steps`-step edit)
+    record_every: int = 1  # keep the inputs of every k-th step (28-step real edits: 4 -> 7 samples)
+    guidance: float = 2.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.edits < 1 or self.steps < 1 or self.record_every < 1:
+            raise BuildError(f"calibration needs edits, steps and record_every >= 1, got {self}")
+
+    @property
+    def samples(self) -> int:
+        return self.edits * len(range(0, self.steps, self.record_every))
+
+
+@dataclass(frozen=True)
+class CalibrationEdit:
+    image: Path
+    category: str
+    prompt: str
+    seed: int
+
+
+class RecordingDenoiser:
+    """A Denoiser that runs `inner` and keeps numpy copies of the inputs (and output) of chosen calls."""
+
+    shape_keys: frozenset[ShapeKey] | None = None
+
+    def __init__(self, inner: TorchDenoiser, keep_output: bool = False) -> None:
+        self.inner = inner
+        self.name = f"recording-{inner.name}"
+        self.keep_output = keep_output
+        self.record: set[int] | None = None  # call indices to keep; None: all
+        self.calls = 0
+        self.samples: list[Sample] = []
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        img_ids: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        txt_ids: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        guidance: torch.Tensor,
+    ) -> torch.Tensor:
+        inputs = {
+            "hidden_states": hidden_states,
+            "img_ids": img_ids,
+            "encoder_hidden_states": encoder_hidden_states,
+            "txt_ids": txt_ids,
+            "pooled_projections": pooled_projections,
+            "timestep": timestep,
+            "guidance": guidance,
+        }
+        out = self.inner(**inputs)
+        if self.record is None or self.calls in self.record:
+            sample = {k: inputs[k].detach().to("cpu", torch.float32).numpy().copy() for k in DENOISER_INPUTS}
+            if self.keep_output:
+                sample[DENOISER_OUTPUT] = out.detach().to("cpu", torch.float32).numpy().copy()
+            self.samples.append(sample)
+        self.calls += 1
+        return out
+
+
+def calibration_edits(spec: CalibrationSpec) -> list[CalibrationEdit]:
+    """spec.edits pairs: instructions interleaved across categories, images cycled, seeds spec.seed + i."""
+    images = calibration_image_paths()
+    by_category: dict[str, list[str]] = {}
+    for category, prompt in calibration_prompts():
+        by_category.setdefault(category, []).append(prompt)
+    if not images or not by_category:
+        raise BuildError("the calibration set is empty (engine/assets/calibration); reinstall kontext-engine")
+    order: list[tuple[str, str]] = []
+    for i in range(max(len(v) for v in by_category.values())):
+        order += [(c, v[i]) for c, v in by_category.items() if i < len(v)]
+    return [
+        CalibrationEdit(images[i % len(images)], *order[i % len(order)], spec.seed + i)
+        for i in range(spec.edits)
+    ]
+
+
+def calibration_hash(spec: CalibrationSpec, family: str) -> str:
+    """sha256 of the calibration set: the image bytes, the instructions, the spec and the bucket family."""
+    h = hashlib.sha256(json.dumps({"spec": asdict(spec), "family": family}, sort_keys=True).encode())
+    for e in calibration_edits(spec):
+        h.update(hashlib.sha256(e.image.read_bytes()).digest())
+        h.update(f"{e.category}\0{e.prompt}\0{e.seed}".encode())
+    return h.hexdigest()
+
+
+def _run_edit(
+    pipe: KontextPipeline, rec: RecordingDenoiser, image: Any, prompt: str, settings: EditSettings
+) -> None:
+    p = pipe.prepare(image, prompt, settings)
+    with torch.inference_mode():
+        denoise(
+            rec, p.img, p.img_ids, p.ctx, p.ctx_ids, p.txt, p.txt_ids, p.vec, p.schedule, settings.guidance
+        )
+
+
+def capture_calibration(
+    components: Components, spec: CalibrationSpec, family: str, device: str = "cpu"
+) -> list[Sample]:
+    """Run the calibration edits through the sampling loop; return the recorded transformer inputs."""
+    rec = RecordingDenoiser(TorchDenoiser(components.transformer, name="torch-fp32"))
+    pipe = KontextPipeline(components, rec, device=device)
+    pipe_family = _with_family(pipe, family)
+    keep = set(range(0, spec.steps, spec.record_every))
+    for e in tqdm(calibration_edits(spec), desc="calibrate", unit="edit", leave=False):
+        rec.calls, rec.record = 0, keep
+        settings = EditSettings(steps=spec.steps, guidance=spec.guidance, seed=e.seed)
+        _run_edit(pipe_family, rec, load_image(e.image), e.prompt, settings)
+    return rec.samples
+
+
+def capture_reference(
+    components: Components, family: str, steps: int = 3, device: str = "cpu"
+) -> dict[ShapeKey, list[Sample]]:
+    """Inputs and fp32 torch outputs at the first and last step of one edit per shape key of `family`."""
+    rec = RecordingDenoiser(TorchDenoiser(components.transformer, name="torch-fp32"), keep_output=True)
+    pipe = _with_family(KontextPipeline(components, rec, device=device), family)
+    images = calibration_image_paths()
+    prompts = calibration_prompts()
+    out: dict[ShapeKey, list[Sample]] = {}
+    seen: set[int] = set()
+    for i, bucket in enumerate(tqdm(buckets(family), desc="reference", unit="bucket", leave=False)):
+        n = (bucket[0] // 16) * (bucket[1] // 16)
+        if n in seen:
+            continue
+        seen.add(n)
+        if nearest_bucket(bucket[0], bucket[1], family) != bucket:
+            raise BuildError(f"bucket {bucket} of {family} is not its own nearest bucket; check buckets.py")
+        image = resize_to(load_image(images[i % len(images)]), bucket)
+        rec.calls, rec.record, rec.samples = 0, {0, steps - 1}, []
+        _run_edit(pipe, rec, image, prompts[i % len(prompts)][1], EditSettings(steps=steps, seed=i))
+        key = ShapeKey(1, n, n, rec.samples[0]["txt_ids"].shape[0])
+        out[key] = rec.samples
+    return out
+
+
+def _with_family(pipe: KontextPipeline, family: str) -> KontextPipeline:
+    """The pipeline picks buckets from its preset's family; use the build's family instead."""
+    if pipe.bucket_family == family:
+        return pipe
+    import dataclasses
+
+    preset = dataclasses.replace(pipe.components.preset, bucket_family=family)
+    comps = dataclasses.replace(pipe.components, preset=preset)
+    return KontextPipeline(comps, pipe.denoiser, device=str(pipe.device), dtype=pipe.dtype)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_samples(path: Path, samples: Sequence[Sample], keys: Sequence[str] | None = None) -> None:
+    """Samples -> one .npz (entries '<i>/<name>', plus '<i>/@key' when keyed), written atomically."""
+    arrays: dict[str, np.ndarray] = {}
+    for i, s in enumerate(samples):
+        for name, a in s.items():
+            arrays[f"{i:06d}/{name}"] = a
+        if keys is not None:
+            arrays[f"{i:06d}/@key"] = np.array(keys[i])
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_samples(path: Path) -> tuple[list[Sample], list[str]]:
+    """The samples of a .npz written by save_samples, and their keys ('' where unkeyed)."""
+    try:
+        with np.load(path) as z:
+            grouped: dict[str, Sample] = {}
+            keys: dict[str, str] = {}
+            for entry in z.files:
+                idx, name = entry.split("/", 1)
+                if name == "@key":
+                    keys[idx] = str(z[entry])
+                else:
+                    grouped.setdefault(idx, {})[name] = z[entry]
+    except (OSError, ValueError) as e:
+        raise BuildError(f"{path} is unreadable ({e}); rebuild with `kontext build --force`") from e
+    order = sorted(grouped)
+    return [grouped[i] for i in order], [keys.get(i, "") for i in order]
+
+
+def save_reference(path: Path, reference: dict[ShapeKey, list[Sample]]) -> None:
+    samples = [s for k in sorted(reference) for s in reference[k]]
+    keys = [str(k) for k in sorted(reference) for _ in reference[k]]
+    save_samples(path, samples, keys)
+
+
+def load_reference(path: Path) -> dict[str, list[Sample]]:
+    samples, keys = load_samples(path)
+    out: dict[str, list[Sample]] = {}
+    for s, k in zip(samples, keys, strict=True):
+        out.setdefault(k, []).append(s)
+    return out

@@ -1,0 +1,76 @@
+"""Quantize: recipes, the calibration reader, Q/DQ node counts, excluded layers, errors within bounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.backends import DENOISER_INPUTS
+from engine.build.builder import build
+from engine.build.manifest import read_manifest
+from engine.build.quantize import RECIPES, SampleReader, get_recipe, high_precision_nodes, qdq_counts
+from engine.errors import ConfigError
+
+# tiny preset: 1 double + 2 single blocks -> 42 MatMul/Gemm: 6 attention bmm's (activation x
+# activation, 2 per block), 10 kept in high precision by the filter (x_embedder, context_embedder,
+# 6 time_text_embed linears, norm_out.linear, proj_out), and 4 AdaLN modulation Gemms (norm1,
+# norm1_context, 2 single-block norms) that ModelOpt's ONNX quantizer leaves unquantized itself.
+EXCLUDED = 10
+ATTENTION_BMM = 6
+ADALN_GEMMS = 4
+WEIGHT_MATMULS = 42 - ATTENTION_BMM
+
+
+def test_recipes_are_small_named_objects() -> None:
+    assert set(RECIPES) == {"fp32", "bf16", "int8", "fp8"}
+    assert RECIPES["fp32"].mode is None and RECIPES["fp32"].bound_rel_l2 == 1e-4
+    assert get_recipe("fp8", fp8_attention=True).attention
+    assert not get_recipe("int8", fp8_attention=True).attention
+    d = RECIPES["int8"].to_dict()
+    assert d["name"] == "int8" and isinstance(d["exclude"], list)
+    with pytest.raises(ConfigError, match="fp32"):
+        get_recipe("int4")
+
+
+def test_reader_feeds_whole_calls() -> None:
+    s = {n: np.zeros((2, 3), np.float32) for n in DENOISER_INPUTS}
+    s["img_ids"] = np.zeros((7, 3), np.float32)  # no batch axis
+    r = SampleReader([s, s], DENOISER_INPUTS)
+    assert r.get_first()["img_ids"].shape == (7, 3)
+    assert r.get_next() is not None and r.get_next() is not None and r.get_next() is None
+    r.rewind()
+    assert r.get_next() is not None
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_qdq_graphs(built_tiny: Path, precision: str) -> None:
+    path = built_tiny / f"onnx/transformer_{precision}.onnx"
+    counts = qdq_counts(path)
+    assert counts["quantized_matmuls"] == WEIGHT_MATMULS - EXCLUDED - ADALN_GEMMS == 22
+    assert counts["high_precision_matmuls"] == EXCLUDED + ATTENTION_BMM + ADALN_GEMMS
+    assert counts["QuantizeLinear"] >= counts["quantized_matmuls"]
+    assert counts["DequantizeLinear"] >= counts["QuantizeLinear"]
+    kept = set(high_precision_nodes(path))
+    for layer in ("/x_embedder/", "/context_embedder/", "/time_text_embed/", "/norm_out/", "/proj_out/"):
+        assert any(n.startswith(layer) for n in kept), layer
+    assert not any(n.startswith("/single_transformer_blocks/0/proj_out/") for n in kept)
+    manifest = read_manifest(built_tiny)
+    assert manifest.artifact(precision).build_options["qdq"] == counts
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "fp8"])
+def test_errors_within_bounds(built_tiny: Path, precision: str) -> None:
+    a = read_manifest(built_tiny).artifact(precision)
+    assert len(a.verification) == 4
+    for v in a.verification.values():
+        assert v.rel_l2 <= v.bound == RECIPES[precision].bound_rel_l2
+        assert v.samples == 2 and v.max_abs > 0
+
+
+def test_bf16_is_refused_on_onnxruntime(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    from engine.errors import BuildError
+
+    with pytest.raises(BuildError, match="bf16"):
+        build("tiny", tmp_path, ("bf16",), "tiny", "onnxruntime", components=tiny)
