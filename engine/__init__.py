@@ -1,3 +1,34 @@
-"""Kontext engine: build and run FLUX.1 Kontext [dev] fast. Importing this module does no work."""
+"""Kontext engine: build and run FLUX.1 Kontext [dev] fast. Importing this module does no work.
+
+Usage: `with engine.load("build/tiny") as kontext: result = kontext.edit(image, "add a red hat", seed=0)`;
+result.image is the PIL image, result.timings the seconds per stage. load() takes a build folder, a
+preset name or a local weights path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+__all__ = ["DenoiserTransformer", "KontextEngine", "kontext_pipeline", "load"]
+
+if TYPE_CHECKING:
+    from .adapters import DenoiserTransformer, kontext_pipeline
+    from .runtime import KontextEngine, load
+
+_LAZY = {
+    "load": "runtime",
+    "KontextEngine": "runtime",
+    "kontext_pipeline": "adapters",
+    "DenoiserTransformer": "adapters",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public API on first use (torch and diffusers are heavy)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

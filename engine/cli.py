@@ -44,6 +44,54 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--size", type=_size, default=None, help="output WxH; default: the input's bucket")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--engine", type=Path, default=None, help="a build folder: run its built artifacts")
+    e.add_argument("--backend", default=None, help="with --engine: onnxruntime | tensorrt | torch")
+    e.add_argument("--precision", default=None, help="with --engine: fp32 | int8 | fp8 | bf16")
+    e.add_argument("--miss-policy", default="error", choices=("error", "torch"), help="unbuilt shapes")
+    e.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+
+    b = sub.add_parser("bench", help="time diffusers, torch and the built engines on the same edits")
+    b.add_argument("--model", default="tiny", help="preset (tiny, small) or a local path to Kontext dev")
+    b.add_argument("--steps", type=int, default=None, help="denoising steps (default 4 synthetic, 28 real)")
+    b.add_argument("--repeats", type=int, default=3, help="timed rounds per bucket (default 3)")
+    b.add_argument("--warmup", type=int, default=1, help="discarded rounds per bucket (default 1)")
+    b.add_argument("--buckets", default=None, help="WxH,WxH,...; default: the square and two extreme aspects")
+    b.add_argument(
+        "--contestants",
+        default=None,
+        help="comma list of diffusers, torch-eager, torch-compile, torch-fp8, engines, or an artifact "
+        "name (onnxruntime-int8); default: diffusers,torch-eager,engines (+compile, fp8 on a GPU)",
+    )
+    b.add_argument("--build-dir", type=Path, default=None, help="the build to bench (default build/<model>)")
+    b.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results root folder")
+    b.add_argument("--image", type=Path, default=None, help="input image (default: the bundled sample)")
+    b.add_argument("--prompt", default=DEFAULT_PROMPT)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--guidance", type=float, default=2.5)
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    k = sub.add_parser("build", help="export, quantize, compile and verify the engine; write its manifest")
+    k.add_argument("--model", default="tiny", help="preset (tiny, small) or a local path to Kontext dev")
+    k.add_argument(
+        "--precision",
+        action="append",
+        default=None,
+        help="recipe(s): fp32, bf16, int8, fp8; repeat or comma list (default fp32,int8 on CPU)",
+    )
+    k.add_argument("--family", default=None, help="bucket family (default: the preset's, e.g. tiny)")
+    k.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"))
+    k.add_argument("--out", type=Path, default=None, help="build folder (default build/<model>)")
+    k.add_argument("--force", action="store_true", help="rebuild every stage")
+    k.add_argument("--opset", type=int, default=20)
+    k.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
+    k.add_argument("--workspace-gb", type=float, default=8.0, help="TensorRT workspace limit in GiB")
+    k.add_argument("--calib-samples", type=int, default=32, help="calibration edits (image, instruction)")
+    k.add_argument("--calib-steps", type=int, default=4, help="sampling steps per calibration edit")
+    k.add_argument("--fp8-attention", action="store_true", help="fp8: quantize attention too (Hopper)")
+    k.add_argument("--device", default="cpu", help="where calibration runs the torch transformer")
+    k.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     i = sub.add_parser("info", help="what this machine can run: torch, CUDA, TensorRT, ONNX Runtime, presets")
     i.add_argument("build_dir", nargs="?", type=Path, help="a build folder: show its manifest")
@@ -60,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _edit(args)
         if args.command == "info":
             return _info(args)
+        if args.command == "build":
+            return _build(args)
+        if args.command == "bench":
+            return _bench(args)
     except KontextError as e:
         print(f"kontext {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -115,6 +167,8 @@ def _edit(args: argparse.Namespace) -> int:
     settings = EditSettings(steps=steps, guidance=args.guidance, seed=args.seed, size=args.size)
     image_path = Path(args.image) if args.image else assets.sample_image_path()
     image = load_image(image_path)
+    if args.engine is not None:
+        return _edit_built(args, image, image_path, steps)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     comps = load_components(args.model, dtype=dtype, device=device)
     denoiser = TorchDenoiser(comps.transformer, name=f"torch-eager-{str(dtype).removeprefix('torch.')}")
@@ -139,10 +193,91 @@ def _edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    from .build.builder import BuildOptions, build
+    from .build.calibrate import CalibrationSpec
+    from .build.tensorrt_build import TensorRTOptions
+
+    if args.verbose == 0:
+        logging.getLogger("engine.build").setLevel(logging.INFO)  # one line per stage
+    precisions = tuple(p.strip() for v in (args.precision or []) for p in v.split(",") if p.strip()) or None
+    options = BuildOptions(
+        opset=args.opset,
+        calibration=CalibrationSpec(edits=args.calib_samples, steps=args.calib_steps),
+        tensorrt=TensorRTOptions(opt_level=args.opt_level, workspace_gb=args.workspace_gb),
+        fp8_attention=args.fp8_attention,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    m = build(args.model, args.out, precisions, args.family, args.backend, args.force, options)
+    for a in m.artifacts:
+        worst = max((v.rel_l2 for v in a.verification.values()), default=0.0)
+        keys = len(a.profiles)
+        print(f"{a.precision}: {a.path} ({a.backend}, {keys} shape keys, worst rel L2 {worst:.2e})")
+    return 0
+
+
+def _edit_built(args: argparse.Namespace, image: object, image_path: Path, steps: int) -> int:
+    """`kontext edit --engine build/...`: the build's artifacts through the runtime API."""
+    from .images import save_png
+    from .runtime import load
+
+    with load(args.engine, backend=args.backend, precision=args.precision, device=args.device,
+              miss_policy=args.miss_policy, threads=args.threads) as kontext:  # fmt: skip
+        result = kontext.edit(image, args.prompt, seed=args.seed, steps=steps,  # type: ignore[arg-type]
+                              guidance=args.guidance, size=args.size,
+                              progress=not args.no_progress)  # fmt: skip
+        c = kontext.components
+        metadata = {"prompt": args.prompt, "seed": str(args.seed), "steps": str(steps),
+                    "guidance": str(args.guidance), "model": c.source, "weights": c.weights_id,
+                    "backend": kontext.name, "engine": str(args.engine), "source_image": image_path.name,
+                    "size": f"{result.size[0]}x{result.size[1]}"}  # fmt: skip
+        save_png(result.image, args.output, metadata)
+        print(f"wrote {args.output} ({result.size[0]}x{result.size[1]}, {steps} steps, "
+              f"{result.timings['total']:.2f}s, {kontext.name})")  # fmt: skip
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from .info import machine_report
 
     print(machine_report(args.build_dir))
+    if args.build_dir is not None:
+        from .runtime import build_report
+
+        print(build_report(args.build_dir))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, run_bench, write_results
+
+    def names(text: str | None) -> tuple[str, ...] | None:
+        return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
+
+    try:
+        bucket_list = None if args.buckets is None else tuple(_size(s) for s in names(args.buckets) or ())
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"--buckets: {e}") from None
+    synthetic = args.model in ("tiny", "small")
+    config = BenchConfig(
+        model=args.model,
+        steps=args.steps if args.steps is not None else (4 if synthetic else 28),
+        repeats=args.repeats,
+        warmup=args.warmup,
+        buckets=bucket_list or None,
+        contestants=names(args.contestants),
+        build_dir=args.build_dir,
+        device=_device(args.device),
+        prompt=args.prompt,
+        image=args.image,
+        seed=args.seed,
+        guidance=args.guidance,
+        progress=not args.no_progress,
+    )
+    table, files = write_results(run_bench(config), args.out, chart=not args.no_chart)
+    print(table)
+    print(f"\nwrote {files.jsonl}, {files.table}" + (f", {files.chart}" if files.chart else ""))
     return 0
 
 

@@ -44,9 +44,15 @@ def library_summary() -> dict[str, str | None]:
         "torchao": _version("torchao"),
         "tensorrt": None,
     }
-    # Importing tensorrt is safe without a GPU (deserializing is not); find_spec imports nothing.
+    # Importing tensorrt is safe without a GPU (deserializing is not). Type stubs or tensorrt-lean
+    # import too, without a Builder: only a full TensorRT counts.
     if importlib.util.find_spec("tensorrt") is not None:
-        libs["tensorrt"] = _version("tensorrt") or _version("tensorrt-cu12") or "installed"
+        from .build.tensorrt_build import tensorrt_module
+
+        trt = tensorrt_module()
+        libs["tensorrt"] = (
+            str(trt.__version__) if trt is not None else "present, but no Builder (stubs or lean)"
+        )
     return libs
 
 

@@ -43,3 +43,30 @@ DENOISER_INPUTS: tuple[str, ...] = (
     "guidance",
 )
 DENOISER_OUTPUT = "velocity"
+
+BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
+
+Signature = tuple[int, int, int]  # (batch, image tokens N + M, text tokens): what a call's tensors fix
+
+
+def key_signature(key: ShapeKey) -> Signature:
+    """The tensor shapes a shape key fixes. Keys differing only in the target/context split share one."""
+    return (key.batch, key.image_tokens, key.text_tokens)
+
+
+def call_signature(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> Signature:
+    """hidden_states [B, N + M, 64], encoder_hidden_states [B, L, D] -> (B, N + M, L). No device sync."""
+    return (int(hidden_states.shape[0]), int(hidden_states.shape[1]), int(encoder_hidden_states.shape[1]))
+
+
+def served_signatures(keys: frozenset[ShapeKey] | None) -> frozenset[Signature] | None:
+    return None if keys is None else frozenset(key_signature(k) for k in keys)
+
+
+def describe_keys(keys: frozenset[ShapeKey]) -> str:
+    return ", ".join(str(k) for k in sorted(keys)) or "none"
+
+
+def named_inputs(*tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The Denoiser's positional arguments, in DENOISER_INPUTS order, as {ONNX input name: tensor}."""
+    return dict(zip(DENOISER_INPUTS, tensors, strict=True))

@@ -1,0 +1,156 @@
+"""Dispatch: edit -> bucket -> shape key -> the denoiser that serves it, or the miss policy.
+
+The loaded engine's frozen set of shape keys is the single source of truth: a key in it runs on
+the engine; any other key is a ShapeNotServedError naming the buckets served (policy "error") or
+runs on the torch transformer (policy "torch"). Either way a miss is logged and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from .backends import Denoiser, call_signature, describe_keys, key_signature
+from .buckets import ShapeKey, buckets, nearest_bucket, shape_key
+from .errors import ConfigError, ShapeNotServedError
+
+log = logging.getLogger(__name__)
+
+MISS_POLICIES: tuple[str, ...] = ("error", "torch")
+
+
+def edit_key(
+    image_size: tuple[int, int], size: tuple[int, int] | None, family: str, text_tokens: int
+) -> ShapeKey:
+    """The shape key of an edit, as KontextPipeline.edit computes it: context in the input's nearest
+    bucket, target at `size` (None: that bucket)."""
+    bucket = nearest_bucket(*image_size, family)
+    return shape_key(size or bucket, bucket, text_tokens)
+
+
+def served_buckets(keys: frozenset[ShapeKey], family: str) -> list[tuple[int, int]]:
+    """The family's buckets (w, h) whose same-bucket edit key is served."""
+    return [b for b in buckets(family) if any(shape_key(b, b, k.text_tokens, k.batch) in keys for k in keys)]
+
+
+@dataclass(frozen=True)
+class DispatchStats:
+    """Counts since load: edits (or adapter calls) served by the engine, missed, and fallen back."""
+
+    hits: int
+    misses: int
+    fallbacks: int
+    missed_keys: dict[str, int]  # shape key string -> misses
+
+
+class Dispatcher:
+    """Chooses the denoiser of each shape key: the engine for its keys, else the miss policy."""
+
+    def __init__(
+        self,
+        engine: Denoiser,
+        *,
+        family: str,
+        policy: str = "error",
+        fallback: Denoiser | None = None,
+        rebuild_hint: str = "`kontext build`",
+    ) -> None:
+        if policy not in MISS_POLICIES:
+            raise ConfigError(f"miss policy must be one of {', '.join(MISS_POLICIES)}, got {policy!r}")
+        if policy == "torch" and fallback is None:
+            raise ConfigError("miss policy 'torch' needs a fallback denoiser (the torch transformer)")
+        self.engine = engine
+        self.family = family
+        self.policy = policy
+        self.fallback = fallback
+        self.rebuild_hint = rebuild_hint
+        self.shape_keys: frozenset[ShapeKey] | None = engine.shape_keys  # None: the engine serves any shape
+        self._signatures = None if self.shape_keys is None else {key_signature(k) for k in self.shape_keys}
+        self._lock = threading.Lock()
+        self._hits = 0
+        self._missed: Counter[str] = Counter()
+        self._fallbacks = 0
+
+    def serves(self, key: ShapeKey) -> bool:
+        return self.shape_keys is None or key in self.shape_keys
+
+    def resolve(self, key: ShapeKey) -> Denoiser:
+        """The denoiser for `key`: the engine if it serves it, else the fallback or a ShapeNotServedError."""
+        if self.serves(key):
+            with self._lock:
+                self._hits += 1
+            return self.engine
+        return self._miss(str(key))
+
+    def _miss(self, what: str) -> Denoiser:
+        with self._lock:
+            self._missed[what] += 1
+            if self.fallback is not None and self.policy == "torch":
+                self._fallbacks += 1
+        if self.policy == "torch" and self.fallback is not None:
+            log.warning(
+                "shape %s is not served by %s; falling back to %s (counted)",
+                what,
+                self.engine.name,
+                self.fallback.name,
+            )
+            return self.fallback
+        log.warning("shape %s is not served by %s (miss policy: error)", what, self.engine.name)
+        raise ShapeNotServedError(self.not_served_message(what))
+
+    def not_served_message(self, what: str) -> str:
+        keys = self.shape_keys or frozenset()
+        served = ", ".join(f"{w}x{h}" for w, h in served_buckets(keys, self.family)) or "none of the family's"
+        return (
+            f"shape {what} is not served by {self.engine.name}; it serves buckets {served} (family "
+            f"{self.family}; shape keys {describe_keys(keys)}). Edit at one of those sizes (size=None picks "
+            f"the input's bucket), load with miss_policy='torch' to fall back to PyTorch, or rebuild for "
+            f"this shape with {self.rebuild_hint}"
+        )
+
+    def stats(self) -> DispatchStats:
+        with self._lock:
+            return DispatchStats(self._hits, sum(self._missed.values()), self._fallbacks, dict(self._missed))
+
+    def denoiser(self) -> DispatchingDenoiser:
+        """A Denoiser routing every call by its tensor shapes (for callers owning the loop: diffusers)."""
+        return DispatchingDenoiser(self)
+
+
+class DispatchingDenoiser:
+    """Routes each call by its (batch, image tokens, text tokens): counted per call, not per edit.
+
+    Keys that differ only in the target/context split share tensor shapes, so the call's shapes
+    decide without reading img_ids (no device sync).
+    """
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.name = f"dispatch({dispatcher.engine.name})"
+        self.shape_keys = dispatcher.shape_keys
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        img_ids: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        txt_ids: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        guidance: torch.Tensor,
+    ) -> torch.Tensor:
+        d = self.dispatcher
+        sig = call_signature(hidden_states, encoder_hidden_states)  # (B, N + M, L)
+        if d._signatures is None or sig in d._signatures:
+            with d._lock:
+                d._hits += 1
+            target = d.engine
+        else:
+            target = d._miss(f"(batch {sig[0]}, image tokens {sig[1]}, text tokens {sig[2]})")
+        return target(
+            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
+        )

@@ -1,0 +1,86 @@
+"""The embeddable API: load -> edit / warmup / close, and its thread-safety model (a pool of workers,
+each with its own tokenizers; the denoiser shared): 8 threads editing concurrently through one engine
+give exactly the results of the same requests run one by one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import engine
+from engine.errors import BackendUnavailableError, ConfigError
+
+from .conftest import gradient_image
+
+REQUESTS = [  # (image size, prompt, seed, output size): several buckets, prompts and seeds
+    ((128, 128), "add a red hat", 0, None),
+    ((80, 192), "make it night", 1, None),
+    ((192, 80), "turn the sky purple", 2, None),
+    ((112, 144), "add snow", 3, None),
+    ((128, 128), "remove the tree", 4, (128, 128)),  # explicit size, same bucket
+    ((160, 96), "paint it in watercolor", 5, None),
+    ((96, 176), "add a cat", 6, None),
+    ((128, 128), "add a red hat", 7, None),
+]
+
+
+def _edit(kontext, req):
+    size, prompt, seed, out = req
+    return kontext.edit(gradient_image(*size, seed=seed), prompt, seed=seed, steps=2, size=out)
+
+
+@pytest.mark.parametrize("workers", [4])
+def test_concurrent_edits_equal_sequential(tiny_build, workers):
+    with engine.load(tiny_build, precision="fp32", workers=workers, threads=1) as kontext:
+        sequential = [_edit(kontext, r) for r in REQUESTS]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            concurrent = list(pool.map(lambda r: _edit(kontext, r), REQUESTS))
+        assert kontext.stats().hits == 2 * len(REQUESTS)
+    for s, c in zip(sequential, concurrent, strict=True):
+        assert torch.equal(s.latents, c.latents)
+        assert s.image.tobytes() == c.image.tobytes()
+    assert len({r.latents.shape for r in sequential}) > 1  # really different requests
+
+
+def test_edit_result_warmup_and_close(tiny_build):
+    kontext = engine.load(tiny_build)  # default: the first artifact listed (fp32)
+    assert isinstance(kontext, engine.KontextEngine) and kontext.name == "onnxruntime-fp32"
+    assert (128, 128) in kontext.buckets()
+    times = kontext.warmup()
+    assert set(times) == {str(k) for k in kontext.shape_keys or ()}
+    r = kontext.edit(gradient_image(100, 100), "add a hat", seed=0, steps=2)
+    assert r.image.size == (128, 128) and r.size == (128, 128)
+    assert {"text_encode", "vae_encode", "denoise", "vae_decode", "total", "queue"} <= set(r.timings)
+    kontext.close()
+    kontext.close()  # idempotent
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        kontext.edit(gradient_image(100, 100), "add a hat")
+
+
+def test_load_arguments(tiny_build):
+    with pytest.raises(ConfigError, match="build folder"):
+        engine.load("tiny", backend="onnxruntime")
+    with pytest.raises(ConfigError, match="backend must be"):
+        engine.load("tiny", backend="tvm")
+    with pytest.raises(ConfigError, match="workers"):
+        engine.load(tiny_build, workers=0)
+    with pytest.raises(BackendUnavailableError) if not torch.cuda.is_available() else _nothing():
+        engine.load(tiny_build, backend="tensorrt")  # CUDA checked before TensorRT is touched
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_import_is_light():
+    code = "import sys, engine; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
