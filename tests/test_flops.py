@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 import torch
 from torch import Tensor
@@ -101,7 +103,7 @@ def _tiny_model() -> torch.nn.Module:
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
-    return FluxTransformer2DModel(**CHECK_CFG.to_diffusers()).eval()
+    return cast(torch.nn.Module, FluxTransformer2DModel(**CHECK_CFG.to_diffusers())).eval()
 
 
 def _rows_of(name: str, shape: ShapeKey) -> int:
@@ -131,7 +133,7 @@ def test_linear_and_attention_flops_match_a_real_forward() -> None:
     shape = CHECK_SHAPE
     counted = {"linear": 0, "attention": 0}
 
-    def on_linear(mod: torch.nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+    def on_linear(mod: torch.nn.Linear, args: tuple[Tensor, ...], _out: Tensor) -> None:
         x = args[0]  # x: [..., in_features]
         counted["linear"] += 2 * (x.numel() // mod.in_features) * mod.in_features * mod.out_features
 
@@ -141,7 +143,7 @@ def test_linear_and_attention_flops_match_a_real_forward() -> None:
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def counting_sdpa(query: Tensor, key: Tensor, value: Tensor, **kw: object) -> Tensor:
+    def counting_sdpa(query: Tensor, key: Tensor, value: Tensor, **kw: Any) -> Tensor:
         # query: [B, H, S_q, hd]; key, value: [B, H, S_k, hd]
         bq, h, s_q, hd = query.shape
         s_k = key.shape[-2]

@@ -1,0 +1,264 @@
+"""The contestants of a benchmark and how each one runs an edit.
+
+A contestant is a name plus a Denoiser factory run inside our KontextPipeline, except the baseline,
+diffusers' FluxKontextPipeline, which runs its own loop. Engine contestants come from a build's manifest
+(one per artifact: backend x precision) and are loaded through the runtime's loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+from ..backends import Denoiser
+from ..backends.torch import TorchDenoiser, device_capability, dtype_name, fp8_supported, torch_denoiser
+from ..config import EditSettings
+from ..errors import BackendUnavailableError, ConfigError
+from ..pipeline import KontextPipeline
+from ..weights import Components
+from .probes import TimedDenoiser, TimedTransformer, TimedVae
+from .timing import CallClock, synchronize, timed
+
+log = logging.getLogger(__name__)
+
+BASELINE = "diffusers"
+TORCH_VARIANTS = ("torch-eager", "torch-compile", "torch-fp8")
+ENGINES = "engines"  # every artifact of the manifest
+STAGES = ("text_encode", "vae_encode", "step", "denoise", "vae_decode", "total")
+
+DenoiserFactory = Callable[[], Denoiser]
+
+
+@dataclass(frozen=True)
+class Contestant:
+    """One entrant: its name, what it runs on, and how to make its Denoiser (None: the diffusers baseline)."""
+
+    name: str
+    backend: str  # "diffusers" | "torch" | "onnxruntime" | "tensorrt"
+    precision: str  # "fp32" | "bf16" | "fp8" | "int8" ...
+    make_denoiser: DenoiserFactory | None = None
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.make_denoiser is None
+
+
+@dataclass
+class RunSample:
+    """What one timed edit measured: seconds per stage (only the stages this runner measures)."""
+
+    stages: dict[str, float]
+    step_times: list[float]
+    image: Image.Image
+    notes: dict[str, str] = field(default_factory=dict)  # stage -> how it was measured, where it differs
+
+
+class EditRunner(Protocol):
+    """A loaded contestant, ready to run edits."""
+
+    contestant: Contestant
+    replay_denoiser: Denoiser  # its transformer alone, for the per-step quality check
+
+    def run(self, image: Image.Image, prompt: str, settings: EditSettings) -> RunSample: ...
+
+
+# --------------------------------------------------------------------------- runners
+
+
+class PipelineRunner:
+    """Our KontextPipeline around the contestant's Denoiser; each denoiser call is timed (= one step)."""
+
+    def __init__(
+        self,
+        contestant: Contestant,
+        components: Components,
+        denoiser: Denoiser,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.contestant = contestant
+        self.replay_denoiser: Denoiser = denoiser
+        self.clock = CallClock(device)
+        self.pipe = KontextPipeline(
+            components, TimedDenoiser(denoiser, self.clock), device=str(device), dtype=dtype
+        )
+
+    def run(self, image: Image.Image, prompt: str, settings: EditSettings) -> RunSample:
+        self.clock.drain()
+        result = self.pipe.edit(image, prompt, settings, progress=False)
+        stages = {k: v for k, v in result.timings.items() if k in STAGES}
+        return RunSample(stages=stages, step_times=self.clock.drain(), image=result.image)
+
+
+class DiffusersRunner:
+    """diffusers' FluxKontextPipeline over the same modules, with timed stand-ins for the transformer and VAE.
+
+    Stages: transformer per step and VAE encode/decode from the stand-ins, end to end around the call;
+    text encoding from a separate, identical pipe.encode_prompt call (outside the end-to-end time).
+    """
+
+    TEXT_NOTE = "separate pipe.encode_prompt call"
+
+    def __init__(
+        self, contestant: Contestant, components: Components, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.contestant = contestant
+        self.device = device
+        self.max_sequence_length = components.preset.max_sequence_length
+        self.step_clock, self.encode_clock, self.decode_clock = (CallClock(device) for _ in range(3))
+        timed_components = dataclasses.replace(
+            components,
+            transformer=TimedTransformer(components.transformer, self.step_clock),
+            vae=TimedVae(components.vae, self.encode_clock, self.decode_clock),
+        )
+        self.pipe = timed_components.diffusers_pipeline()
+        self.pipe.set_progress_bar_config(disable=True)
+        self.replay_denoiser: Denoiser = TorchDenoiser(
+            components.transformer, name=f"diffusers-{dtype_name(dtype)}"
+        )
+
+    def run(self, image: Image.Image, prompt: str, settings: EditSettings) -> RunSample:
+        if settings.size is None:
+            raise ConfigError("the diffusers baseline needs an explicit output size (settings.size)")
+        w, h = settings.size
+        stages: dict[str, float] = {}
+        with torch.inference_mode(), timed(self.device, stages, "text_encode"):
+            self.pipe.encode_prompt(
+                prompt=prompt, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+            )
+        for clock in (self.step_clock, self.encode_clock, self.decode_clock):
+            clock.drain()
+        with timed(self.device, stages, "total"):
+            out = self.pipe(
+                image=image,
+                prompt=prompt,
+                height=h,
+                width=w,
+                max_area=w * h,
+                _auto_resize=False,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                generator=torch.Generator("cpu").manual_seed(settings.seed),
+                max_sequence_length=self.max_sequence_length,
+                output_type="pil",
+            )
+        synchronize(self.device)
+        stages["vae_encode"] = sum(self.encode_clock.drain())
+        stages["vae_decode"] = sum(self.decode_clock.drain())
+        return RunSample(
+            stages=stages,
+            step_times=self.step_clock.drain(),
+            image=out.images[0],
+            notes={"text_encode": self.TEXT_NOTE},
+        )
+
+
+def open_runner(
+    contestant: Contestant, components: Components, device: torch.device, dtype: torch.dtype
+) -> EditRunner:
+    """Load the contestant (build its Denoiser) and wrap it in the runner that times its edits."""
+    if contestant.make_denoiser is None:
+        return DiffusersRunner(contestant, components, device, dtype)
+    return PipelineRunner(contestant, components, contestant.make_denoiser(), device, dtype)
+
+
+# --------------------------------------------------------------------------- torch contestants
+
+
+def torch_contestant(
+    variant: str, components: Components, device: torch.device, dtype: torch.dtype
+) -> Contestant:
+    """torch-eager (the reference's backend), torch-compile, or torch-fp8 (torchao float8, CUDA cc >= 8.9)."""
+    precision = dtype_name(dtype)
+    if variant == "torch-eager":
+        return Contestant(
+            f"torch-eager-{precision}",
+            "torch",
+            precision,
+            lambda: torch_denoiser(components.transformer, mode="eager", device=device, dtype=dtype),
+        )
+    if variant == "torch-compile":
+        return Contestant(
+            f"torch-compile-{precision}",
+            "torch",
+            precision,
+            lambda: torch_denoiser(components.transformer, mode="compile", device=device, dtype=dtype),
+        )
+    if variant == "torch-fp8":
+        if not fp8_supported(device_capability(device)):
+            raise BackendUnavailableError(
+                "torch-fp8 needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper+)"
+            )
+        return Contestant("torch-fp8", "torch", "fp8", lambda: _fp8_denoiser(components, device, dtype))
+    raise ConfigError(f"unknown torch contestant {variant!r}; choose from {', '.join(TORCH_VARIANTS)}")
+
+
+def _fp8_denoiser(components: Components, device: torch.device, dtype: torch.dtype) -> Denoiser:
+    """torchao FP8 quantizes in place: it gets a COPY of the transformer; the others keep the original."""
+    import copy
+
+    return torch_denoiser(copy.deepcopy(components.transformer), mode="fp8", device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- engine contestants
+
+
+def engine_contestants(build_dir: Path, components: Components, device: torch.device) -> list[Contestant]:
+    """One contestant per artifact of the build's manifest (backend x precision), loaded when opened.
+
+    The runtime's loader checks each artifact against the manifest and this machine (weights, backend
+    version, GPU, file hash) and refuses a mismatch with the command that rebuilds it.
+    """
+    from ..build.manifest import read_manifest
+
+    manifest = read_manifest(build_dir)
+    out = []
+    for artifact in manifest.artifacts:
+        name = f"{artifact.backend}-{artifact.precision}"
+        out.append(
+            Contestant(
+                name,
+                artifact.backend,
+                artifact.precision,
+                _artifact_loader(build_dir, artifact.backend, artifact.precision, components, device),
+            )
+        )
+    return out
+
+
+def _artifact_loader(
+    build_dir: Path, backend: str, precision: str, components: Components, device: torch.device
+) -> DenoiserFactory:
+    def load() -> Denoiser:
+        return load_engine_denoiser(build_dir, backend, precision, components.weights_id, device)
+
+    return load
+
+
+def load_engine_denoiser(
+    build_dir: Path, backend: str, precision: str, weights_id: str, device: torch.device
+) -> Denoiser:
+    """The runtime's Denoiser for one artifact of a build, through the backend's own loader."""
+    from ..build.manifest import read_manifest
+
+    manifest = read_manifest(build_dir)
+    if backend == "onnxruntime":
+        from ..backends.onnxruntime import load_onnxruntime
+
+        return load_onnxruntime(
+            manifest, build_dir, weights_id=weights_id, precision=precision, device=device.type
+        )
+    if backend == "tensorrt":
+        from ..backends.tensorrt import load_tensorrt
+
+        return load_tensorrt(
+            manifest, build_dir, weights_id=weights_id, precision=precision, device=str(device)
+        )
+    raise BackendUnavailableError(f"{build_dir}: unknown backend {backend!r} in the manifest")

@@ -1,0 +1,133 @@
+"""Observers that change nothing: a timed and a recording Denoiser for our pipeline, and timed
+stand-ins for diffusers' transformer and VAE (composition given to FluxKontextPipeline, no monkeypatching)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..backends import Denoiser, named_inputs
+from ..buckets import ShapeKey
+from .timing import CallClock
+
+
+class TimedDenoiser:
+    """A Denoiser that times every call of the one it wraps on `clock`."""
+
+    def __init__(self, inner: Denoiser, clock: CallClock) -> None:
+        self.inner = inner
+        self.clock = clock
+        self.name: str = inner.name
+        self.shape_keys: frozenset[ShapeKey] | None = inner.shape_keys
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        img_ids: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        txt_ids: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        guidance: torch.Tensor,
+    ) -> torch.Tensor:
+        inputs = named_inputs(
+            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
+        )
+        self.clock.tic()
+        out = self.inner(**inputs)
+        self.clock.toc()
+        return out
+
+
+@dataclass
+class DenoiserCall:
+    """One recorded call: its keyword inputs and its output."""
+
+    inputs: dict[str, torch.Tensor]
+    output: torch.Tensor
+
+
+class RecordingDenoiser:
+    """A Denoiser that keeps every call's inputs and output (the reference trajectory of the quality pass)."""
+
+    def __init__(self, inner: Denoiser) -> None:
+        self.inner = inner
+        self.name: str = inner.name
+        self.shape_keys: frozenset[ShapeKey] | None = inner.shape_keys
+        self.calls: list[DenoiserCall] = []
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        img_ids: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        txt_ids: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        guidance: torch.Tensor,
+    ) -> torch.Tensor:
+        inputs = named_inputs(
+            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
+        )
+        out = self.inner(**inputs)
+        self.calls.append(
+            DenoiserCall({k: v.detach().clone() for k, v in inputs.items()}, out.detach().clone())
+        )
+        return out
+
+
+class _TimedModule(torch.nn.Module):
+    """Base of the diffusers stand-ins: holds the real module and answers config, device and dtype for it."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+
+    @property
+    def config(self) -> Any:
+        return self.inner.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+
+class TimedTransformer(_TimedModule):
+    """diffusers' FluxTransformer2DModel with each forward timed on `clock` (one call = one step)."""
+
+    def __init__(self, inner: Any, clock: CallClock) -> None:
+        super().__init__(inner)
+        self.clock = clock
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.clock.tic()
+        out = self.inner(*args, **kwargs)
+        self.clock.toc()
+        return out
+
+
+class TimedVae(_TimedModule):
+    """diffusers' AutoencoderKL with encode() and decode() timed on their own clocks."""
+
+    def __init__(self, inner: Any, encode_clock: CallClock, decode_clock: CallClock) -> None:
+        super().__init__(inner)
+        self.encode_clock = encode_clock
+        self.decode_clock = decode_clock
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        self.encode_clock.tic()
+        out = self.inner.encode(*args, **kwargs)
+        self.encode_clock.toc()
+        return out
+
+    def decode(self, *args: Any, **kwargs: Any) -> Any:
+        self.decode_clock.tic()
+        out = self.inner.decode(*args, **kwargs)
+        self.decode_clock.toc()
+        return out

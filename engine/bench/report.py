@@ -1,0 +1,259 @@
+"""Benchmark results as records (JSON lines), a text table, and files under <out>/<device>/<date>/.
+
+Every number derived here is computed from the measured samples: ratios are the baseline's median over
+the contestant's median on the same bucket in the same run; TFLOP/s is engine.flops' count over the
+median transformer step. Stages a contestant does not measure are null in JSON and "-" in the table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..flops import transformer_flops
+from .contestants import BASELINE, STAGES
+from .machine import device_name, library_versions, peak_tflops, slug
+from .runner import BenchRun, Entry
+from .timing import summarize
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+QUALITY_METHOD = "per-step rel L2: contestant's transformer fed the reference trajectory's recorded inputs"
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    jsonl: Path
+    table: Path
+    chart: Path | None
+
+
+def _finite(x: float | None) -> float | None:
+    """JSON has no inf/nan: those become null (psnr_identical says when null means 'identical')."""
+    return None if x is None or not math.isfinite(x) else x
+
+
+def run_record(run: BenchRun) -> dict[str, Any]:
+    c = run.config
+    return {
+        "record": "run",
+        "schema": SCHEMA_VERSION,
+        "run_id": run.started.strftime("%Y%m%d-%H%M%S"),
+        "started": run.started.isoformat(timespec="seconds"),
+        "device": device_name(run.device),
+        "device_type": run.device.type,
+        "model": run.components.source,
+        "weights_id": run.components.weights_id,
+        "dtype": str(c.dtype).removeprefix("torch."),
+        "steps": c.steps,
+        "repeats": c.repeats,
+        "warmup": c.warmup,
+        "buckets": [f"{w}x{h}" for w, h in run.buckets],
+        "contestants": [x.name for x in run.contestants],
+        "baseline": BASELINE,
+        "prompt": c.prompt,
+        "seed": c.seed,
+        "guidance": c.guidance,
+        "memory_kind": run.memory_kind,
+        "load_s": run.load_seconds,
+        "versions": library_versions(),
+        "notes": run.notes,
+    }
+
+
+def _stage_samples(entry: Entry, stage: str) -> list[float]:
+    if stage == "step":
+        return [t for s in entry.samples for t in s.step_times]
+    return [s.stages[stage] for s in entry.samples if stage in s.stages]
+
+
+def result_records(run: BenchRun) -> list[dict[str, Any]]:
+    """One record per (contestant, bucket), ratios filled in against the baseline of the same bucket."""
+    cfg = run.components.preset.transformer
+    records = [_entry_record(run, e, cfg) for e in run.entries]
+    base = {r["bucket"]: r for r in records if r["contestant"] == BASELINE}
+    for r in records:
+        b = base.get(r["bucket"])
+        r["ratio_total"] = _ratio(b, r, "total")
+        r["ratio_step"] = _ratio(b, r, "step")
+    return records
+
+
+def _ratio(base: dict[str, Any] | None, rec: dict[str, Any], stage: str) -> float | None:
+    """baseline median / contestant median: > 1 means the contestant is faster."""
+    if base is None or base["stages"][stage] is None or rec["stages"][stage] is None:
+        return None
+    return base["stages"][stage]["median_s"] / rec["stages"][stage]["median_s"]
+
+
+def _entry_record(run: BenchRun, e: Entry, cfg: Any) -> dict[str, Any]:
+    stats = {s: summarize(_stage_samples(e, s)) for s in STAGES}
+    flops = transformer_flops(cfg, e.shape_key)
+    step = stats["step"]
+    tflops = flops.total / step.median / 1e12 if step else None
+    peak = peak_tflops(run.device, e.contestant.precision)
+    notes: dict[str, str] = {}
+    for s in e.samples:
+        notes.update(s.notes)
+    q = e.quality
+    return {
+        "record": "result",
+        "run_id": run.started.strftime("%Y%m%d-%H%M%S"),
+        "contestant": e.contestant.name,
+        "backend": e.contestant.backend,
+        "precision": e.contestant.precision,
+        "baseline": e.contestant.is_baseline,
+        "bucket": f"{e.bucket[0]}x{e.bucket[1]}",
+        "shape_key": str(e.shape_key),
+        "skipped": e.skipped,
+        "stages": {s: (v.to_dict() if v else None) for s, v in stats.items()},
+        "stage_notes": notes,
+        "flops_per_step": {"linear": flops.linear, "attention": flops.attention, "total": flops.total},
+        "tflops": tflops,
+        "peak_tflops": peak,
+        "pct_of_peak": 100.0 * tflops / peak if tflops and peak else None,
+        "peak_memory_bytes": max(e.peak_memory) if e.peak_memory else None,
+        "memory_kind": run.memory_kind,
+        "quality": None
+        if q is None
+        else {
+            "reference": q.reference,
+            "psnr_db": _finite(q.psnr_db),
+            "psnr_identical": math.isinf(q.psnr_db),
+            "step_rel_l2": [_finite(x) for x in q.step_rel_l2],
+            "step_rel_l2_max": _finite(q.rel_l2_max),
+            "step_rel_l2_mean": _finite(q.rel_l2_mean),
+            "method": QUALITY_METHOD,
+        },
+    }
+
+
+# --------------------------------------------------------------------------- table
+
+_COLUMNS = (
+    ("contestant", 22),
+    ("bucket", 9),
+    ("text ms", 8),
+    ("venc ms", 8),
+    ("step ms", 9),
+    ("p90", 8),
+    ("vdec ms", 8),
+    ("total ms", 9),
+    ("p90", 9),
+    ("x base", 7),
+    ("x step", 7),
+    ("TFLOP/s", 8),
+    ("%peak", 6),
+    ("peak MB", 8),
+    ("PSNR dB", 8),
+    ("relL2 max", 10),
+)
+
+
+def _ms(stat: dict[str, Any] | None, key: str = "median_s") -> str:
+    return "-" if stat is None else f"{1000 * stat[key]:.1f}"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _row(r: dict[str, Any]) -> list[str]:
+    st, q = r["stages"], r["quality"]
+    name = r["contestant"] + ("*" if r["stage_notes"] else "")
+    if r["skipped"] and not st["total"]:
+        return [name, r["bucket"], f"skipped: {r['skipped']}"]
+    psnr = "-" if q is None else ("inf" if q["psnr_identical"] else _num(q["psnr_db"], ".2f"))
+    mem = r["peak_memory_bytes"]
+    return [
+        name,
+        r["bucket"],
+        _ms(st["text_encode"]),
+        _ms(st["vae_encode"]),
+        _ms(st["step"]),
+        _ms(st["step"], "p90_s"),
+        _ms(st["vae_decode"]),
+        _ms(st["total"]),
+        _ms(st["total"], "p90_s"),
+        _num(r["ratio_total"], ".2f"),
+        _num(r["ratio_step"], ".2f"),
+        _num(r["tflops"], ".3g"),
+        _num(r["pct_of_peak"], ".1f"),
+        "-" if mem is None else f"{mem / 2**20:.0f}",
+        psnr,
+        "-" if q is None else _num(q["step_rel_l2_max"], ".2e"),
+    ]
+
+
+def format_table(run_rec: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """The human table: one row per contestant and bucket, then what each column means."""
+    head = (
+        f"kontext bench: {run_rec['model']} on {run_rec['device']}, {run_rec['dtype']}, "
+        f"{run_rec['steps']} steps, median of {run_rec['repeats']} interleaved rounds "
+        f"(+{run_rec['warmup']} warm-up)"
+    )
+    lines = [head, ""]
+    lines.append("  ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (h, w) in enumerate(_COLUMNS)))
+    for r in records:
+        cells = _row(r)
+        if len(cells) == 3:
+            lines.append(f"{cells[0]:<22}  {cells[1]:<9}  {cells[2]}")
+            continue
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i > 1 else c.ljust(w)
+                for i, (c, (_, w)) in enumerate(zip(cells, _COLUMNS, strict=True))
+            )
+        )
+    ref = next((r["quality"]["reference"] for r in records if r["quality"]), "-")
+    lines += [
+        "",
+        f"x base / x step: {BASELINE} median / this contestant's median, end to end / per transformer "
+        "step (> 1: faster), same bucket, same run.",
+        f"step: one transformer forward. TFLOP/s: engine.flops (linear + attention) / median step. "
+        f"peak MB: {run_rec['memory_kind']} (whole process on CPU).",
+        f"PSNR: final image vs the reference ({ref}). relL2 max: worst step, the contestant's "
+        "transformer fed the reference trajectory's inputs.",
+    ]
+    noted = {n for r in records for n in r["stage_notes"].values()}
+    if noted:
+        lines.append(
+            "*: " + "; ".join(f"text ms = {n}" for n in sorted(noted)) + " (outside its end-to-end time)."
+        )
+    lines += [f"note: {n}" for n in run_rec["notes"]]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def result_dir(out_root: Path, run: BenchRun) -> Path:
+    """<out_root>/<device slug>/<YYYY-MM-DD>/"""
+    return out_root / slug(device_name(run.device)) / run.started.strftime("%Y-%m-%d")
+
+
+def write_results(run: BenchRun, out_root: Path, chart: bool = True) -> tuple[str, ResultFiles]:
+    """Write JSON lines, the table and the chart; return the table and the paths."""
+    from .chart import draw_latency_chart
+
+    run_rec = run_record(run)
+    records = result_records(run)
+    table = format_table(run_rec, records)
+    folder = result_dir(out_root, run)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{slug(Path(str(run.config.model)).name)}-{run.started.strftime('%H%M%S')}"
+    jsonl = folder / f"{stem}.jsonl"
+    jsonl.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in [run_rec, *records]))
+    table_path = folder / f"{stem}.txt"
+    table_path.write_text(table + "\n")
+    png = None
+    if chart:
+        png = folder / f"{stem}.png"
+        draw_latency_chart(run_rec, records).save(png)
+    log.info("wrote %s", folder)
+    return table, ResultFiles(jsonl, table_path, png)

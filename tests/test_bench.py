@@ -1,0 +1,217 @@
+"""`kontext bench` end to end on the tiny preset (1 step, 1 round, 1 bucket): the records, the derived
+columns (ratios, quality) recomputed from what was recorded, the files. Speeds are never asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from engine.backends.torch import TorchDenoiser
+from engine.bench import BenchConfig, default_buckets, run_bench, write_results
+from engine.bench.contestants import BASELINE, Contestant, torch_contestant
+from engine.bench.machine import peak_for_gpu
+from engine.bench.runner import select_contestants
+from engine.bench.timing import summarize
+from engine.cli import main
+from engine.errors import ConfigError
+from engine.flops import transformer_flops
+
+BUCKET = (128, 128)
+SCALE = 1.01  # the scaled contestant's output is the reference's times SCALE: rel L2 = 0.01 exactly
+
+
+class ScaledDenoiser:
+    """A known-wrong contestant: the torch transformer's output times SCALE."""
+
+    def __init__(self, inner: TorchDenoiser, shape_keys=None) -> None:
+        self.inner = inner
+        self.name = "scaled"
+        self.shape_keys = shape_keys
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.inner(**inputs) * SCALE
+
+
+@pytest.fixture(scope="module")
+def bench_out(tiny, tmp_path_factory):
+    config = BenchConfig(model="tiny", steps=1, repeats=1, warmup=0, buckets=(BUCKET,), progress=False)
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    contestants = [
+        Contestant(BASELINE, "diffusers", "fp32"),
+        torch_contestant("torch-eager", tiny, cpu, fp32),
+        Contestant("scaled", "torch", "fp32", lambda: ScaledDenoiser(TorchDenoiser(tiny.transformer))),
+        Contestant(
+            "no-shapes", "torch", "fp32", lambda: ScaledDenoiser(TorchDenoiser(tiny.transformer), frozenset())
+        ),
+    ]
+    run = run_bench(config, tiny, contestants)
+    out = tmp_path_factory.mktemp("results")
+    table, files = write_results(run, out)
+    lines = [json.loads(x) for x in files.jsonl.read_text().splitlines()]
+    return run, table, files, lines
+
+
+def _results(lines):
+    return {r["contestant"]: r for r in lines if r["record"] == "result"}
+
+
+def test_jsonl_has_a_run_line_and_one_result_per_contestant(bench_out):
+    _, _, _, lines = bench_out
+    assert lines[0]["record"] == "run"
+    assert lines[0]["steps"] == 1 and lines[0]["buckets"] == ["128x128"]
+    results = _results(lines)
+    assert set(results) == {BASELINE, "torch-eager-fp32", "scaled", "no-shapes"}
+    for r in results.values():
+        assert r["bucket"] == "128x128"
+        assert set(r["stages"]) == {"text_encode", "vae_encode", "step", "denoise", "vae_decode", "total"}
+
+
+def test_stages_measured_and_honest_about_gaps(bench_out):
+    results = _results(bench_out[3])
+    base, ours = results[BASELINE], results["torch-eager-fp32"]
+    for stage in ("text_encode", "vae_encode", "step", "vae_decode", "total"):
+        assert base["stages"][stage]["median_s"] > 0
+        assert ours["stages"][stage]["median_s"] > 0
+    assert base["stages"]["denoise"] is None  # not measured for diffusers: null, "-" in the table
+    assert "text_encode" in base["stage_notes"]  # its text encoding is a separate call, and says so
+    assert ours["stages"]["step"]["n"] == 1  # 1 step x 1 round
+
+
+def test_ratios_are_computed_from_recorded_medians(bench_out):
+    results = _results(bench_out[3])
+    base = results[BASELINE]
+    for r in results.values():
+        if r["skipped"]:
+            continue
+        for stage, key in (("total", "ratio_total"), ("step", "ratio_step")):
+            expect = base["stages"][stage]["median_s"] / r["stages"][stage]["median_s"]
+            assert r[key] == pytest.approx(expect, rel=1e-12)
+    assert base["ratio_total"] == 1.0
+
+
+def test_flops_and_tflops_follow_the_flop_model(bench_out):
+    run, _, _, lines = bench_out
+    r = _results(lines)["torch-eager-fp32"]
+    key = run.entries[0].shape_key
+    flops = transformer_flops(run.components.preset.transformer, key)
+    assert r["flops_per_step"] == {"linear": flops.linear, "attention": flops.attention, "total": flops.total}
+    assert r["tflops"] == pytest.approx(flops.total / r["stages"]["step"]["median_s"] / 1e12)
+    assert r["pct_of_peak"] is None  # no known peak on a CPU
+
+
+def test_quality_against_the_reference(bench_out):
+    results = _results(bench_out[3])
+    ref = results["torch-eager-fp32"]["quality"]
+    assert ref["psnr_identical"] and ref["psnr_db"] is None  # the reference itself: identical, inf dB
+    assert ref["step_rel_l2"] == [0.0]
+    base = results[BASELINE]["quality"]
+    assert base["psnr_identical"] or base["psnr_db"] > 60  # diffusers is at parity with our loop
+    scaled = results["scaled"]["quality"]
+    assert scaled["step_rel_l2"] == [pytest.approx(SCALE - 1, rel=1e-4)]  # replayed on the reference's inputs
+    assert math.isfinite(scaled["psnr_db"])
+    assert scaled["reference"] == "torch-eager-fp32"
+
+
+def test_contestant_that_cannot_serve_the_shape_is_skipped(bench_out):
+    r = _results(bench_out[3])["no-shapes"]
+    assert "not served" in r["skipped"]
+    assert r["stages"]["total"] is None and r["ratio_total"] is None and r["quality"] is None
+
+
+def test_table_and_chart_written(bench_out):
+    _, table, files, _ = bench_out
+    assert "x base" in table and "torch-eager-fp32" in table and "skipped" in table
+    assert files.table.read_text().strip() == table.strip()
+    assert files.chart is not None and files.chart.stat().st_size > 2000
+    with Image.open(files.chart) as png:
+        assert png.width >= 800 and png.height >= 100
+        lo, hi = png.convert("L").getextrema()
+        assert lo < 100 < hi  # something drawn on white
+
+
+def test_results_folder_is_device_and_date(bench_out):
+    run, _, files, _ = bench_out
+    assert files.jsonl.parent.name == run.started.strftime("%Y-%m-%d")
+    assert files.jsonl.parent.parent.name.endswith("cores")
+
+
+def test_stats_median_and_p90():
+    s = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert s.median == 3.0 and s.p90 == pytest.approx(4.6) and s.n == 5
+    assert summarize([]) is None
+
+
+def test_default_buckets_square_and_extremes():
+    assert default_buckets("tiny") == ((128, 128), (80, 192), (192, 80))
+
+
+def test_contestant_names_resolve_without_a_build(tiny, tmp_path):
+    notes: list[str] = []
+    cs = select_contestants(None, tiny, torch.device("cpu"), torch.float32, tmp_path / "none", notes)
+    assert [c.name for c in cs] == [BASELINE, "torch-eager-fp32"]
+    assert notes and "manifest" in notes[0]
+    with pytest.raises(ConfigError, match="unknown-thing"):
+        select_contestants(("unknown-thing",), tiny, torch.device("cpu"), torch.float32, tmp_path, [])
+
+
+def test_bad_settings_are_typed_errors():
+    with pytest.raises(ConfigError):
+        BenchConfig(repeats=0)
+    with pytest.raises(ConfigError):
+        BenchConfig(steps=0)
+
+
+def test_cli_bench_prints_the_table(tmp_path, capsys):
+    argv = ["bench", "--steps", "1", "--repeats", "1", "--warmup", "0", "--buckets", "192x80",
+            "--contestants", "diffusers,torch-eager", "--build-dir", str(tmp_path / "none"),
+            "--out", str(tmp_path), "--no-progress", "--no-chart"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "torch-eager-fp32" in out and "192x80" in out and "wrote" in out
+    assert list(tmp_path.rglob("*.jsonl")) and not list(tmp_path.rglob("*.png"))
+
+
+def test_cli_bench_rejects_a_bucket_outside_the_family(tmp_path, capsys):
+    assert main(["bench", "--buckets", "100x100", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "not in the model's family" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.0),
+        ("NVIDIA H100 80GB HBM3", "fp8", 1979.0),
+        ("NVIDIA H100 PCIe", "bf16", 756.0),
+        ("NVIDIA H200", "fp8", 1979.0),
+        ("NVIDIA L40S", "bf16", 362.0),
+        ("NVIDIA L4", "bf16", 121.0),
+        ("NVIDIA A100-SXM4-80GB", "fp8", None),
+        ("Some Future GPU", "bf16", None),
+    ],
+)
+def test_gpu_peaks_by_name(name, precision, peak):
+    assert peak_for_gpu(name, precision) == peak
+
+
+def test_engine_contestants_come_from_the_manifest(tiny, tiny_build, tmp_path):
+    """Every artifact of a build is a contestant, loaded through the runtime's loader, timed and checked."""
+    config = BenchConfig(
+        model="tiny", steps=1, repeats=1, warmup=0, buckets=((80, 192),), build_dir=tiny_build,
+        contestants=("diffusers", "engines"), progress=False,
+    )  # fmt: skip
+    run = run_bench(config, tiny)
+    _, files = write_results(run, tmp_path, chart=False)
+    results = _results([json.loads(x) for x in files.jsonl.read_text().splitlines()])
+    engines = {n: r for n, r in results.items() if r["backend"] == "onnxruntime"}
+    assert {r["precision"] for r in engines.values()} >= {"fp32", "int8"}
+    for r in engines.values():
+        assert r["skipped"] is None
+        assert r["ratio_step"] == pytest.approx(
+            results[BASELINE]["stages"]["step"]["median_s"] / r["stages"]["step"]["median_s"]
+        )
+        assert r["quality"]["step_rel_l2"][0] < 0.2  # fp32 ~1e-6, int8 a few percent
+    assert engines["onnxruntime-fp32"]["quality"]["step_rel_l2"][0] < 1e-4
