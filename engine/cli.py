@@ -127,7 +127,9 @@ def _quiet_third_party(verbose: int) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    for name in ("diffusers", "transformers", "torchao", "modelopt", "onnxruntime"):
+    import torch  # noqa: F401  (importing torch resets its loggers' levels: import it before setting them)
+
+    for name in ("diffusers", "transformers", "torchao", "modelopt", "onnxruntime", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from diffusers.utils import logging as dlog
