@@ -177,7 +177,8 @@ def test_torch_modes_logic(tiny):
     d = torch_denoiser(tiny.transformer, mode="eager", device="cpu")
     assert d.name == "torch-eager-fp32" and d.shape_keys is None
     c = torch_denoiser(tiny.transformer, mode="compile", device="cpu")  # compiled lazily: not called here
-    assert c.name == "torch-compile-fp32" and hasattr(c.transformer, "_orig_mod")
+    assert c.name == "torch-compile-fp32"
+    assert all(b._compiled_call_impl is not None for b in c.transformer.transformer_blocks)
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailableError, match="no CUDA device"):
             torch_denoiser(tiny.transformer, device="cuda")
@@ -199,3 +200,21 @@ def test_torch_modes_on_gpu(mode):
          for k, v in _inputs(128).items()}  # fmt: skip
     out = d(**x).float().cpu()
     assert rel(out, ref) < (0.15 if mode == "fp8" else 0.05)
+
+
+@pytest.mark.slow  # torch.compile on two CPU cores: ~30 s
+def test_regional_compile_matches_eager_and_leaves_the_model_eager(tiny):
+    """compile_blocks compiles each block of a view; the shared eager transformer stays eager."""
+    from engine.backends.torch import compile_blocks
+
+    view = compile_blocks(tiny.transformer)
+    originals = [*tiny.transformer.transformer_blocks, *tiny.transformer.single_transformer_blocks]
+    assert all(b._compiled_call_impl is None for b in originals)
+    assert (
+        view.transformer_blocks[0].attn.to_q.weight is tiny.transformer.transformer_blocks[0].attn.to_q.weight
+    )
+    x = _inputs(128)
+    ref = TorchDenoiser(tiny.transformer)(**x)
+    out = TorchDenoiser(view)(**x)
+    assert rel(out, ref) < 1e-5
+    assert torch.equal(TorchDenoiser(tiny.transformer)(**x), ref)  # the original still runs eagerly
