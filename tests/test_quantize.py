@@ -10,7 +10,14 @@ import pytest
 from engine.backends import DENOISER_INPUTS
 from engine.build.builder import build
 from engine.build.manifest import read_manifest
-from engine.build.quantize import RECIPES, SampleReader, get_recipe, high_precision_nodes, qdq_counts
+from engine.build.quantize import (
+    RECIPES,
+    SampleReader,
+    get_recipe,
+    high_precision_nodes,
+    qdq_counts,
+    quantize_onnx,
+)
 from engine.errors import ConfigError
 
 # tiny preset: 1 double + 2 single blocks -> 42 MatMul/Gemm: 6 attention bmm's (activation x
@@ -74,3 +81,28 @@ def test_bf16_is_refused_on_onnxruntime(tmp_path: Path, tiny) -> None:  # type: 
 
     with pytest.raises(BuildError, match="bf16"):
         build("tiny", tmp_path, ("bf16",), "tiny", "onnxruntime", components=tiny)
+
+
+def _scales(path: Path) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if "scale" in i.name.lower()}
+
+
+def test_same_calibration_gives_the_same_scales(built_tiny: Path, tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Seeded calibration: a second capture is identical, and quantizing it reproduces the build's scales."""
+    from engine.build.calibrate import CalibrationSpec, capture_calibration
+
+    from .conftest import BUILD_TEST_CALIBRATION
+
+    spec = CalibrationSpec(**BUILD_TEST_CALIBRATION)  # type: ignore[arg-type]
+    first, again = capture_calibration(tiny, spec, "tiny"), capture_calibration(tiny, spec, "tiny")
+    assert len(first) == len(again) > 0
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(first, again, strict=True) for k in a)
+    src = built_tiny / "onnx/transformer.onnx"
+    quantize_onnx(src, tmp_path / "q.onnx", RECIPES["int8"], again, DENOISER_INPUTS)
+    built, redone = _scales(built_tiny / "onnx/transformer_int8.onnx"), _scales(tmp_path / "q.onnx")
+    assert len(built) >= 22 and built.keys() == redone.keys()
+    assert all(np.array_equal(built[k], redone[k]) for k in built)
