@@ -154,44 +154,34 @@ def _device(requested: str | None) -> str:
 
 
 def _edit(args: argparse.Namespace) -> int:
-    import torch
-
+    """`kontext edit`: a preset or weights path (torch eager), or `--engine build/...` (its artifacts),
+    both through the runtime API that servers embed."""
     from . import assets
-    from .backends.torch import TorchDenoiser
     from .config import EditSettings
     from .images import load_image, save_png
-    from .pipeline import KontextPipeline
-    from .weights import load_components
+    from .runtime import load
 
-    device = _device(args.device)
-    synthetic = args.model in ("tiny", "small")
-    steps = args.steps if args.steps is not None else (8 if synthetic else 28)
-    settings = EditSettings(steps=steps, guidance=args.guidance, seed=args.seed, size=args.size)
+    # Validate the knobs and the image before loading a model (which can take a minute).
+    if args.steps is not None:
+        EditSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, size=args.size)
     image_path = Path(args.image) if args.image else assets.sample_image_path()
     image = load_image(image_path)
-    if args.engine is not None:
-        return _edit_built(args, image, image_path, steps)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    comps = load_components(args.model, dtype=dtype, device=device)
-    denoiser = TorchDenoiser(comps.transformer, name=f"torch-eager-{str(dtype).removeprefix('torch.')}")
-    pipe = KontextPipeline(comps, denoiser, device=device, dtype=dtype)
-    result = pipe.edit(image, args.prompt, settings, progress=not args.no_progress)
-    metadata = {
-        "prompt": args.prompt,
-        "seed": str(settings.seed),
-        "steps": str(settings.steps),
-        "guidance": str(settings.guidance),
-        "model": comps.source,
-        "weights": comps.weights_id,
-        "backend": denoiser.name,
-        "size": f"{result.size[0]}x{result.size[1]}",
-        "source_image": image_path.name,
-    }
-    save_png(result.image, args.output, metadata)
-    print(
-        f"wrote {args.output} ({result.size[0]}x{result.size[1]}, {settings.steps} steps, "
-        f"{result.timings['total']:.2f}s, {denoiser.name})"
-    )
+    source = args.engine if args.engine is not None else args.model
+    with load(source, backend=args.backend, precision=args.precision, device=_device(args.device),
+              miss_policy=args.miss_policy, threads=args.threads) as kontext:  # fmt: skip
+        result = kontext.edit(image, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                              size=args.size, progress=not args.no_progress)  # fmt: skip
+        c = kontext.components
+        steps = len(result.step_times)
+        metadata = {"prompt": args.prompt, "seed": str(args.seed), "steps": str(steps),
+                    "guidance": str(args.guidance), "model": c.source, "weights": c.weights_id,
+                    "backend": kontext.name, "source_image": image_path.name,
+                    "size": f"{result.size[0]}x{result.size[1]}"}  # fmt: skip
+        if args.engine is not None:
+            metadata["engine"] = str(args.engine)
+        save_png(result.image, args.output, metadata)
+        print(f"wrote {args.output} ({result.size[0]}x{result.size[1]}, {steps} steps, "
+              f"{result.timings['total']:.2f}s, {kontext.name})")  # fmt: skip
     return 0
 
 
@@ -216,27 +206,6 @@ def _build(args: argparse.Namespace) -> int:
         worst = max((v.rel_l2 for v in a.verification.values()), default=0.0)
         keys = len(a.profiles)
         print(f"{a.precision}: {a.path} ({a.backend}, {keys} shape keys, worst rel L2 {worst:.2e})")
-    return 0
-
-
-def _edit_built(args: argparse.Namespace, image: object, image_path: Path, steps: int) -> int:
-    """`kontext edit --engine build/...`: the build's artifacts through the runtime API."""
-    from .images import save_png
-    from .runtime import load
-
-    with load(args.engine, backend=args.backend, precision=args.precision, device=args.device,
-              miss_policy=args.miss_policy, threads=args.threads) as kontext:  # fmt: skip
-        result = kontext.edit(image, args.prompt, seed=args.seed, steps=steps,  # type: ignore[arg-type]
-                              guidance=args.guidance, size=args.size,
-                              progress=not args.no_progress)  # fmt: skip
-        c = kontext.components
-        metadata = {"prompt": args.prompt, "seed": str(args.seed), "steps": str(steps),
-                    "guidance": str(args.guidance), "model": c.source, "weights": c.weights_id,
-                    "backend": kontext.name, "engine": str(args.engine), "source_image": image_path.name,
-                    "size": f"{result.size[0]}x{result.size[1]}"}  # fmt: skip
-        save_png(result.image, args.output, metadata)
-        print(f"wrote {args.output} ({result.size[0]}x{result.size[1]}, {steps} steps, "
-              f"{result.timings['total']:.2f}s, {kontext.name})")  # fmt: skip
     return 0
 
 

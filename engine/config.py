@@ -85,6 +85,11 @@ class ModelPreset:
     def synthetic(self) -> bool:
         return self.vae is not None
 
+    @property
+    def default_steps(self) -> int:
+        """28 for the real model (diffusers' default); 8 for random weights, which gain nothing from more."""
+        return 8 if self.synthetic else EditSettings.steps
+
 
 KONTEXT_DEV_TRANSFORMER = TransformerConfig(
     num_layers=19,
@@ -179,19 +184,3 @@ class EditSettings:
             w, h = self.size
             if w <= 0 or h <= 0 or w % 16 or h % 16:
                 raise ConfigError(f"size must be positive multiples of 16, got {w}x{h}")
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """How a loaded pipeline runs: device, dtype and what to do with shapes an engine lacks."""
-
-    device: str = "cpu"
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    miss_policy: str = "error"  # error | torch (fall back to the torch transformer, counted)
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.miss_policy not in ("error", "torch"):
-            raise ConfigError(f"miss_policy must be 'error' or 'torch', got {self.miss_policy!r}")

@@ -35,8 +35,6 @@ from .weights import Components, load_components
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC_STEPS = 8  # default steps of the synthetic presets (their random weights need no more)
-
 
 class KontextEngine:
     """A loaded model and denoiser behind edit(). Use as a context manager, or call close()."""
@@ -123,7 +121,7 @@ class KontextEngine:
 
             image = load_image(Path(image))
         if steps is None:
-            steps = SYNTHETIC_STEPS if self.components.preset.synthetic else EditSettings().steps
+            steps = self.components.preset.default_steps
         settings = EditSettings(steps=steps, guidance=guidance, seed=seed, size=size)
         key = edit_key(image.size, size, self.family, self.components.preset.max_sequence_length)
         denoiser = self.dispatcher.resolve(key)  # raises ShapeNotServedError under the error policy
