@@ -70,15 +70,19 @@ class KontextPipeline:
         *,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        bucket_family: str | None = None,
     ) -> None:
+        """bucket_family: where input images are bucketed (default: the preset's). An engine built for
+        another family (say 0.25 MP edits of the 1 MP model) passes its own."""
         self.components = components
+        self._bucket_family = bucket_family or components.preset.bucket_family
         self.denoiser = denoiser
         self.device = torch.device(device)
         self.dtype = dtype
 
     @property
     def bucket_family(self) -> str:
-        return self.components.preset.bucket_family
+        return self._bucket_family
 
     # ------------------------------------------------------------------ encoders
 

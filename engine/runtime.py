@@ -129,7 +129,9 @@ class KontextEngine:
         worker = self._pool.get()
         try:
             waited = time.perf_counter() - t0
-            pipe = KontextPipeline(worker, denoiser, device=self.device, dtype=self.dtype)
+            pipe = KontextPipeline(
+                worker, denoiser, device=self.device, dtype=self.dtype, bucket_family=self.family
+            )
             result = pipe.edit(image, prompt, settings, progress=progress)
         finally:
             self._pool.put(worker)

@@ -1,9 +1,9 @@
-"""Observers that change nothing: a timed and a recording Denoiser for our pipeline, and timed
+"""Observers that change nothing: a timed Denoiser for our pipeline (the recording one is
+engine.backends.recording), and timed
 stand-ins for diffusers' transformer and VAE (composition given to FluxKontextPipeline, no monkeypatching)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,43 +38,6 @@ class TimedDenoiser:
         self.clock.tic()
         out = self.inner(**inputs)
         self.clock.toc()
-        return out
-
-
-@dataclass
-class DenoiserCall:
-    """One recorded call: its keyword inputs and its output."""
-
-    inputs: dict[str, torch.Tensor]
-    output: torch.Tensor
-
-
-class RecordingDenoiser:
-    """A Denoiser that keeps every call's inputs and output (the reference trajectory of the quality pass)."""
-
-    def __init__(self, inner: Denoiser) -> None:
-        self.inner = inner
-        self.name: str = inner.name
-        self.shape_keys: frozenset[ShapeKey] | None = inner.shape_keys
-        self.calls: list[DenoiserCall] = []
-
-    def __call__(
-        self,
-        hidden_states: torch.Tensor,
-        img_ids: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        txt_ids: torch.Tensor,
-        pooled_projections: torch.Tensor,
-        timestep: torch.Tensor,
-        guidance: torch.Tensor,
-    ) -> torch.Tensor:
-        inputs = named_inputs(
-            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
-        )
-        out = self.inner(**inputs)
-        self.calls.append(
-            DenoiserCall({k: v.detach().clone() for k, v in inputs.items()}, out.detach().clone())
-        )
         return out
 
 

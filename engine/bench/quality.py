@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from ..backends import Denoiser
+from ..backends.recording import DenoiserCall, RecordingDenoiser
 from ..backends.torch import TorchDenoiser
 from ..config import EditSettings
 from ..metrics import psnr, rel_l2
 from ..pipeline import KontextPipeline
 from ..weights import Components
-from .probes import DenoiserCall, RecordingDenoiser
 
 
 @dataclass(frozen=True)

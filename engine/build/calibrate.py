@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..assets import calibration_image_paths, calibration_prompts
 from ..backends import DENOISER_INPUTS, DENOISER_OUTPUT
+from ..backends.recording import DenoiserCall, RecordingDenoiser
 from ..backends.torch import TorchDenoiser
 from ..buckets import ShapeKey, buckets, nearest_bucket
 from ..config import EditSettings
@@ -65,46 +66,15 @@ class CalibrationEdit:
     seed: int
 
 
-class RecordingDenoiser:
-    """A Denoiser that runs `inner` and keeps numpy copies of the inputs (and output) of chosen calls."""
-
-    shape_keys: frozenset[ShapeKey] | None = None
-
-    def __init__(self, inner: TorchDenoiser, keep_output: bool = False) -> None:
-        self.inner = inner
-        self.name = f"recording-{inner.name}"
-        self.keep_output = keep_output
-        self.record: set[int] | None = None  # call indices to keep; None: all
-        self.calls = 0
-        self.samples: list[Sample] = []
-
-    def __call__(
-        self,
-        hidden_states: torch.Tensor,
-        img_ids: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        txt_ids: torch.Tensor,
-        pooled_projections: torch.Tensor,
-        timestep: torch.Tensor,
-        guidance: torch.Tensor,
-    ) -> torch.Tensor:
-        inputs = {
-            "hidden_states": hidden_states,
-            "img_ids": img_ids,
-            "encoder_hidden_states": encoder_hidden_states,
-            "txt_ids": txt_ids,
-            "pooled_projections": pooled_projections,
-            "timestep": timestep,
-            "guidance": guidance,
-        }
-        out = self.inner(**inputs)
-        if self.record is None or self.calls in self.record:
-            sample = {k: inputs[k].detach().to("cpu", torch.float32).numpy().copy() for k in DENOISER_INPUTS}
-            if self.keep_output:
-                sample[DENOISER_OUTPUT] = out.detach().to("cpu", torch.float32).numpy().copy()
-            self.samples.append(sample)
-        self.calls += 1
-        return out
+def _samples(calls: Sequence[DenoiserCall], with_output: bool) -> list[Sample]:
+    """Recorded calls -> float32 numpy samples (the ONNX inputs, and the output when asked)."""
+    out: list[Sample] = []
+    for c in calls:
+        sample = {k: c.inputs[k].to("cpu", torch.float32).numpy() for k in DENOISER_INPUTS}
+        if with_output:
+            sample[DENOISER_OUTPUT] = c.output.to("cpu", torch.float32).numpy()
+        out.append(sample)
+    return out
 
 
 def calibration_edits(spec: CalibrationSpec) -> list[CalibrationEdit]:
@@ -148,22 +118,23 @@ def capture_calibration(
 ) -> list[Sample]:
     """Run the calibration edits through the sampling loop; return the recorded transformer inputs."""
     rec = RecordingDenoiser(TorchDenoiser(components.transformer, name="torch-fp32"))
-    pipe = KontextPipeline(components, rec, device=device)
-    pipe_family = _with_family(pipe, family)
-    keep = set(range(0, spec.steps, spec.record_every))
+    pipe = KontextPipeline(components, rec, device=device, bucket_family=family)
+    keep = range(0, spec.steps, spec.record_every)
+    samples: list[Sample] = []
     for e in tqdm(calibration_edits(spec), desc="calibrate", unit="edit", leave=False):
-        rec.calls, rec.record = 0, keep
+        rec.reset(keep)
         settings = EditSettings(steps=spec.steps, guidance=spec.guidance, seed=e.seed)
-        _run_edit(pipe_family, rec, load_image(e.image), e.prompt, settings)
-    return rec.samples
+        _run_edit(pipe, rec, load_image(e.image), e.prompt, settings)
+        samples += _samples(rec.calls, with_output=False)
+    return samples
 
 
 def capture_reference(
     components: Components, family: str, steps: int = 3, device: str = "cpu"
 ) -> dict[ShapeKey, list[Sample]]:
     """Inputs and fp32 torch outputs at the first and last step of one edit per shape key of `family`."""
-    rec = RecordingDenoiser(TorchDenoiser(components.transformer, name="torch-fp32"), keep_output=True)
-    pipe = _with_family(KontextPipeline(components, rec, device=device), family)
+    rec = RecordingDenoiser(TorchDenoiser(components.transformer, name="torch-fp32"))
+    pipe = KontextPipeline(components, rec, device=device, bucket_family=family)
     images = calibration_image_paths()
     prompts = calibration_prompts()
     out: dict[ShapeKey, list[Sample]] = {}
@@ -176,22 +147,11 @@ def capture_reference(
         if nearest_bucket(bucket[0], bucket[1], family) != bucket:
             raise BuildError(f"bucket {bucket} of {family} is not its own nearest bucket; check buckets.py")
         image = resize_to(load_image(images[i % len(images)]), bucket)
-        rec.calls, rec.record, rec.samples = 0, {0, steps - 1}, []
+        rec.reset(keep={0, steps - 1})
         _run_edit(pipe, rec, image, prompts[i % len(prompts)][1], EditSettings(steps=steps, seed=i))
-        key = ShapeKey(1, n, n, rec.samples[0]["txt_ids"].shape[0])
-        out[key] = rec.samples
+        samples = _samples(rec.calls, with_output=True)
+        out[ShapeKey(1, n, n, samples[0]["txt_ids"].shape[0])] = samples
     return out
-
-
-def _with_family(pipe: KontextPipeline, family: str) -> KontextPipeline:
-    """The pipeline picks buckets from its preset's family; use the build's family instead."""
-    if pipe.bucket_family == family:
-        return pipe
-    import dataclasses
-
-    preset = dataclasses.replace(pipe.components.preset, bucket_family=family)
-    comps = dataclasses.replace(pipe.components, preset=preset)
-    return KontextPipeline(comps, pipe.denoiser, device=str(pipe.device), dtype=pipe.dtype)
 
 
 # --------------------------------------------------------------------------- files
