@@ -31,7 +31,7 @@ test: install
 lint: install
 	$(BIN)/ruff check engine benchmarks tests
 	$(BIN)/ruff format --check engine benchmarks tests
-	$(BIN)/mypy engine
+	$(BIN)/mypy engine benchmarks
 
 edit: install
 	$(BIN)/kontext edit --model $(MODEL) -o build/edit.png
