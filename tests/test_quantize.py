@@ -106,3 +106,13 @@ def test_same_calibration_gives_the_same_scales(built_tiny: Path, tiny, tmp_path
     built, redone = _scales(built_tiny / "onnx/transformer_int8.onnx"), _scales(tmp_path / "q.onnx")
     assert len(built) >= 22 and built.keys() == redone.keys()
     assert all(np.array_equal(built[k], redone[k]) for k in built)
+
+
+def test_tensorrt_keeps_the_unquantized_layers_in_bf16() -> None:
+    """A strongly typed TensorRT network runs unquantized layers in the graph's dtype: bf16, not fp32."""
+    from engine.build.quantize import for_backend
+
+    for name in ("int8", "fp8"):
+        assert for_backend(RECIPES[name], "tensorrt").high_precision_dtype == "bf16"
+        assert for_backend(RECIPES[name], "onnxruntime") == RECIPES[name]
+    assert for_backend(RECIPES["fp32"], "tensorrt") == RECIPES["fp32"]

@@ -125,7 +125,7 @@ def build(
     log.info("backend %s (%s)", chosen, why)
     precisions = tuple(dict.fromkeys(precisions or default_precisions(chosen)))
     recipes = {**quantize.RECIPES, **(opts.recipes or {})}
-    selected = [_recipe(recipes, p, opts.fp8_attention) for p in precisions]
+    selected = [quantize.for_backend(_recipe(recipes, p, opts.fp8_attention), chosen) for p in precisions]
     if chosen == "onnxruntime" and (tt := [r.name for r in selected if r.tensorrt_only]):
         raise BuildError(
             f"{', '.join(tt)} has no ONNX Runtime artifact (no useful CPU kernels); "

@@ -68,6 +68,20 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def for_backend(recipe: Recipe, backend: str) -> Recipe:
+    """The recipe as `backend` should build it.
+
+    TensorRT builds a strongly typed network, so what stays unquantized runs in the graph's own
+    dtype: a quantized recipe keeps bf16 there (ModelOpt converts it), not fp32. ONNX Runtime on a
+    CPU has no useful bf16 kernels, so it keeps fp32.
+    """
+    if backend == "tensorrt" and recipe.quantized and recipe.high_precision_dtype == "fp32":
+        from dataclasses import replace
+
+        return replace(recipe, high_precision_dtype="bf16")
+    return recipe
+
+
 def get_recipe(name: str, *, fp8_attention: bool = False) -> Recipe:
     """The recipe `name`; fp8_attention turns on FP8 attention for the fp8 recipe (Hopper)."""
     try:

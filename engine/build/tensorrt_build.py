@@ -217,6 +217,7 @@ class PlanRunner:
             shape, dtype=_torch_dtype(torch, trt, self.engine.get_tensor_dtype(out_name)), device="cuda"
         )
         ctx.set_tensor_address(out_name, out.data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream())  # the input copies ran on the current stream
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise BuildError("TensorRT execution failed (see its log); rebuild with --force")
         self.stream.synchronize()
