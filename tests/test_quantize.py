@@ -13,6 +13,7 @@ from engine.build.manifest import read_manifest
 from engine.build.quantize import (
     RECIPES,
     SampleReader,
+    for_backend,
     get_recipe,
     high_precision_nodes,
     qdq_counts,
@@ -102,17 +103,35 @@ def test_same_calibration_gives_the_same_scales(built_tiny: Path, tiny, tmp_path
     assert len(first) == len(again) > 0
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(first, again, strict=True) for k in a)
     src = built_tiny / "onnx/transformer.onnx"
-    quantize_onnx(src, tmp_path / "q.onnx", RECIPES["int8"], again, DENOISER_INPUTS)
+    recipe = for_backend(RECIPES["int8"], "onnxruntime")  # as the build made it
+    quantize_onnx(src, tmp_path / "q.onnx", recipe, again, DENOISER_INPUTS)
     built, redone = _scales(built_tiny / "onnx/transformer_int8.onnx"), _scales(tmp_path / "q.onnx")
     assert len(built) >= 22 and built.keys() == redone.keys()
     assert all(np.array_equal(built[k], redone[k]) for k in built)
 
 
-def test_tensorrt_keeps_the_unquantized_layers_in_bf16() -> None:
-    """A strongly typed TensorRT network runs unquantized layers in the graph's dtype: bf16, not fp32."""
-    from engine.build.quantize import for_backend
-
+def test_recipes_as_each_backend_builds_them() -> None:
+    """TensorRT (strongly typed) runs unquantized layers in the graph's dtype: bf16, not fp32.
+    ONNX Runtime keeps fp32 and needs a Q/DQ pair per MatMul to use its integer kernels."""
     for name in ("int8", "fp8"):
-        assert for_backend(RECIPES[name], "tensorrt").high_precision_dtype == "bf16"
-        assert for_backend(RECIPES[name], "onnxruntime") == RECIPES[name]
+        trt = for_backend(RECIPES[name], "tensorrt")
+        assert trt.high_precision_dtype == "bf16" and not trt.split_shared_qdq
+        ort = for_backend(RECIPES[name], "onnxruntime")
+        assert ort.high_precision_dtype == "fp32" and ort.split_shared_qdq
     assert for_backend(RECIPES["fp32"], "tensorrt") == RECIPES["fp32"]
+
+
+def test_onnxruntime_runs_every_quantized_matmul_on_integer_kernels(built_tiny: Path) -> None:
+    """With a Q/DQ pair per MatMul (qdq.py), ORT fuses each quantized MatMul into MatMulIntegerToFloat;
+    with ModelOpt's shared pairs it fused only some and dequantized int8 weights at every call."""
+    from collections import Counter
+
+    import onnx
+
+    artifact = read_manifest(built_tiny).artifact("int8")
+    quantized = artifact.build_options["qdq"]["quantized_matmuls"]
+    ops = Counter(
+        n.op_type for n in onnx.load(str(built_tiny / artifact.path), load_external_data=False).graph.node
+    )
+    assert ops["MatMulIntegerToFloat"] == quantized == 22
+    assert ops["DequantizeLinear"] == 0  # no int8 weight is dequantized at run time
