@@ -175,13 +175,13 @@ def _edit(args: argparse.Namespace) -> int:
         steps = len(result.step_times)
         metadata = {"prompt": args.prompt, "seed": str(args.seed), "steps": str(steps),
                     "guidance": str(args.guidance), "model": c.source, "weights": c.weights_id,
-                    "backend": kontext.name, "source_image": image_path.name,
+                    "backend": result.backend, "source_image": image_path.name,
                     "size": f"{result.size[0]}x{result.size[1]}"}  # fmt: skip
         if args.engine is not None:
             metadata["engine"] = str(args.engine)
         save_png(result.image, args.output, metadata)
         print(f"wrote {args.output} ({result.size[0]}x{result.size[1]}, {steps} steps, "
-              f"{result.timings['total']:.2f}s, {kontext.name})")  # fmt: skip
+              f"{result.timings['total']:.2f}s, {result.backend})")  # fmt: skip
     return 0
 
 

@@ -33,6 +33,7 @@ class EditResult:
     shape_key: ShapeKey
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     step_times: list[float] = field(default_factory=list)  # seconds per denoising step
+    backend: str = ""  # name of the denoiser that ran (an engine, or the torch fallback of a miss)
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ class KontextPipeline:
         log.info(
             "edit %dx%d, %d steps, %.2fs (%s)", *p.size, settings.steps, timings["total"], self.denoiser.name
         )
-        return EditResult(out, latents, p.bucket, p.size, key, timings, step_times)
+        return EditResult(out, latents, p.bucket, p.size, key, timings, step_times, self.denoiser.name)
 
     # ------------------------------------------------------------------ timing
 

@@ -81,4 +81,5 @@ def test_engine_miss_error_then_torch_fallback(tiny_build):
         out = kontext.edit(image, "a hat", seed=1, steps=2, size=(160, 160))
         stats = kontext.stats()
     assert torch.equal(out.latents, ref.latents)  # exactly the torch result
+    assert out.backend.startswith("torch-") and not kontext.name.startswith("torch-")  # says who ran
     assert (stats.misses, stats.fallbacks, stats.missed_keys) == (1, 1, {"b1_t100_c64_x32": 1})
