@@ -35,7 +35,7 @@ from torch import nn
 
 from engine.buckets import ShapeKey, shape_key
 from engine.config import KONTEXT_DEV_TRANSFORMER, PRESETS, TransformerConfig
-from engine.flops import transformer_flops
+from engine.flops import gpu_peaks, transformer_flops
 
 logger = logging.getLogger("benchmarks.gpu_check")
 
@@ -47,22 +47,6 @@ SCALES: dict[str, tuple[TransformerConfig, tuple[tuple[int, int], ...]]] = {
     "small": (PRESETS["small"].transformer, ((256, 128), (128, 128))),
     "tiny": (PRESETS["tiny"].transformer, ((128, 32), (64, 32))),
 }
-
-# (device-name substring, bf16 dense TFLOP/s, fp8 dense TFLOP/s), datasheet numbers without sparsity.
-# First match wins: longer names before their prefixes (H100 PCIe before H100, H200 before H20).
-PEAKS: tuple[tuple[str, float, float | None], ...] = (
-    ("H100 PCIe", 756.0, 1513.0),
-    ("H100 NVL", 835.0, 1671.0),
-    ("H100", 989.0, 1979.0),  # SXM
-    ("H200", 989.0, 1979.0),  # the H100 SXM chip with more memory (GH200 too)
-    ("H800", 989.0, 1979.0),
-    ("H20", 148.0, 296.0),
-    ("B200", 2250.0, 4500.0),
-    ("L40S", 362.0, 733.0),
-    ("L40", 181.0, 362.0),
-    ("L4", 121.0, 242.0),
-    ("A100", 312.0, None),
-)
 
 # Until a compile has been measured, what one is assumed to cost (seconds, first call included).
 COMPILE_GUESS_S = {"regional": 75.0, "full": 200.0}
@@ -226,14 +210,6 @@ def device_info(device: torch.device) -> dict[str, object]:
         "memory_gb": round(props.total_memory / 2**30, 1),
         "cuda": torch.version.cuda,
     }
-
-
-def device_peaks(name: str) -> tuple[float | None, float | None]:
-    """Datasheet bf16 and fp8 dense TFLOP/s of the card called `name`, or None where unknown."""
-    for key, bf16, fp8 in PEAKS:
-        if key in name:
-            return bf16, fp8
-    return None, None
 
 
 def fp8_skip_reason(device: torch.device) -> str | None:
@@ -598,7 +574,7 @@ def describe(args: argparse.Namespace, device: torch.device, shapes: list[ShapeK
     """The report's header: machine, versions, model, shapes and the settings of the run."""
     cfg, sides = SCALES[args.scale]
     info = device_info(device)
-    bf16_peak, fp8_peak = device_peaks(str(info["name"]))
+    bf16_peak, fp8_peak = gpu_peaks(str(info["name"]))
     rows = []
     for (side, _), key in zip(sides, shapes, strict=True):
         f = transformer_flops(cfg, key)
@@ -681,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             for key, (side, _) in zip(shapes, sides, strict=True)
         ]
         state = State(
-            model, device, inputs, shapes, deadline, peaks=device_peaks(str(device_info(device)["name"]))
+            model, device, inputs, shapes, deadline, peaks=gpu_peaks(str(device_info(device)["name"]))
         )
         run_plan(state, results, args, save)
     except BudgetExceeded:

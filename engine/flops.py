@@ -86,3 +86,31 @@ def attention_flops(cfg: TransformerConfig, shape: ShapeKey) -> int:
 def transformer_flops(cfg: TransformerConfig, shape: ShapeKey) -> ForwardFlops:
     """FLOPs of one FluxTransformer2DModel forward at `shape` (about 165 TFLOP for Kontext dev at 1024^2)."""
     return ForwardFlops(linear=linear_flops(cfg, shape), attention=attention_flops(cfg, shape))
+
+
+# Dense (no sparsity) datasheet peaks, TFLOP/s: (device-name fragment, lower case; bf16; fp8 or None).
+# The first fragment found in the device name wins, so longer names stand before their prefixes.
+GPU_PEAK_TFLOPS: tuple[tuple[str, float, float | None], ...] = (
+    ("h100 pcie", 756.0, 1513.0),
+    ("h100 nvl", 835.0, 1671.0),
+    ("h100", 989.0, 1979.0),  # SXM
+    ("h200", 989.0, 1979.0),  # the H100 SXM chip with more memory; before "h20", its prefix
+    ("h800", 989.0, 1979.0),
+    ("h20", 148.0, 296.0),
+    ("b200", 2250.0, 4500.0),
+    ("l40s", 362.0, 733.0),  # before "l40" and "l4"
+    ("l40", 181.0, 362.0),
+    ("l4", 121.0, 242.0),
+    ("a100", 312.0, None),
+    ("a10g", 70.0, None),
+    ("rtx 4090", 165.0, 330.0),
+)
+
+
+def gpu_peaks(name: str) -> tuple[float | None, float | None]:
+    """(bf16, fp8) dense peak TFLOP/s of the GPU called `name`; None where the card is unknown."""
+    lower = name.lower()
+    for fragment, bf16, fp8 in GPU_PEAK_TFLOPS:
+        if fragment in lower:
+            return bf16, fp8
+    return None, None

@@ -11,22 +11,8 @@ from pathlib import Path
 
 import torch
 
-# name fragment (lower case) -> (bf16 TFLOP/s, fp8 TFLOP/s or None). The first match wins: specific first.
-GPU_PEAK_TFLOPS: tuple[tuple[str, float, float | None], ...] = (
-    ("h100 pcie", 756.0, 1513.0),
-    ("h100 nvl", 835.0, 1671.0),
-    ("h100", 989.0, 1979.0),  # SXM
-    ("h200", 989.0, 1979.0),  # before "h20", its prefix
-    ("h800", 989.0, 1979.0),
-    ("h20", 148.0, 296.0),
-    ("b200", 2250.0, 4500.0),
-    ("l40s", 362.0, 733.0),  # before "l40" and "l4"
-    ("l40", 181.0, 362.0),
-    ("l4", 121.0, 242.0),
-    ("a100", 312.0, None),
-    ("a10g", 70.0, None),
-    ("rtx 4090", 165.0, 330.0),
-)
+from ..flops import gpu_peaks
+
 FP8_PRECISIONS = frozenset({"fp8", "int8"})  # int8 tensor-core peak = fp8 peak on Ada/Hopper
 
 
@@ -62,12 +48,9 @@ def peak_tflops(device: torch.device, precision: str) -> float | None:
 
 
 def peak_for_gpu(name: str, precision: str) -> float | None:
-    """GPU_PEAK_TFLOPS lookup by device name: fp8 peak for fp8/int8, bf16 peak otherwise; None if unknown."""
-    lower = name.lower()
-    for fragment, bf16, fp8 in GPU_PEAK_TFLOPS:
-        if fragment in lower:
-            return fp8 if precision in FP8_PRECISIONS else bf16
-    return None
+    """engine.flops.gpu_peaks by device name: fp8 peak for fp8/int8, bf16 peak otherwise; None if unknown."""
+    bf16, fp8 = gpu_peaks(name)
+    return fp8 if precision in FP8_PRECISIONS else bf16
 
 
 def library_versions() -> dict[str, str]:
