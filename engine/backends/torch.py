@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..buckets import ShapeKey
 from ..errors import BackendUnavailableError, ConfigError
+from . import named_inputs
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +48,10 @@ class TorchDenoiser:
         timestep: torch.Tensor,  # [B]
         guidance: torch.Tensor,  # [B]
     ) -> torch.Tensor:  # [B, N + M, 64]
-        return self.transformer(
-            hidden_states=hidden_states,
-            img_ids=img_ids,
-            encoder_hidden_states=encoder_hidden_states,
-            txt_ids=txt_ids,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            guidance=guidance,
-            return_dict=False,
-        )[0]
+        inputs = named_inputs(
+            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
+        )
+        return velocity(self.transformer, inputs)
 
     def close(self) -> None:
         """Nothing to free: the module belongs to the Components it came from."""
@@ -86,6 +82,11 @@ def compile_blocks(transformer: torch.nn.Module, mode: str = "default") -> torch
             compiled.append(c)
         view._modules[name] = torch.nn.ModuleList(compiled)
     return view
+
+
+def velocity(transformer: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """diffusers' FluxTransformer2DModel.forward on the Denoiser's keyword inputs -> [B, N + M, 64]."""
+    return transformer(**inputs, return_dict=False)[0]
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from ..backends import DENOISER_INPUTS, DENOISER_OUTPUT
+from ..backends import DENOISER_INPUTS, DENOISER_OUTPUT, named_inputs
+from ..backends.torch import velocity
 from ..errors import BuildError
 
 log = logging.getLogger(__name__)
@@ -78,16 +79,10 @@ class DenoiserExportWrapper(torch.nn.Module):
         timestep: torch.Tensor,  # [B]
         guidance: torch.Tensor,  # [B]
     ) -> torch.Tensor:  # [B, N + M, 64]
-        return self.transformer(
-            hidden_states=hidden_states,
-            img_ids=img_ids,
-            encoder_hidden_states=encoder_hidden_states,
-            txt_ids=txt_ids,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            guidance=guidance,
-            return_dict=False,
-        )[0]
+        inputs = named_inputs(
+            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
+        )
+        return velocity(self.transformer, inputs)
 
 
 def example_inputs(
