@@ -299,29 +299,62 @@ def _engine(
         raise ConfigError(
             f"backend {backend!r} runs built artifacts: pass a build folder made by `kontext build`"
         )
+    return load_artifacts(
+        manifest,
+        build_dir,
+        backend,
+        weights_id=components.weights_id,
+        precision=precision,
+        device=device,
+        threads=threads,
+        workers=workers,
+        plan_memory_budget=plan_memory_budget,
+        verify_sha256=verify_sha256,
+    )
+
+
+def load_artifacts(
+    manifest: Manifest,
+    build_dir: Path,
+    backend: str,
+    *,
+    weights_id: str,
+    precision: str | None,
+    device: str,
+    threads: int | None = None,
+    workers: int = 1,
+    plan_memory_budget: int | None = None,
+    verify_sha256: bool = True,
+) -> Denoiser:
+    """The Denoiser of one precision of a build, through its backend's loader (which refuses a
+    manifest that does not match these weights, this backend version or this GPU)."""
     if backend == "onnxruntime":
         from .backends.onnxruntime import load_onnxruntime
 
         return load_onnxruntime(
             manifest,
             build_dir,
-            weights_id=components.weights_id,
+            weights_id=weights_id,
             precision=precision,
             threads=threads,
             device=device,
             verify_sha256=verify_sha256,
         )
-    from .backends.tensorrt import load_tensorrt
+    if backend == "tensorrt":
+        from .backends.tensorrt import load_tensorrt
 
-    return load_tensorrt(
-        manifest,
-        build_dir,
-        weights_id=components.weights_id,
-        precision=precision,
-        device=device,
-        workers=workers,
-        plan_memory_budget=plan_memory_budget,
-        verify_sha256=verify_sha256,
+        return load_tensorrt(
+            manifest,
+            build_dir,
+            weights_id=weights_id,
+            precision=precision,
+            device=device,
+            workers=workers,
+            plan_memory_budget=plan_memory_budget,
+            verify_sha256=verify_sha256,
+        )
+    raise BackendUnavailableError(
+        f"{build_dir}: no loader for backend {backend!r}; use onnxruntime or tensorrt"
     )
 
 

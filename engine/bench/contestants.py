@@ -237,28 +237,16 @@ def _artifact_loader(
     build_dir: Path, backend: str, precision: str, components: Components, device: torch.device
 ) -> DenoiserFactory:
     def load() -> Denoiser:
-        return load_engine_denoiser(build_dir, backend, precision, components.weights_id, device)
+        from ..build.manifest import read_manifest
+        from ..runtime import load_artifacts
+
+        return load_artifacts(
+            read_manifest(build_dir),
+            build_dir,
+            backend,
+            weights_id=components.weights_id,
+            precision=precision,
+            device=str(device) if backend == "tensorrt" else device.type,
+        )
 
     return load
-
-
-def load_engine_denoiser(
-    build_dir: Path, backend: str, precision: str, weights_id: str, device: torch.device
-) -> Denoiser:
-    """The runtime's Denoiser for one artifact of a build, through the backend's own loader."""
-    from ..build.manifest import read_manifest
-
-    manifest = read_manifest(build_dir)
-    if backend == "onnxruntime":
-        from ..backends.onnxruntime import load_onnxruntime
-
-        return load_onnxruntime(
-            manifest, build_dir, weights_id=weights_id, precision=precision, device=device.type
-        )
-    if backend == "tensorrt":
-        from ..backends.tensorrt import load_tensorrt
-
-        return load_tensorrt(
-            manifest, build_dir, weights_id=weights_id, precision=precision, device=str(device)
-        )
-    raise BackendUnavailableError(f"{build_dir}: unknown backend {backend!r} in the manifest")
