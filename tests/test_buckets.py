@@ -51,19 +51,13 @@ def test_nearest_bucket_by_aspect(size, expected):
     assert nearest_bucket(*size) == expected
 
 
-def test_nearest_bucket_tie_goes_to_first_in_order():
-    # Halfway (in |w/h - ar|) between 1024x1024 (1.0) and 1104x944 (1.1695): both are equally near.
-    ar = (1.0 + 1104 / 944) / 2
-    w, h = ar * 100000, 100000
-    choice = nearest_bucket(round(w), h)
-    assert choice in ((1024, 1024), (1104, 944))
-    assert choice == min(KONTEXT_RESOLUTIONS, key=lambda b: abs(b[0] / b[1] - round(w) / h))
-
-
 def test_nearest_bucket_matches_diffusers_rule():
+    """diffusers takes min((distance, w, h)): on a tie, the smaller width, which is also the first
+    bucket in our order (sorted by width), so the two rules agree everywhere, ties included."""
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
     assert tuple(PREFERRED_KONTEXT_RESOLUTIONS) == KONTEXT_RESOLUTIONS
+    assert list(KONTEXT_RESOLUTIONS) == sorted(KONTEXT_RESOLUTIONS)
     for w in range(300, 3000, 37):
         for h in (317, 1000, 2203):
             _, dw, dh = min((abs(w / h - bw / bh), bw, bh) for bw, bh in PREFERRED_KONTEXT_RESOLUTIONS)
