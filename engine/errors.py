@@ -41,3 +41,15 @@ class ManifestError(KontextError):
 
 class BackendUnavailableError(KontextError):
     """A backend's library or hardware is not present on this machine."""
+
+
+class ModeratedError(KontextError):
+    """A safety checker flagged the request (the prompt or an input image: BFL's "Request Moderated") or
+    the output image ("Content Moderated"). Nothing was written or returned; `verdict` says who and why."""
+
+    def __init__(self, stage: str, verdict: object) -> None:
+        if stage not in ("request", "content"):
+            raise ValueError(f"stage must be 'request' or 'content', got {stage!r}")
+        self.stage = stage  # "request": prompt or input image flagged, no GPU time spent; "content": output
+        self.verdict = verdict  # engine.safety.Verdict
+        super().__init__(f"{'request' if stage == 'request' else 'output'} moderated: {verdict}")
