@@ -26,6 +26,12 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+MODEL_HELP = (
+    "preset (tiny, small, full: random weights, full is the real size on a GPU) or a local path: "
+    "a diffusers folder of Kontext dev or BFL's .safetensors inside one"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kontext", description="Build and run FLUX.1 Kontext [dev] fast.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -35,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("image", nargs="?", help="input image (PNG, JPEG, WebP); default: the bundled sample")
     e.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the edit instruction")
     e.add_argument("-o", "--output", type=Path, default=Path("build/edit.png"), help="output PNG")
-    e.add_argument("--model", default="tiny", help="preset (tiny, small) or a local path to Kontext dev")
+    e.add_argument("--model", default="tiny", help=MODEL_HELP)
     e.add_argument(
         "--steps", type=int, default=None, help="denoising steps (default 28; 8 on synthetic presets)"
     )
@@ -51,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
 
     b = sub.add_parser("bench", help="time diffusers, torch and the built engines on the same edits")
-    b.add_argument("--model", default="tiny", help="preset (tiny, small) or a local path to Kontext dev")
+    b.add_argument("--model", default="tiny", help=MODEL_HELP)
     b.add_argument("--steps", type=int, default=None, help="denoising steps (default 4 synthetic, 28 real)")
     b.add_argument("--repeats", type=int, default=3, help="timed rounds per bucket (default 3)")
     b.add_argument("--warmup", type=int, default=1, help="discarded rounds per bucket (default 1)")
@@ -73,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     k = sub.add_parser("build", help="export, quantize, compile and verify the engine; write its manifest")
-    k.add_argument("--model", default="tiny", help="preset (tiny, small) or a local path to Kontext dev")
+    k.add_argument("--model", default="tiny", help=MODEL_HELP)
     k.add_argument(
         "--precision",
         action="append",

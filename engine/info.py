@@ -64,7 +64,9 @@ def machine_report(build_dir: Path | None = None) -> str:
     lines.append("presets:")
     for p in PRESETS.values():
         t = p.transformer
-        kind = "synthetic (seeded random weights)" if p.synthetic else "local path"
+        kind = "local path" if not p.synthetic else "synthetic (seeded random weights)"
+        if p.init == "scaled":
+            kind = "synthetic, built on the GPU (random weights: its images are noise)"
         lines.append(
             f"  {p.name:<12} hidden {t.hidden_size}, {t.num_layers}+{t.num_single_layers} blocks, "
             f"family {p.bucket_family}, {kind}"

@@ -125,7 +125,7 @@ def build_synthetic(preset: ModelPreset) -> Components:
         raise WeightsError(f"preset {preset.name!r} is built on its device: use load_components")
     tokenizer, tokenizer_2 = _preset_tokenizers(preset)
     with torch.random.fork_rng(devices=[]):
-        modules = _build_modules(preset, tokenizer, tokenizer_2, seed=preset.seed)
+        modules = build_modules(preset, tokenizer, tokenizer_2, seed=preset.seed)
     for m in modules:
         m.eval().requires_grad_(False)
     return _components(preset, modules, tokenizer, tokenizer_2, fingerprint_module(modules[0]))
@@ -140,7 +140,7 @@ def build_on_device(
     dev = torch.device(device)
     tokenizer, tokenizer_2 = _preset_tokenizers(preset)
     with torch.device("meta"):
-        modules = _build_modules(preset, tokenizer, tokenizer_2, seed=None)
+        modules = build_modules(preset, tokenizer, tokenizer_2, seed=None)
     require_room(preset.name, parameter_bytes(modules, dtype), dev)
     for i, m in enumerate(modules):
         generator = torch.Generator(device=dev).manual_seed(preset.seed + i)
@@ -156,7 +156,7 @@ def _preset_tokenizers(preset: ModelPreset) -> tuple[Any, Any]:
     return build_tokenizers(clip_vocab=preset.text.clip_vocab, t5_vocab=preset.text.t5_vocab)
 
 
-def _build_modules(
+def build_modules(
     preset: ModelPreset, tokenizer: Any, tokenizer_2: Any, seed: int | None
 ) -> tuple[torch.nn.Module, ...]:
     """Transformer, VAE, CLIP and T5 of `preset`. seed: reseed the global RNG before each (seed + i);
