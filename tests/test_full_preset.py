@@ -271,8 +271,8 @@ def assert_sane(
 @torch.inference_mode()
 def run_full_depth(c: Components, width: int, height: int, text_tokens: int) -> dict[str, float]:
     """T5, CLIP, the transformer over target + context + text tokens, and the VAE, with every block's output
-    checked. Measured on the narrow CPU model (bf16): transformer block RMS 1.0-1.9 (peak 8), T5 1.4-5.9
-    (peak 23). The bounds leave an order of magnitude either way."""
+    checked. Measured on the narrow CPU model (bf16): transformer block RMS 0.94-1.61 (peak 7.5), T5
+    1.2-5.7 (peak 20), CLIP 1.8-3.8. The bounds leave an order of magnitude either way."""
     p = c.preset
     dtype = next(c.transformer.parameters()).dtype
     dev = next(c.transformer.parameters()).device
