@@ -1,7 +1,7 @@
 """Random weights made on the target device: meta-built modules materialized there and filled by a
 scaled initialisation that keeps bf16 activations sane through all 57 Flux blocks.
 
-The rule (see docs/DESIGN-NOTES.md, "The full preset"):
+The rule (see docs/DESIGN-NOTES.md, "Weights and checkpoints"):
 - Linear and Conv2d weights ~ N(0, gain / sqrt(fan_in)): a unit-variance input gives a unit-variance
   output, whatever the width. gain is 1, except the AdaLN modulation linears (MODULATION_GAIN: their
   outputs are residual gates, shifts and scales, kept small so 57 residual blocks add up slowly) and
@@ -23,8 +23,10 @@ from .errors import BackendUnavailableError, WeightsError
 
 MODULATION_GAIN = 0.5
 BIAS_STD = 0.02
-WORKING_MEMORY_BYTES = 6 << 30  # activations of a 1024^2 edit beside the weights (the VAE decode peaks)
-CPU_LIMIT_BYTES = 16 << 30  # bigger presets are for GPUs: a 12B edit on a CPU takes hours
+# An estimate, not yet measured (tests/test_full_preset.py logs the peak on a GPU): a 1024^2 VAE decode
+# holds a few [1, 128, 1024, 1024] maps, the transformer 8,704 tokens x 3072 x a few.
+WORKING_MEMORY_BYTES = 6 << 30
+CPU_LIMIT_BYTES = 16 << 30  # bigger presets are for GPUs (a 12B edit on a CPU: hours, by FLOP count)
 
 # Buffers that meta construction loses and `to_empty` leaves uninitialised, with how to remake them.
 # Any other buffer is an error (see materialize_).
