@@ -197,10 +197,13 @@ def save_diffusers(components: Components, folder: Path) -> Path:
 
 
 def save_bfl(transformer: torch.nn.Module, path: Path) -> Path:
-    """Write a diffusers Flux transformer as BFL's single safetensors file (BFL's names, fused qkv)."""
+    """Write a diffusers Flux transformer as BFL's single safetensors file (BFL's names, fused qkv).
+
+    safetensors serializes the whole file in host memory before it is written (24 GB for 12B in bf16).
+    """
     from safetensors.torch import save
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in to_bfl(transformer.state_dict()).items()}
+    tensors = {k: v.detach().contiguous() for k, v in to_bfl(transformer.state_dict()).items()}
     atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
     log.info("wrote %s (BFL layout, %d tensors)", path, len(tensors))
     return Path(path)
@@ -210,7 +213,7 @@ def save_bfl(transformer: torch.nn.Module, path: Path) -> Path:
 
 
 def load_local(path: Path, *, dtype: torch.dtype, device: torch.device) -> Components:
-    """A diffusers folder, or a BFL single file inside or beside one, -> Components on `device`.
+    """A diffusers folder, or a BFL single file inside one, -> Components on `device`.
 
     The transformer is built on the meta device and its tensors are read by safetensors straight onto
     `device`, cast there, and assigned: no copy in host memory, none in fp32. The VAE and the text
