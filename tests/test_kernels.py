@@ -108,6 +108,8 @@ def test_cpu_tensors_need_the_interpreter() -> None:
 
 def test_benchmark_imports_neither_diffusers_nor_the_rest_of_engine() -> None:
     """benchmarks/attention_bench.py runs on a GPU machine where our package is not installed."""
+    if interpreted():
+        pytest.skip("checked once, in the parent process")
     code = (
         "import sys, benchmarks.attention_bench, engine.kernels; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers', 'engine')))"
@@ -194,19 +196,24 @@ def test_strided_views_and_output_layout() -> None:
 
 @in_interpreter
 def test_smoothing_k_removes_the_offset_error() -> None:
-    """Adding one vector to every key leaves softmax unchanged. With smooth_k the quantized kernel gives the
-    same output for both; without it the offset uses up K's range and the error grows."""
+    """Adding one vector to every key leaves softmax unchanged. With smooth_k the quantized kernel's error is
+    the same with and without that offset; without smoothing the offset uses up K's range and the error
+    grows (measured: 0.048 -> 0.048 smoothed, 0.066 -> 0.21 plain, relative L2)."""
     q, k, v = qkv(1, 2, 77, 64)
-    shifted = (k.float() + 8.0).bfloat16()
-    exact = exact_attention(q, k, v)
+    shifted = (k.float() + 8.0).bfloat16()  # bf16 rounds k + 8, so each is compared with its own exact output
+    exact, exact_shifted = exact_attention(q, k, v), exact_attention(q, shifted, v)
     smooth, plain = VARIANTS["fp8-block"], AttentionVariant("fp8", "block", smooth_k=False)
-    assert max_err(attention(q, k, v, smooth), attention(q, shifted, v, smooth)) < 2e-2
-    assert rel_l2(attention(q, shifted, v, plain), exact) > 1.5 * rel_l2(
-        attention(q, shifted, v, smooth), exact
-    )
+    smooth_err = rel_l2(attention(q, shifted, v, smooth), exact_shifted)
+    assert smooth_err <= 1.1 * rel_l2(attention(q, k, v, smooth), exact)
+    assert rel_l2(attention(q, shifted, v, plain), exact_shifted) > 2 * smooth_err
 
 
 # ------------------------------------------------------------------ interpreter: the processor in diffusers
+
+
+ONE_TILE = LaunchConfig(
+    128, 128
+)  # the tiny transformer's 80 tokens in one masked tile: fewest interpreter steps
 
 
 def tiny_transformer_inputs(dtype: torch.dtype) -> dict[str, Any]:
@@ -247,7 +254,7 @@ def test_processor_matches_stock_diffusers() -> None:
 
     model, inputs = tiny_transformer(torch.float32), tiny_transformer_inputs(torch.float32)
     stock = model(**inputs)[0]
-    previous = use_kernel_attention(model, "bf16")
+    previous = use_kernel_attention(model, "bf16", ONE_TILE)
     ours = model(**inputs)[0]
     assert max_err(ours, stock) < 1e-5 * stock.abs().max().item()
     restore_attention(model, previous)
@@ -255,7 +262,7 @@ def test_processor_matches_stock_diffusers() -> None:
 
     model16, inputs16 = model.to(torch.bfloat16), tiny_transformer_inputs(torch.bfloat16)
     stock16 = model16(**inputs16)[0]
-    use_kernel_attention(model16, "bf16")
+    use_kernel_attention(model16, "bf16", ONE_TILE)
     ours16 = model16(**inputs16)[0]
     assert rel_l2(ours16, stock16) < 0.25 * rel_l2(stock16, stock)
     restore_attention(model16, previous)
@@ -269,7 +276,7 @@ def test_processor_quantized_variant_stays_close() -> None:
 
     model, inputs = tiny_transformer(torch.float32), tiny_transformer_inputs(torch.float32)
     stock = model(**inputs)[0]
-    use_kernel_attention(model, "fp8-block")
+    use_kernel_attention(model, "fp8-block", ONE_TILE)
     assert 0 < rel_l2(model(**inputs)[0], stock) < 0.02
 
 
@@ -278,7 +285,17 @@ def test_benchmark_dry_run(tmp_path: Path) -> None:
     """benchmarks/attention_bench.py end to end on the interpreter at a tiny shape: every contestant that
     can run on a CPU reports its error, and the JSON is complete."""
     out = tmp_path / "attention_bench.json"
-    cmd = [sys.executable, "-m", "benchmarks.attention_bench", "--shape", "tiny", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.attention_bench",
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--iters",
+        "1",
+    ]
     proc = subprocess.run(
         [*cmd, "--out", str(out), "--deadline-s", "120"],
         cwd=ROOT,

@@ -93,4 +93,4 @@ def use_kernel_attention(
 
 def restore_attention(transformer: Any, previous: dict[str, Any]) -> None:
     """Undo use_kernel_attention: put back the processors it returned."""
-    transformer.set_attn_processor(previous)
+    transformer.set_attn_processor(dict(previous))  # diffusers pops the entries of the dict it is given
