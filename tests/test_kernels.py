@@ -121,6 +121,66 @@ def test_benchmark_imports_neither_diffusers_nor_the_rest_of_engine() -> None:
     assert "engine.kernels.processor" not in loaded
 
 
+SM90_SHARED_BYTES = 232448  # H100: 227 KB of shared memory per block
+
+
+def compile_for_hopper(variant: str, config: LaunchConfig) -> Any:
+    """Compiles the kernel ahead of time for sm_90 (Triton's bundled ptxas runs without a GPU), specialised
+    as a launch on contiguous [B, H, S, D] tensors would be: unit strides as constants, the rest and the
+    pointers divisible by 16, S not a multiple of the tiles (the masked tail is compiled in)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from engine.kernels import kernel
+
+    spec = VARIANTS[variant]
+    quant = {"bf16": 0, "fp8": 1, "int8-fp8": 2}[spec.precision]
+    v_unit = "stride_vs" if spec.quantized else "stride_vd"  # quantized V is stored tokens-innermost
+    const: dict[str, Any] = dict(
+        HEAD_DIM=128, BLOCK_M=config.block_m, BLOCK_N=config.block_n, QUANT=quant, P_SCALE=448.0,
+        K_BLOCK=spec.block if spec.quantized and spec.granularity == "block" else 0,
+        INTERPRETER=False, P_MANTISSA=7, P_EMIN=-126, EVEN_M=False, EVEN_N=False,
+        **{name: 1 for name in ("stride_qd", "stride_kd", "stride_od", v_unit)},
+    )  # fmt: skip
+    qk_type = {0: "*bf16", 1: "*fp8e4nv", 2: "*i8"}[quant]
+    pointers = {"Q": qk_type, "K": qk_type, "V": "*fp8e4nv" if quant else "*bf16", "Out": "*bf16"}
+    pointers |= {"SQ": "*fp32", "SK": "*fp32", "SV": "*fp32"}
+    fn = kernel.attention_fwd
+    signature: dict[str, str] = {}
+    attrs: dict[tuple[int, ...], list[list[Any]]] = {}
+    for i, name in enumerate(fn.arg_names):
+        signature[name] = (
+            "constexpr" if name in const else pointers.get(name, "fp32" if name == "qk_scale" else "i32")
+        )
+        if name in pointers or (name.startswith("stride_") and name not in const):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    return triton.compile(
+        ASTSource(fn, signature, const, attrs), target=GPUTarget("cuda", 90, 128), options=options
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("variant", "mma"), [("bf16", ".bf16.bf16"), ("int8-fp8", ".s8.s8")])
+def test_compiles_to_hopper_tensor_core_code(variant: str, mma: str) -> None:
+    """The compiled path, which the interpreter never runs: the default launch config of each kernel family
+    compiles for sm_90, uses wgmma (bf16; or s8 QK^T with e4m3 PV) and fits in shared memory."""
+    if interpreted():
+        pytest.skip("compiles in the parent process (this one interprets)")
+    from engine.kernels.attention import CUDA_DEFAULT, CUDA_DEFAULT_QUANT
+
+    compiled = compile_for_hopper(
+        variant, CUDA_DEFAULT_QUANT if VARIANTS[variant].quantized else CUDA_DEFAULT
+    )
+    ptx = compiled.asm["ptx"]
+    assert compiled.asm["cubin"]
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k\d+\.(f32|s32)" + re.escape(mma), ptx)
+    if VARIANTS[variant].quantized:
+        assert re.search(r"wgmma\.mma_async\S+\.f32\.e4m3\.e4m3", ptx)  # P @ V in FP8
+    assert 0 < compiled.metadata.shared <= SM90_SHARED_BYTES
+
+
 # ------------------------------------------------------------------ interpreter: the kernel's numbers
 
 # Tile configs chosen so that S is not a multiple of the tiles (77, 130, 257) and BLOCK_M != BLOCK_N.
