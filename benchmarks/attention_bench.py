@@ -5,9 +5,10 @@
 Contestants: SDPA bf16 with each backend torch offers (flash, cuDNN, efficient; math only on a CPU), then our
 kernel in bf16, fp8-head, fp8-block and int8-fp8. Each reports the median time per call (the quantization
 pre-pass included, and also timed alone), TFLOP/s at 4*B*H*S^2*D, its first call (Triton's compile), and the
-max / mean abs error and relative L2 against fp32 SDPA on the same bf16 inputs. The JSON is rewritten after
-every contestant, and a hard deadline (SIGALRM) ends the run with what it has. Imports torch, triton and
-engine.kernels only, so it runs from a checkout where the package is not installed.
+max / mean abs error and relative L2 against fp32 SDPA on the same bf16 inputs; for quantized variants also
+the relative L2 of the torch reference ("ref L2": the part of the error quantization alone causes). The JSON
+is rewritten after every contestant, and a hard deadline (SIGALRM) ends the run with what it has. Imports
+torch, triton and engine.kernels only, so it runs from a checkout where the package is not installed.
 `--shape tiny --device cpu` runs the same path in Triton's interpreter in seconds (a test does).
 """
 
@@ -56,6 +57,9 @@ class Row:
     max_abs_err: float | None = None
     mean_abs_err: float | None = None
     rel_l2: float | None = None
+    ref_rel_l2: float | None = (
+        None  # the torch reference's (quantize -> dequantize -> fp32 SDPA): quantization alone
+    )
     iters: int = 0
 
 
@@ -126,17 +130,18 @@ def write(path: Path, report: dict[str, Any]) -> None:
 def table(rows: list[Row]) -> str:
     head = (
         f"{'contestant':<22}{'shape':<8}{'ms':>9}{'TFLOP/s':>9}{'first s':>9}{'max err':>10}{'rel L2':>10}"
-        "  status"
+        f"{'ref L2':>10}  status"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
 
         def f(x: float | None, spec: str) -> str:
-            return format(x, spec) if x is not None else "-"
+            return format(x, spec) if x is not None else format("-", ">" + spec.split(".")[0])
 
         lines.append(
             f"{r.name:<22}{r.shape:<8}{f(r.median_ms, '9.3f')}{f(r.tflops, '9.1f')}"
-            f"{f(r.first_call_s, '9.2f')}{f(r.max_abs_err, '10.2e')}{f(r.rel_l2, '10.2e')}  {r.status}"
+            f"{f(r.first_call_s, '9.2f')}{f(r.max_abs_err, '10.2e')}{f(r.rel_l2, '10.2e')}"
+            f"{f(r.ref_rel_l2, '10.2e')}  {r.status}"
         )
     return "\n".join(lines)
 
@@ -162,7 +167,7 @@ def contestants(
 
 def bench_shape(shape_name: str, args: argparse.Namespace, report: dict[str, Any], start: float) -> None:
     """Every contestant at one shape; appends to report["contestants"] and rewrites the JSON after each."""
-    from engine.kernels import exact_attention
+    from engine.kernels import exact_attention, reference_attention
     from engine.kernels.attention import interpreted
     from engine.kernels.quant import quantize_qkv
     from engine.kernels.variants import resolve_variant
@@ -190,6 +195,11 @@ def bench_shape(shape_name: str, args: argparse.Namespace, report: dict[str, Any
                 if spec is not None and spec.quantized:
                     prepass = time_calls(functools.partial(quantize_qkv, q, k, v, spec), device, iters)
                     row.prepass_ms = statistics.median(prepass)
+                    ref = reference_attention(q, k, v, spec)
+                    row.ref_rel_l2 = (
+                        torch.linalg.vector_norm(ref - exact) / torch.linalg.vector_norm(exact)
+                    ).item()
+                    del ref
             except RuntimeError as e:  # e.g. "No available kernel" for an SDPA backend this GPU lacks
                 row.status = f"skipped: {str(e).splitlines()[0][:160]}"
         write(args.out, report)

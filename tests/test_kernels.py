@@ -331,13 +331,14 @@ def test_processor_matches_stock_diffusers() -> None:
 @in_interpreter
 @torch.no_grad()
 def test_processor_quantized_variant_stays_close() -> None:
-    """FP8 attention in every layer of the tiny transformer moves its output by under 2 % (relative L2)."""
+    """FP8 attention in every layer of the tiny transformer moves its output by under 0.5 % (relative L2;
+    measured 0.08 %)."""
     from engine.kernels import use_kernel_attention
 
     model, inputs = tiny_transformer(torch.float32), tiny_transformer_inputs(torch.float32)
     stock = model(**inputs)[0]
     use_kernel_attention(model, "fp8-block", ONE_TILE)
-    assert 0 < rel_l2(model(**inputs)[0], stock) < 0.02
+    assert 0 < rel_l2(model(**inputs)[0], stock) < 5e-3
 
 
 @in_interpreter
