@@ -181,6 +181,33 @@ def test_compiles_to_hopper_tensor_core_code(variant: str, mma: str) -> None:
     assert 0 < compiled.metadata.shared <= SM90_SHARED_BYTES
 
 
+@pytest.mark.slow
+def test_prepass_compiles_to_hopper_code() -> None:
+    """The fused pre-pass compiles for sm_90 too, and its fp8 store is the hardware's round-to-nearest-even
+    saturating cast (the rounding the torch reference and the interpreter path use)."""
+    if interpreted():
+        pytest.skip("compiles in the parent process (this one interprets)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from engine.kernels.quant_kernel import MODE_BLOCK, quantize_tiles
+
+    const: dict[str, Any] = dict(
+        HEAD_DIM=128, BLOCK=128, MODE=MODE_BLOCK, SUBTRACT_MEAN=True, TO_INT8=False, INTERPRETER=False,
+        stride_xd=1, stride_yd=1,
+    )  # fmt: skip
+    pointers = {"X": "*bf16", "Y": "*fp8e4nv", "SCALE": "*fp32", "MEAN": "*fp32"}
+    fn = quantize_tiles
+    signature = {
+        n: "constexpr" if n in const else pointers.get(n, "fp32" if n == "qmax" else "i32")
+        for n in fn.arg_names
+    }
+    compiled = triton.compile(ASTSource(fn, signature, const), target=GPUTarget("cuda", 90, 128))
+    assert compiled.asm["cubin"]
+    assert re.search(r"cvt\.rn\.satfinite\.e4m3x2\.f32", compiled.asm["ptx"])
+
+
 # ------------------------------------------------------------------ interpreter: the kernel's numbers
 
 # Tile configs chosen so that S is not a multiple of the tiles (77, 130, 257) and BLOCK_M != BLOCK_N.
@@ -241,6 +268,26 @@ def test_quantized_within_bound(shape: tuple[int, int, int, int], variant: str |
     ref_err, out_err = rel_l2(ref, exact), rel_l2(out, exact)
     assert 0 < ref_err < 0.1  # the quantization is real, and sane
     assert out_err <= 1.5 * ref_err
+
+
+@in_interpreter
+@pytest.mark.parametrize("variant", ["fp8-head", "fp8-block", "int8-fp8"])
+def test_fused_prepass_equals_torch_prepass(variant: str) -> None:
+    """The Triton pre-pass that attention() runs gives the torch reference pre-pass's bytes: same scales,
+    same quantized values (ties to even, which bf16 inputs hit often), same tokens-innermost V layout."""
+    from engine.kernels.quant import quantize_qkv
+    from engine.kernels.quant_kernel import quantize_qkv_fused
+
+    q, k, v = qkv(2, 2, 130, 64)
+    ours, ref = quantize_qkv_fused(q, k, v, VARIANTS[variant]), quantize_qkv(q, k, v, VARIANTS[variant])
+    assert ours.block == ref.block
+    for field in ("q", "k", "v", "q_scale", "k_scale", "v_scale"):
+        a, b = getattr(ours, field), getattr(ref, field)
+        assert a.dtype == b.dtype and a.stride() == b.stride(), field
+        assert torch.equal(
+            a.view(torch.uint8) if a.element_size() == 1 else a,
+            b.view(torch.uint8) if b.element_size() == 1 else b,
+        ), field
 
 
 @in_interpreter

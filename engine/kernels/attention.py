@@ -1,6 +1,6 @@
 """engine.kernels.attention: our Triton attention over [B, H, S, D] tensors, in bf16 or with FP8 / INT8 Q/K/V.
-Validates shapes, runs the quantization pre-pass, picks a launch configuration and launches the kernel; CUDA
-tensors run the compiled kernel, CPU tensors the same kernel in Triton's interpreter (TRITON_INTERPRET=1)."""
+Validates shapes, runs the quantization pre-pass (quant_kernel.py), picks a launch configuration and
+launches the kernel: compiled for CUDA tensors, in Triton's interpreter (TRITON_INTERPRET=1) for CPU ones."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import triton
 
 from ..errors import BackendUnavailableError, ConfigError
 from . import kernel
-from .quant import quantize_qkv
+from .quant_kernel import quantize_qkv_fused
 from .variants import FP8_MAX, AttentionVariant, resolve_variant
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def attention(
     out = torch.empty_like(q)  # q's strides: a transposed view in gives a transposed view out
     on_cpu = q.device.type == "cpu"
     if spec.quantized:
-        qkv = quantize_qkv(q, k, v, spec)
+        qkv = quantize_qkv_fused(q, k, v, spec)
         tensors = (qkv.q, qkv.k, qkv.v)
         scales = (qkv.q_scale, qkv.k_scale, qkv.v_scale)
         quant = 2 if spec.precision == "int8-fp8" else 1

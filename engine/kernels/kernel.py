@@ -11,12 +11,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _round_to_grid(x, MANTISSA: tl.constexpr, EMIN: tl.constexpr):
-    """x >= 0 rounded to the nearest value (ties up) of a float format with MANTISSA bits and smallest normal
-    exponent EMIN, computed in fp32. Used on the interpreter only (see INTERPRETER in attention_fwd)."""
+def round_to_grid(x, MANTISSA: tl.constexpr, EMIN: tl.constexpr):
+    """x >= 0 rounded to the nearest value (ties to even, as the hardware's casts) of a float format with
+    MANTISSA bits and smallest normal exponent EMIN, computed in fp32. Used on the interpreter only (see
+    INTERPRETER in attention_fwd). Ties are common: bf16 inputs over a power-of-two-ish scale often land on
+    them."""
     exponent = tl.floor(tl.log2(tl.maximum(x, tl.exp2(EMIN * 1.0))))
+    exponent = tl.where(tl.exp2(exponent) > x, exponent - 1.0, exponent)  # fp32 log2 rounds up just below 2^n
+    exponent = tl.maximum(exponent, EMIN * 1.0)
     ulp = tl.exp2(exponent - MANTISSA)
-    return tl.floor(x / ulp + 0.5) * ulp
+    steps = x / ulp  # exact (ulp is a power of two), < 2^(MANTISSA + 1)
+    return ((steps + 12582912.0) - 12582912.0) * ulp  # + - 1.5 * 2^23: fp32 rounds to an integer, ties even
 
 
 @triton.jit
@@ -86,14 +91,14 @@ def _attend_tiles(
         acc = acc * alpha[:, None]
         if QUANT == 0 and INTERPRETER:
             if P_MANTISSA != 0:
-                p = _round_to_grid(p, P_MANTISSA, P_EMIN)  # = p.to(v.dtype), held in fp32
+                p = round_to_grid(p, P_MANTISSA, P_EMIN)  # = p.to(v.dtype), held in fp32
             acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
         elif QUANT == 0:
             acc = tl.dot(p.to(v.dtype), v, acc)
         else:
             p = p * P_SCALE
             if INTERPRETER:
-                p = _round_to_grid(p, 3, -6)  # e4m3: 3 mantissa bits, emin -6; the cast below is then exact
+                p = round_to_grid(p, 3, -6)  # e4m3: 3 mantissa bits, emin -6; the cast below is then exact
             acc = tl.dot(p.to(tl.float8e4nv), v, acc)
         m_i = m_ij
     return acc, l_i, m_i

@@ -9,7 +9,7 @@ import torch
 
 from .variants import FP8_MAX, INT8_MAX, AttentionVariant
 
-_TINY = 1e-12  # floor of a scale, so that an all-zero block quantizes to zeros instead of NaN
+TINY_SCALE = 1e-12  # floor of a scale, so that an all-zero block quantizes to zeros instead of NaN
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ def quantize_qkv(
     kf = k.float()
     if variant.smooth_k:
         kf = kf - kf.mean(dim=2, keepdim=True)  # exact for softmax (see AttentionVariant.smooth_k)
-    q_scale = (_block_amax(q, block) / qk_max).clamp_min_(_TINY)  # [B, H, nb]
-    k_scale = (_block_amax(kf, block) / qk_max).clamp_min_(_TINY)
+    q_scale = (_block_amax(q, block) / qk_max).clamp_min_(TINY_SCALE)  # [B, H, nb]
+    k_scale = (_block_amax(kf, block) / qk_max).clamp_min_(TINY_SCALE)
     q_q = _cast(q.float() / _per_token(q_scale, block, s), qk_dtype)
     k_q = _cast(kf / _per_token(k_scale, block, s), qk_dtype)
 
@@ -67,7 +67,7 @@ def quantize_qkv(
         v_scale = vf.abs().amax(dim=2) / FP8_MAX  # [B, H, D]: per channel
     else:
         v_scale = (vf.abs().amax(dim=(2, 3)) / FP8_MAX)[..., None].expand(-1, -1, v.shape[3])
-    v_scale = v_scale.clamp_min(_TINY).contiguous()
+    v_scale = v_scale.clamp_min(TINY_SCALE).contiguous()
     v_q = _cast(vf / v_scale[:, :, None, :], torch.float8_e4m3fn)
     # Hopper's FP8 MMA reads both operands K-major; for P @ V the reduction runs over tokens, so V is stored
     # [B, H, D, S] (tokens innermost) and handed to the kernel as a [B, H, S, D] view with strides to match.
