@@ -200,8 +200,10 @@ def bench_shape(shape_name: str, args: argparse.Namespace, report: dict[str, Any
                         torch.linalg.vector_norm(ref - exact) / torch.linalg.vector_norm(exact)
                     ).item()
                     del ref
-            except RuntimeError as e:  # e.g. "No available kernel" for an SDPA backend this GPU lacks
-                row.status = f"skipped: {str(e).splitlines()[0][:160]}"
+            except Exception as e:  # one contestant's failure (a compile error, OOM) must not end the run
+                first = (str(e).splitlines() or [""])[0][:160]
+                unavailable = not ours and "No available kernel" in str(e)  # a backend this GPU/build lacks
+                row.status = f"skipped: {first}" if unavailable else f"error: {type(e).__name__}: {first}"
         write(args.out, report)
         logger.info("%s %s: %s", name, shape_name, row.status)
 
