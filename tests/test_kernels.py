@@ -165,7 +165,8 @@ def compile_for_hopper(variant: str, config: LaunchConfig) -> Any:
 @pytest.mark.parametrize(("variant", "mma"), [("bf16", ".bf16.bf16"), ("int8-fp8", ".s8.s8")])
 def test_compiles_to_hopper_tensor_core_code(variant: str, mma: str) -> None:
     """The compiled path, which the interpreter never runs: the default launch config of each kernel family
-    compiles for sm_90, uses wgmma (bf16; or s8 QK^T with e4m3 PV) and fits in shared memory."""
+    compiles for sm_90, uses wgmma (bf16; or s8 QK^T with e4m3 PV), fits in shared memory and spills no
+    registers."""
     if interpreted():
         pytest.skip("compiles in the parent process (this one interprets)")
     from engine.kernels.attention import CUDA_DEFAULT, CUDA_DEFAULT_QUANT
@@ -179,6 +180,24 @@ def test_compiles_to_hopper_tensor_core_code(variant: str, mma: str) -> None:
     if VARIANTS[variant].quantized:
         assert re.search(r"wgmma\.mma_async\S+\.f32\.e4m3\.e4m3", ptx)  # P @ V in FP8
     assert 0 < compiled.metadata.shared <= SM90_SHARED_BYTES
+    registers, spilled = ptxas_usage(ptx)
+    assert spilled == 0 and registers <= 255, (registers, spilled)  # measured 180 (bf16), 231 (int8-fp8)
+
+
+def ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers per thread, bytes of spill stores) that Triton's ptxas reports for sm_90a."""
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(ptx)
+        cmd = [get_ptxas(90).path, "-arch=sm_90a", "-v", str(path), "-o", os.devnull]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stderr
+    registers, spills = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
+    assert registers and spills, log
+    return int(registers.group(1)), int(spills.group(1))
 
 
 @pytest.mark.slow
