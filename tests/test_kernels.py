@@ -201,9 +201,13 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_prepass_compiles_to_hopper_code() -> None:
-    """The fused pre-pass compiles for sm_90 too, and its fp8 store is the hardware's round-to-nearest-even
-    saturating cast (the rounding the torch reference and the interpreter path use)."""
+@pytest.mark.parametrize(
+    ("out_type", "rounding"), [("*fp8e4nv", r"cvt\.rn\.satfinite\.e4m3x2\.f32"), ("*i8", r"0f4B400000")]
+)
+def test_prepass_compiles_to_hopper_code(out_type: str, rounding: str) -> None:
+    """The fused pre-pass compiles for sm_90 too, with the rounding the torch reference uses: the hardware's
+    round-to-nearest-even saturating e4m3 cast, or for int8 the fp32 add of 1.5 * 2^23 (0x4B400000) that
+    rounds to an integer (not folded away by the compiler)."""
     if interpreted():
         pytest.skip("compiles in the parent process (this one interprets)")
     import triton
@@ -213,10 +217,10 @@ def test_prepass_compiles_to_hopper_code() -> None:
     from engine.kernels.quant_kernel import MODE_BLOCK, quantize_tiles
 
     const: dict[str, Any] = dict(
-        HEAD_DIM=128, BLOCK=128, MODE=MODE_BLOCK, SUBTRACT_MEAN=True, TO_INT8=False, INTERPRETER=False,
-        stride_xd=1, stride_yd=1,
+        HEAD_DIM=128, BLOCK=128, MODE=MODE_BLOCK, SUBTRACT_MEAN=True, TO_INT8=out_type == "*i8",
+        INTERPRETER=False, stride_xd=1, stride_yd=1,
     )  # fmt: skip
-    pointers = {"X": "*bf16", "Y": "*fp8e4nv", "SCALE": "*fp32", "MEAN": "*fp32"}
+    pointers = {"X": "*bf16", "Y": out_type, "SCALE": "*fp32", "MEAN": "*fp32"}
     fn = quantize_tiles
     signature = {
         n: "constexpr" if n in const else pointers.get(n, "fp32" if n == "qmax" else "i32")
@@ -224,7 +228,7 @@ def test_prepass_compiles_to_hopper_code() -> None:
     }
     compiled = triton.compile(ASTSource(fn, signature, const), target=GPUTarget("cuda", 90, 128))
     assert compiled.asm["cubin"]
-    assert re.search(r"cvt\.rn\.satfinite\.e4m3x2\.f32", compiled.asm["ptx"])
+    assert re.search(rounding, compiled.asm["ptx"])
 
 
 # ------------------------------------------------------------------ interpreter: the kernel's numbers
