@@ -9,7 +9,7 @@ import pytest
 
 from engine.backends import DENOISER_INPUTS
 from engine.build.builder import build
-from engine.build.manifest import read_manifest
+from engine.manifest import read_manifest
 from engine.build.quantize import (
     RECIPES,
     SampleReader,
@@ -34,8 +34,6 @@ WEIGHT_MATMULS = 42 - ATTENTION_BMM
 def test_recipes_are_small_named_objects() -> None:
     assert set(RECIPES) == {"fp32", "bf16", "int8", "fp8"}
     assert RECIPES["fp32"].mode is None and RECIPES["fp32"].bound_rel_l2 == 1e-4
-    assert get_recipe("fp8", fp8_attention=True).attention
-    assert not get_recipe("int8", fp8_attention=True).attention
     d = RECIPES["int8"].to_dict()
     assert d["name"] == "int8" and isinstance(d["exclude"], list)
     with pytest.raises(ConfigError, match="fp32"):
@@ -81,7 +79,7 @@ def test_bf16_is_refused_on_onnxruntime(tmp_path: Path, tiny) -> None:  # type: 
     from engine.errors import BuildError
 
     with pytest.raises(BuildError, match="bf16"):
-        build("tiny", tmp_path, ("bf16",), "tiny", "onnxruntime", components=tiny)
+        build("tiny", out_dir=tmp_path, precisions=("bf16",), backend="onnxruntime", components=tiny)
 
 
 def _scales(path: Path) -> dict[str, np.ndarray]:

@@ -28,11 +28,11 @@ from ..backends.torch import TorchDenoiser
 from ..buckets import ShapeKey, buckets, nearest_bucket
 from ..config import EditSettings
 from ..errors import BuildError
+from ..files import atomic_write_bytes
 from ..images import load_image, resize_to
 from ..pipeline import KontextPipeline
 from ..sampling import denoise
 from ..weights import Components
-from .manifest import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def save_samples(path: Path, samples: Sequence[Sample], keys: Sequence[str] | No
             arrays[f"{i:06d}/@key"] = np.array(keys[i])
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getbuffer())
 
 
 def load_samples(path: Path) -> tuple[list[Sample], list[str]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -23,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from ..backends.tensorrt_plans import tensorrt_module
 from ..errors import BackendUnavailableError, BuildError, ConfigError
-from .tensorrt_build import tensorrt_available
+from ..files import move_into_place
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +95,12 @@ def for_backend(recipe: Recipe, backend: str) -> Recipe:
     return recipe
 
 
-def get_recipe(name: str, *, fp8_attention: bool = False) -> Recipe:
-    """The recipe `name`; fp8_attention turns on FP8 attention for the fp8 recipe (Hopper)."""
+def get_recipe(name: str) -> Recipe:
+    """The recipe `name`, or a ConfigError naming the known ones."""
     try:
-        r = RECIPES[name]
+        return RECIPES[name]
     except KeyError:
         raise ConfigError(f"unknown precision {name!r}; choose from: {', '.join(RECIPES)}") from None
-    if fp8_attention and r.mode == "fp8":
-        from dataclasses import replace
-
-        r = replace(r, attention=True)
-    return r
 
 
 class SampleReader:
@@ -150,7 +145,7 @@ def _modelopt_without_stub_tensorrt() -> Iterator[Any]:
             "`pip install -e '.[quant]'` (or `make install`)"
         ) from e
     saved = trt_utils.TRT_PYTHON_AVAILABLE
-    trt_utils.TRT_PYTHON_AVAILABLE = saved and tensorrt_available()
+    trt_utils.TRT_PYTHON_AVAILABLE = saved and tensorrt_module() is not None
     try:
         yield moq
     finally:
@@ -178,7 +173,8 @@ def quantize_onnx(
     try:
         for f in src.parent.glob(src.name + "*"):  # copies: ModelOpt rewrites its input graph in place
             shutil.copy2(f, tmp / f.name)
-        out = tmp / dst.name
+        out = tmp / "out" / dst.name  # apart from the input copies: everything under out/ is moved
+        out.parent.mkdir()
         external = any(p.name != src.name for p in src.parent.glob(src.name + "*"))
         # ONNX Runtime's calibrators print progress on stdout: keep it for -vv, off the user's screen.
         with _modelopt_without_stub_tensorrt() as moq, contextlib.redirect_stdout(io.StringIO()) as chatter:
@@ -201,10 +197,7 @@ def quantize_onnx(
             raise BuildError(f"ModelOpt wrote no {out.name}; run with -vv to see its log")
         if recipe.split_shared_qdq:
             _split_qdq(out, external)
-        for f in [*sorted(tmp.glob(dst.name + "?*")), out]:  # external data first, the graph last
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(f, dst.parent / f.name)
+        move_into_place(out.parent, dst.parent, last=dst.name)  # external data first, the graph last
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
