@@ -31,6 +31,7 @@ from engine.backends.torch import (
     torch_denoiser,
 )
 from engine.config import LoadOptions
+from engine.errors import BackendUnavailableError, ConfigError, ManifestError, ShapeNotServedError
 from engine.manifest import (
     MachineFacts,
     check_manifest,
@@ -39,7 +40,6 @@ from engine.manifest import (
     select_artifact,
     write_manifest,
 )
-from engine.errors import BackendUnavailableError, ConfigError, ManifestError, ShapeNotServedError
 from engine.runtime import load
 
 from .conftest import gradient_image

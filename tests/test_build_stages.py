@@ -18,9 +18,9 @@ import torch
 
 from engine.build.builder import BuildOptions, build
 from engine.build.calibrate import CalibrationSpec
-from engine.manifest import MANIFEST_NAME, read_manifest
 from engine.build.quantize import RECIPES
 from engine.build.stages import outputs_intact
+from engine.manifest import MANIFEST_NAME, read_manifest
 from engine.weights import Components, fingerprint_module
 
 from .conftest import BUILD_TEST_CALIBRATION

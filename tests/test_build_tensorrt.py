@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine.build.compile import choose_backend
 
 from engine.buckets import ShapeKey, family_shape_keys
-from engine.build.compile import choose_backend
 from engine.build.tensorrt_build import (
     TensorRTOptions,
     check_capability,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.errors import ManifestError
 from engine.manifest import (
     MANIFEST_NAME,
     MANIFEST_VERSION,
@@ -17,7 +18,6 @@ from engine.manifest import (
     read_manifest,
     write_manifest,
 )
-from engine.errors import ManifestError
 
 
 def _manifest() -> Manifest:

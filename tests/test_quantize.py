@@ -9,7 +9,6 @@ import pytest
 
 from engine.backends import DENOISER_INPUTS
 from engine.build.builder import build
-from engine.manifest import read_manifest
 from engine.build.quantize import (
     RECIPES,
     SampleReader,
@@ -20,6 +19,7 @@ from engine.build.quantize import (
     quantize_onnx,
 )
 from engine.errors import ConfigError
+from engine.manifest import read_manifest
 
 # tiny preset: 1 double + 2 single blocks -> 42 MatMul/Gemm: 6 attention bmm's (activation x
 # activation, 2 per block), 10 kept in high precision by the filter (x_embedder, context_embedder,

@@ -5,9 +5,9 @@ give exactly the results of the same requests run one by one."""
 from __future__ import annotations
 
 import subprocess
-from contextlib import nullcontext
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import pytest
 import torch
