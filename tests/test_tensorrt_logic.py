@@ -166,8 +166,17 @@ def _build_plan(tmp: Path, family: str, mode: str, *, recipe_mode: str | None = 
     onnx.write_bytes(b"graph")
     plan = tmp / f"{family}-{mode}.plan"
     keys = sorted(family_shape_keys(family, 32))
-    build_plan(onnx, plan, cfg=CFG, keys=keys, family=family, mode=recipe_mode, high_precision_dtype=hp,
-               options=TensorRTOptions(profiles=mode), timing_cache=cache or tmp / "timing.cache")  # fmt: skip
+    build_plan(
+        onnx,
+        plan,
+        cfg=CFG,
+        keys=keys,
+        family=family,
+        mode=recipe_mode,
+        high_precision_dtype=hp,
+        options=TensorRTOptions(profiles=mode),
+        timing_cache=cache or tmp / "timing.cache",
+    )
     return plan
 
 
