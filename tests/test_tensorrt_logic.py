@@ -160,7 +160,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> trt_fakes.FakeState:
 
 def _build_plan(tmp: Path, family: str, mode: str, *, recipe_mode: str | None = "fp8", hp: str = "fp16",
                 cache: Path | None = None) -> Path:  # fmt: skip
-    from engine.build.tensorrt_build import TensorRTOptions, build_plan
+    from engine.build.tensorrt_build import TensorRTOptions, allows_tf32, build_plan
 
     onnx = tmp / "t.onnx"
     onnx.write_bytes(b"graph")
@@ -173,7 +173,7 @@ def _build_plan(tmp: Path, family: str, mode: str, *, recipe_mode: str | None = 
         keys=keys,
         family=family,
         mode=recipe_mode,
-        high_precision_dtype=hp,
+        tf32=allows_tf32(recipe_mode, hp),
         options=TensorRTOptions(profiles=mode),
         timing_cache=cache or tmp / "timing.cache",
     )

@@ -319,7 +319,7 @@ def _write_plan(ctx: BuildContext, recipe: quantize.Recipe, src_rel: str, rel: s
         keys=ctx.keys,
         family=ctx.family,
         mode=recipe.mode,
-        high_precision_dtype=recipe.high_precision_dtype,
+        tf32=allows_tf32(recipe.mode, recipe.high_precision_dtype),
         options=ctx.options.tensorrt,
         timing_cache=ctx.root / TIMING_CACHE_REL,
     )

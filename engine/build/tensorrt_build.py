@@ -99,13 +99,14 @@ def build_plan(
     keys: Sequence[ShapeKey],
     family: str,
     mode: str | None,
-    high_precision_dtype: str,
+    tf32: bool,
     options: TensorRTOptions,
     timing_cache: Path,
 ) -> None:
     """Build a strongly typed plan from the (Q/DQ) graph, with the profiles `options.profiles` says,
-    and write it to `plan_path` (atomically, from TensorRT's buffer without a host copy). The timing
-    cache persists across builds."""
+    and write it to `plan_path` (atomically, from TensorRT's buffer without a host copy). mode: the
+    recipe's quantization (checked against the GPU); tf32: see allows_tf32. The timing cache persists
+    across builds."""
     trt_module = require_tensorrt()
     import tensorrt as trt
 
@@ -124,7 +125,7 @@ def build_plan(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
     config.builder_optimization_level = options.opt_level
-    if not allows_tf32(mode, high_precision_dtype):
+    if not tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
     set_timing_cache(config, timing_cache)
     profiles = family_profiles(keys, options.profiles)
