@@ -216,8 +216,9 @@ def _build(args: argparse.Namespace) -> int:
               force=args.force, options=options)  # fmt: skip
     for a in m.artifacts:
         worst = max((v.rel_l2 for v in a.verification.values()), default=0.0)
-        print(f"{a.precision}: {a.path} ({a.backend}, {len(a.profiles)} shape keys, {a.profile_mode} "
-              f"profiles, worst rel L2 {worst:.2e})")  # fmt: skip
+        mode = f", {a.profile_mode} profiles" if a.backend == "tensorrt" else ""
+        keys = f"{len(a.profiles)} shape keys{mode}"
+        print(f"{a.precision}: {a.path} ({a.backend}, {keys}, worst rel L2 {worst:.2e})")
     return 0
 
 

@@ -94,9 +94,10 @@ def describe(build_dir: Path) -> str:
         lines.append(f"  built on {m.gpu} (compute capability {m.compute_capability})")
     for a in m.artifacts:
         worst = max((v.rel_l2 for v in a.verification.values()), default=float("nan"))
+        mode = f" ({a.profile_mode} profiles)" if a.backend == "tensorrt" else ""
         lines.append(
-            f"  {a.precision:<5} {a.path} ({a.bytes / 1e6:.1f} MB), {len(a.profiles)} shape keys "
-            f"({a.profile_mode} profiles), family {a.family}, worst rel L2 {worst:.2e}"
+            f"  {a.precision:<5} {a.path} ({a.bytes / 1e6:.1f} MB), {len(a.profiles)} shape keys{mode}, "
+            f"family {a.family}, worst rel L2 {worst:.2e}"
         )
     return "\n".join(lines)
 
