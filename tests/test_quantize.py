@@ -14,7 +14,7 @@ from engine.build.quantize import (
     SampleReader,
     for_backend,
     get_recipe,
-    high_precision_nodes,
+    matmul_weights,
     qdq_counts,
     quantize_onnx,
 )
@@ -58,7 +58,7 @@ def test_qdq_graphs(built_tiny: Path, precision: str) -> None:
     assert counts["high_precision_matmuls"] == EXCLUDED + ATTENTION_BMM + ADALN_GEMMS
     assert counts["QuantizeLinear"] >= counts["quantized_matmuls"]
     assert counts["DequantizeLinear"] >= counts["QuantizeLinear"]
-    kept = set(high_precision_nodes(path))
+    kept = set(matmul_weights(path)[1])
     for layer in ("/x_embedder/", "/context_embedder/", "/time_text_embed/", "/norm_out/", "/proj_out/"):
         assert any(n.startswith(layer) for n in kept), layer
     assert not any(n.startswith("/single_transformer_blocks/0/proj_out/") for n in kept)

@@ -264,9 +264,13 @@ class TrtDenoiser:
         need = device_memory_block(plan.memory)
         if w.block is None or w.block.numel() < need:
             w.block = torch.empty(need, dtype=torch.uint8, device=self.device)
+            captured = sum(e.graph is not None for e in w.entries.values())
             for other in w.entries.values():  # re-point every context of this worker at the new block
                 other.context.set_device_memory(w.block.data_ptr(), w.block.numel())
                 other.graph = None  # graphs baked in the old address
+            if captured:
+                log.info("worker %d: device memory grew to %d bytes; %d CUDA graphs dropped until the next "
+                         "warmup()", w.index, need, captured)  # fmt: skip
         ctx = plan.engine.create_execution_context(self._strategy)
         ctx.set_device_memory(w.block.data_ptr(), w.block.numel())
         ctx.set_optimization_profile_async(route.profile, w.stream.cuda_stream)  # raises on failure

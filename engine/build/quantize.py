@@ -222,15 +222,8 @@ def qdq_counts(path: Path) -> dict[str, int]:
     (a DequantizeLinear feeding their weight input), and the MatMul/Gemm left in high precision."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    producers = {o: n for n in model.graph.node for o in n.output}
-    ops = Counter(n.op_type for n in model.graph.node)
-    quantized: list[str] = []
-    plain: list[str] = []
-    for n in model.graph.node:
-        if n.op_type in ("MatMul", "Gemm"):
-            src = producers.get(n.input[1])
-            (quantized if src is not None and src.op_type == "DequantizeLinear" else plain).append(n.name)
+    ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+    quantized, plain = matmul_weights(path)
     return {
         "QuantizeLinear": ops["QuantizeLinear"],
         "DequantizeLinear": ops["DequantizeLinear"],
@@ -239,16 +232,17 @@ def qdq_counts(path: Path) -> dict[str, int]:
     }
 
 
-def high_precision_nodes(path: Path) -> list[str]:
-    """Names of the MatMul/Gemm nodes whose weights are not quantized."""
+def matmul_weights(path: Path) -> tuple[list[str], list[str]]:
+    """Names of the MatMul/Gemm nodes whose weight input is quantized (fed by a DequantizeLinear), and
+    of those left in high precision."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     producers = {o: n for n in model.graph.node for o in n.output}
-    out = []
+    quantized: list[str] = []
+    plain: list[str] = []
     for n in model.graph.node:
         if n.op_type in ("MatMul", "Gemm"):
             src = producers.get(n.input[1])
-            if src is None or src.op_type != "DequantizeLinear":
-                out.append(n.name)
-    return out
+            (quantized if src is not None and src.op_type == "DequantizeLinear" else plain).append(n.name)
+    return quantized, plain
