@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backends import DENOISER_INPUTS
+from engine.backends.inputs import dummy_inputs
 from engine.backends.onnxruntime import OrtDenoiser, load_onnxruntime, ort_version
 from engine.backends.torch import (
     FP8_KEEP,
@@ -30,7 +30,8 @@ from engine.backends.torch import (
     quantize_fp8,
     torch_denoiser,
 )
-from engine.config import LoadOptions
+from engine.buckets import ShapeKey
+from engine.config import PRESETS, LoadOptions
 from engine.errors import BackendUnavailableError, ConfigError, ManifestError, ShapeNotServedError
 from engine.manifest import (
     MachineFacts,
@@ -84,11 +85,8 @@ def test_onnxruntime_fp32_and_int8_within_bounds(tiny_build, reference, size):
 
 
 def _inputs(image_tokens: int, text_tokens: int = 32) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    shapes = {"hidden_states": (1, image_tokens, 64), "img_ids": (image_tokens, 3),
-              "encoder_hidden_states": (1, text_tokens, 32), "txt_ids": (text_tokens, 3),
-              "pooled_projections": (1, 32), "timestep": (1,), "guidance": (1,)}  # fmt: skip
-    return {k: torch.randn(shapes[k], generator=g) for k in DENOISER_INPUTS}
+    key = ShapeKey(1, image_tokens // 2, image_tokens - image_tokens // 2, text_tokens)
+    return dummy_inputs(PRESETS["tiny"].transformer, key)
 
 
 def test_ort_denoiser_serves_only_manifest_keys_and_sets_threads(tiny, tiny_build):
