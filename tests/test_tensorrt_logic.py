@@ -396,3 +396,38 @@ def test_tensorrt_engine_on_gpu(tmp_path: Path, tiny) -> None:  # type: ignore[n
         a = trt_engine.edit(image, "a hat", seed=0, steps=4).latents.float()
         b = eager.edit(image, "a hat", seed=0, steps=4).latents.float()
         assert float((a - b).norm() / b.norm()) < 0.05
+
+
+def test_tensorrt_build_on_fakes_end_to_end(
+    fake: trt_fakes.FakeState, tiny_build: Path, tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The build's TensorRT branch, whole: compile through build_plan, then verification through
+    TrtDenoiser (contexts, graphs captured and replayed), on a fake engine that runs the plan's ONNX
+    graph. The export, calibration and reference stages are reused from the ONNX Runtime build."""
+    import functools
+    import shutil
+
+    from engine.build import verify
+    from engine.build.builder import BuildOptions, build
+    from engine.build.calibrate import CalibrationSpec
+    from engine.manifest import read_manifest
+
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_build, out)
+    fake.run_onnx = True
+    monkeypatch.setattr(
+        verify, "artifact_denoiser", functools.partial(verify.artifact_denoiser, device="cpu")
+    )
+    options = BuildOptions(calibration=CalibrationSpec(edits=4, steps=2), progress=False)
+    m = build("tiny", out_dir=out, precisions=("fp32",), backend="tensorrt", options=options, components=tiny)
+    (a,) = m.artifacts
+    machine = ("tensorrt", trt_fakes.VERSION, trt_fakes.GPU, "9.0")
+    assert (m.backend, m.backend_version, m.gpu, m.compute_capability) == machine
+    assert a.path == f"tensorrt/{plan_name('fp32', 'tiny', trt_fakes.VERSION, trt_fakes.GPU)}"
+    assert (
+        a.profile_mode == "dynamic" and set(a.profiles.values()) == {0} and a.build_options["tf32"] is False
+    )
+    assert set(a.verification) == {str(k) for k in family_shape_keys("tiny", 32)}
+    assert all(v.rel_l2 <= v.bound == 1e-4 for v in a.verification.values())
+    assert fake.replays > 0  # the verified outputs came from CUDA-graph replays
+    assert m.stages["export"] == read_manifest(tiny_build).stages["export"]  # reused, not rerun

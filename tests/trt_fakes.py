@@ -48,6 +48,7 @@ class FakeState:
     foreign_caches: set[bytes] = field(default_factory=set)  # timing caches set_timing_cache refuses
     cleared_flags: list[str] = field(default_factory=list)
     plans_built: list[dict[str, Any]] = field(default_factory=list)
+    run_onnx: bool = False  # the engine runs its ONNX graph (ONNX Runtime) instead of 2 * x + t
 
 
 STATE = FakeState()
@@ -155,6 +156,8 @@ class FakeEngine:
         self.name: str = plan["name"]
         self.profiles: list[dict[str, list[list[int]]]] = plan["profiles"]
         self.memory: list[int] = plan["memory"]
+        self.onnx: str = plan["onnx"]
+        self.session: Any = None
 
     @property
     def num_io_tensors(self) -> int:
@@ -237,10 +240,23 @@ class FakeContext:
         return True
 
     def compute(self) -> None:
+        if STATE.run_onnx:
+            self._run_onnx()
+            return
         hs = _floats(self.addresses["hidden_states"], self.shapes["hidden_states"])  # [B, N + M, C]
         t = _floats(self.addresses["timestep"], self.shapes["timestep"])  # [B]
         out = _floats(self.addresses["velocity"], self.shapes["hidden_states"])
         out[...] = 2 * hs + t[:, None, None]
+
+    def _run_onnx(self) -> None:
+        """The plan's ONNX graph on the inputs at the bound addresses: a fake engine with real numbers."""
+        import onnxruntime as ort
+
+        if self.engine.session is None:
+            self.engine.session = ort.InferenceSession(self.engine.onnx, providers=["CPUExecutionProvider"])
+        feeds = {n: _floats(self.addresses[n], self.shapes[n]).copy() for n in INPUTS}
+        out = _floats(self.addresses["velocity"], self.shapes["hidden_states"])
+        out[...] = self.engine.session.run(["velocity"], feeds)[0]
 
 
 class Runtime:
@@ -334,10 +350,16 @@ class BuilderConfig:
         return len(self.profiles) - 1
 
 
+class Network:
+    onnx = ""
+
+
 class OnnxParser:
-    def __init__(self, network: Any, logger: Any) -> None: ...
+    def __init__(self, network: Network, logger: Any) -> None:
+        self.network = network
 
     def parse_from_file(self, path: str) -> bool:
+        self.network.onnx = path
         return True
 
     num_errors = 0
@@ -346,9 +368,9 @@ class OnnxParser:
 class Builder:
     def __init__(self, logger: Any) -> None: ...
 
-    def create_network(self, flags: int) -> object:
+    def create_network(self, flags: int) -> Network:
         assert flags == 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED
-        return object()
+        return Network()
 
     def create_builder_config(self) -> BuilderConfig:
         return BuilderConfig()
@@ -356,10 +378,11 @@ class Builder:
     def create_optimization_profile(self) -> OptimizationProfile:
         return OptimizationProfile()
 
-    def build_serialized_network(self, network: object, config: BuilderConfig) -> HostMemory:
+    def build_serialized_network(self, network: Network, config: BuilderConfig) -> HostMemory:
         assert config.cache is not None, "built without a timing cache"
         plan = {
             "name": f"plan{len(STATE.plans_built)}",
+            "onnx": network.onnx,
             "profiles": [p.shapes for p in config.profiles],
             "memory": [1000 * (i + 1) for i in range(len(config.profiles))],
             "tf32": BuilderFlag.TF32 in config.flags,

@@ -28,8 +28,11 @@ from .calibrate import Sample
 log = logging.getLogger(__name__)
 
 
-def artifact_denoiser(root: Path, artifact: Artifact, cfg: TransformerConfig) -> Denoiser:
-    """The runtime's Denoiser over one just-built artifact, loaded as the manifest will say."""
+def artifact_denoiser(
+    root: Path, artifact: Artifact, cfg: TransformerConfig, device: str = "cuda"
+) -> Denoiser:
+    """The runtime's Denoiser over one just-built artifact, loaded as the manifest will say (device:
+    TensorRT's CUDA device)."""
     if artifact.backend == "onnxruntime":
         from ..backends.onnxruntime import OrtDenoiser
 
@@ -41,7 +44,7 @@ def artifact_denoiser(root: Path, artifact: Artifact, cfg: TransformerConfig) ->
         )
     from ..backends.tensorrt import TrtDenoiser
 
-    return TrtDenoiser([(artifact, root / artifact.path)], transformer=cfg, device="cuda")
+    return TrtDenoiser([(artifact, root / artifact.path)], transformer=cfg, device=device)
 
 
 def verify(
