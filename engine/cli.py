@@ -11,7 +11,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .build.backend import BUILD_BACKENDS
 from .errors import ConfigError, KontextError
+from .manifest import PROFILE_MODES
 
 log = logging.getLogger("engine.cli")
 
@@ -87,10 +89,16 @@ def _parser() -> argparse.ArgumentParser:
         help="recipe(s): fp32, bf16, int8, fp8; repeat or comma list (default fp32,int8 on CPU)",
     )
     k.add_argument("--family", default=None, help="bucket family (default: the preset's, e.g. tiny)")
-    k.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"))
+    k.add_argument("--backend", default="auto", choices=BUILD_BACKENDS)
     k.add_argument("--out", type=Path, default=None, help="build folder (default build/<model>)")
     k.add_argument("--force", action="store_true", help="rebuild every stage")
     k.add_argument("--opset", type=int, default=20)
+    k.add_argument(
+        "--profiles",
+        default="dynamic",
+        choices=PROFILE_MODES,
+        help="TensorRT: one dynamic profile per family (one weight copy; default) or a static one per key",
+    )
     k.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
     k.add_argument("--workspace-gb", type=float, default=8.0, help="TensorRT workspace limit in GiB")
     k.add_argument("--calib-samples", type=int, default=32, help="calibration edits (image, instruction)")
@@ -163,7 +171,7 @@ def _edit(args: argparse.Namespace) -> int:
     """`kontext edit`: a preset or weights path (torch eager), or `--engine build/...` (its artifacts),
     both through the runtime API that servers embed."""
     from . import assets
-    from .config import EditSettings
+    from .config import EditSettings, LoadOptions
     from .images import load_image, save_png
     from .runtime import load
 
@@ -173,8 +181,9 @@ def _edit(args: argparse.Namespace) -> int:
     image_path = Path(args.image) if args.image else assets.sample_image_path()
     image = load_image(image_path)
     source = args.engine if args.engine is not None else args.model
-    with load(source, backend=args.backend, precision=args.precision, device=_device(args.device),
-              miss_policy=args.miss_policy, threads=args.threads) as kontext:  # fmt: skip
+    options = LoadOptions(backend=args.backend, precision=args.precision, device=_device(args.device),
+                          miss_policy=args.miss_policy, threads=args.threads)  # fmt: skip
+    with load(source, options=options) as kontext:
         result = kontext.edit(image, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
                               size=args.size, progress=not args.no_progress)  # fmt: skip
         c = kontext.components
@@ -202,16 +211,20 @@ def _build(args: argparse.Namespace) -> int:
     options = BuildOptions(
         opset=args.opset,
         calibration=CalibrationSpec(edits=args.calib_samples, steps=args.calib_steps),
-        tensorrt=TensorRTOptions(opt_level=args.opt_level, workspace_gb=args.workspace_gb),
+        tensorrt=TensorRTOptions(
+            profiles=args.profiles, opt_level=args.opt_level, workspace_gb=args.workspace_gb
+        ),
         fp8_attention=args.fp8_attention,
         device=args.device,
         progress=not args.no_progress,
     )
-    m = build(args.model, args.out, precisions, args.family, args.backend, args.force, options)
+    m = build(args.model, out_dir=args.out, precisions=precisions, family=args.family, backend=args.backend,
+              force=args.force, options=options)  # fmt: skip
     for a in m.artifacts:
         worst = max((v.rel_l2 for v in a.verification.values()), default=0.0)
-        keys = len(a.profiles)
-        print(f"{a.precision}: {a.path} ({a.backend}, {keys} shape keys, worst rel L2 {worst:.2e})")
+        mode = f", {a.profile_mode} profiles" if a.backend == "tensorrt" else ""
+        keys = f"{len(a.profiles)} shape keys{mode}"
+        print(f"{a.precision}: {a.path} ({a.backend}, {keys}, worst rel L2 {worst:.2e})")
     return 0
 
 
@@ -220,7 +233,7 @@ def _info(args: argparse.Namespace) -> int:
 
     print(machine_report(args.build_dir))
     if args.build_dir is not None:
-        from .runtime import build_report
+        from .info import build_report
 
         print(build_report(args.build_dir))
     return 0

@@ -235,3 +235,32 @@ class EditSettings:
             w, h = self.size
             if w <= 0 or h <= 0 or w % 16 or h % 16:
                 raise ConfigError(f"size must be positive multiples of 16, got {w}x{h}")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How runtime.load builds an engine; passed down once, to the backend's loader.
+
+    backend: torch | onnxruntime | tensorrt (None: the build's backend, or torch for a preset/path).
+    precision: the build's artifact (None: the first listed). device: None: cuda for TensorRT or when
+    torch sees a GPU, else cpu. miss_policy: error | torch. workers: concurrent edits. threads: ONNX
+    Runtime intra-op threads. torch_mode: eager | compile | fp8. plan_memory_budget: bytes of TensorRT
+    plans kept loaded (None: 80% of the GPU's memory); plans of other families are evicted LRU.
+    """
+
+    backend: str | None = None
+    precision: str | None = None
+    device: str | None = None
+    miss_policy: str = "error"
+    workers: int = 1
+    threads: int | None = None
+    torch_mode: str = "eager"
+    plan_memory_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {self.workers}")
+        if self.threads is not None and self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0: ONNX Runtime's default), got {self.threads}")
+        if self.plan_memory_budget is not None and self.plan_memory_budget <= 0:
+            raise ConfigError(f"plan_memory_budget must be positive bytes, got {self.plan_memory_budget}")
