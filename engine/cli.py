@@ -169,6 +169,7 @@ def _quiet_third_party(verbose: int) -> None:
 
         dlog.set_verbosity_error()
         tlog.set_verbosity_error()
+        tlog.disable_progress_bar()  # "Loading weights" bars of the filter models
     except ImportError:
         pass
 
