@@ -276,13 +276,16 @@ def encode_image(image: Image.Image, fmt: str, metadata: Mapping[str, str]) -> b
     else uncompressed iTXt), keys sorted, nothing time-dependent, so equal inputs give equal bytes. JPEG
     (quality 95): EXIF Software, Model and ImageDescription from the `Software`, `model` and `prompt`
     items, and every item as JSON in UserComment."""
-    buf = io.BytesIO()
-    if fmt == "PNG":
-        image.save(buf, format="PNG", pnginfo=_png_info(metadata))
-    elif fmt == "JPEG":
-        image.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, exif=_exif(metadata))
-    else:
+    if fmt not in MIME_TYPES:
         raise ConfigError(f"output format must be PNG or JPEG, got {fmt!r}")
+    buf = io.BytesIO()
+    try:
+        if fmt == "PNG":
+            image.save(buf, format="PNG", pnginfo=_png_info(metadata))
+        else:
+            image.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, exif=_exif(metadata))
+    except OSError as exc:  # Pillow's encoders report failures as OSError
+        raise ImageError(f"cannot encode the {fmt} image: {exc.strerror or exc}") from exc
     return buf.getvalue()
 
 
