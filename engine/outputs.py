@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import __version__
+from .errors import ProvenanceError
 from .images import SOFTWARE_KEY, ai_disclosure, encode_image, output_format, write_bytes
 from .provenance import ProvenanceSigner
 from .safety import review
@@ -54,6 +55,8 @@ def save_output(
     target = Path(path)
     data = encode_image(image, output_format(target), metadata)
     if signer is not None:
+        if parent is None:
+            raise ProvenanceError("C2PA signing of an edit needs its input image (the parent ingredient)")
         data = signer.sign(data, parent=parent, model=metadata.get("model", ""), title=target.name)
     if review_dir is not None:
         return SavedOutput(review.hold(data, review_dir, target.name), held=True, signed=signer is not None)

@@ -1,22 +1,16 @@
-"""C2PA provenance: a throwaway test CA and leaf (made here with `cryptography`) sign an edit; c2pa's
+"""C2PA provenance: a throwaway CA and leaf (provenance.trial_credentials) sign an edit; c2pa's
 Reader validates it (Trusted with the CA as anchor), finds the EDIT manifest's parentOf ingredient with
 the input's SHA-256 and the c2pa.edited action; one changed byte fails validation."""
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import io
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from PIL import Image
 
 import engine
@@ -29,84 +23,20 @@ from engine.provenance import (
     INPUT_SHA256_KEY,
     TRAINED_ALGORITHMIC_MEDIA,
     ProvenanceSigner,
+    TrialCredentials,
     read_manifest,
+    trial_credentials,
 )
 from tests.conftest import gradient_image
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca_pem: bytes
-    chain: Path  # leaf + CA, PEM
-    key: Path
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, cn),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Kontext tests"),
-        ]
-    )
-
-
-def make_pki(folder: Path, kind: str = "ec") -> Pki:
-    """A CA and a leaf it issued (digitalSignature, emailProtection: what C2PA asks of a signer)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("Kontext test CA"))
-        .issuer_name(_name("Kontext test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )  # keyCertSign, cRLSign
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    leaf_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
-        ec.generate_private_key(ec.SECP256R1()) if kind == "ec" else rsa.generate_private_key(65537, 2048)
-    )
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(_name("Kontext test signer"))
-        .issuer_name(ca.subject)
-        .public_key(leaf_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
-        )  # digitalSignature
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    ca_pem = ca.public_bytes(pem)
-    chain, key = folder / f"chain-{kind}.pem", folder / f"key-{kind}.pem"
-    chain.write_bytes(leaf.public_bytes(pem) + ca_pem)
-    key.write_bytes(
-        leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return Pki(ca_pem, chain, key)
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TrialCredentials:
+    return trial_credentials(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def signer(pki: Pki) -> ProvenanceSigner:
+def signer(pki: TrialCredentials) -> ProvenanceSigner:
     return ProvenanceSigner.from_files(pki.chain, pki.key)
 
 
@@ -124,7 +54,7 @@ def _edited_action(manifest: dict) -> dict:
     return actions[1]
 
 
-def test_signed_edit_reads_back_trusted(signer: ProvenanceSigner, pki: Pki) -> None:
+def test_signed_edit_reads_back_trusted(signer: ProvenanceSigner, pki: TrialCredentials) -> None:
     parent = _png(gradient_image(64, 48, seed=0))
     meta = output_metadata("tiny", prompt="add a hat", seed=1)
     signed = signer.sign(
@@ -138,7 +68,7 @@ def test_signed_edit_reads_back_trusted(signer: ProvenanceSigner, pki: Pki) -> N
     m = report.manifest
     assert m["claim_generator_info"][0]["name"] == "kontext-engine"
     assert (
-        m["signature_info"]["common_name"] == "Kontext test signer" and m["signature_info"]["alg"] == "Es256"
+        m["signature_info"]["common_name"] == "Kontext trial signer" and m["signature_info"]["alg"] == "Es256"
     )
     (ingredient,) = m["ingredients"]
     assert ingredient["relationship"] == "parentOf"
@@ -151,7 +81,18 @@ def test_signed_edit_reads_back_trusted(signer: ProvenanceSigner, pki: Pki) -> N
     assert len(signed) - len(encode_image(gradient_image(64, 48, seed=1), "PNG", meta)) < 16_000
 
 
-def test_a_changed_byte_fails_validation(signer: ProvenanceSigner, pki: Pki) -> None:
+def test_a_signed_input_joins_the_chain(signer: ProvenanceSigner, pki: TrialCredentials) -> None:
+    """Editing an output of ours again: the first edit's manifest is the second's parent ingredient."""
+    first = signer.sign(_png(gradient_image(32, 32, seed=1)), parent=_png(gradient_image(8, 8)), model="tiny")
+    second = signer.sign(_png(gradient_image(32, 32, seed=2)), parent=first, model="tiny")
+    report = read_manifest(second, trust_anchors=pki.ca_pem)
+    assert report.state == "Trusted" and report.failures == ()
+    (ingredient,) = report.manifest["ingredients"]
+    assert ingredient["relationship"] == "parentOf" and "active_manifest" in ingredient
+    assert ingredient["metadata"][INPUT_SHA256_KEY] == hashlib.sha256(first).hexdigest()
+
+
+def test_a_changed_byte_fails_validation(signer: ProvenanceSigner, pki: TrialCredentials) -> None:
     image = gradient_image(64, 48, seed=1)
     signed = bytearray(signer.sign(_png(image), parent=_png(gradient_image(8, 8)), model="tiny"))
     idat = signed.index(b"IDAT")
@@ -169,7 +110,9 @@ def test_png_text_metadata_survives_signing(signer: ProvenanceSigner, tmp_path: 
     assert read_manifest(path.read_bytes()).state == "Valid"
 
 
-def test_jpeg_is_signed_and_discloses_in_exif(signer: ProvenanceSigner, pki: Pki, tmp_path: Path) -> None:
+def test_jpeg_is_signed_and_discloses_in_exif(
+    signer: ProvenanceSigner, pki: TrialCredentials, tmp_path: Path
+) -> None:
     meta = output_metadata("tiny", prompt="a prompt ❄", seed=3)
     saved = save_output(
         gradient_image(48, 32), tmp_path / "out.jpg", meta, parent=_png(gradient_image(8, 8)), signer=signer
@@ -184,14 +127,14 @@ def test_jpeg_is_signed_and_discloses_in_exif(signer: ProvenanceSigner, pki: Pki
 
 
 def test_ps256_with_an_rsa_key(tmp_path: Path) -> None:
-    pki = make_pki(tmp_path, kind="rsa")
+    pki = trial_credentials(tmp_path, kind="rsa")
     signer = ProvenanceSigner.from_files(pki.chain, pki.key, alg="ps256")
     signed = signer.sign(_png(gradient_image(16, 16)), parent=_png(gradient_image(8, 8)), model="tiny")
     report = read_manifest(signed, trust_anchors=pki.ca_pem)
     assert report.state == "Trusted" and report.manifest["signature_info"]["alg"] == "Ps256"
 
 
-def test_bad_credentials_are_refused_at_setup(pki: Pki, tmp_path: Path) -> None:
+def test_bad_credentials_are_refused_at_setup(pki: TrialCredentials, tmp_path: Path) -> None:
     with pytest.raises(ProvenanceError, match="cannot read"):
         ProvenanceSigner.from_files(tmp_path / "missing.pem", pki.key)
     with pytest.raises(ProvenanceError, match="CERTIFICATE"):
@@ -199,7 +142,7 @@ def test_bad_credentials_are_refused_at_setup(pki: Pki, tmp_path: Path) -> None:
     with pytest.raises(ProvenanceError, match="es256, ps256"):
         ProvenanceSigner.from_files(pki.chain, pki.key, alg="md5")
     (tmp_path / "other").mkdir()
-    other = make_pki(tmp_path / "other")
+    other = trial_credentials(tmp_path / "other")
     with pytest.raises(ProvenanceError, match="signing failed"):
         ProvenanceSigner.from_files(pki.chain, other.key)  # a key that is not the certificate's
 
@@ -216,7 +159,9 @@ def quiet_root_logger() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("quiet_root_logger")
-def test_cli_signs_with_a_certificate(pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_signs_with_a_certificate(
+    pki: TrialCredentials, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out.png"
     args = [
         "edit",
@@ -257,7 +202,9 @@ def test_no_certificate_no_signature_metadata_still_written(tmp_path: Path) -> N
     assert b"caBX" not in saved.path.read_bytes()  # no C2PA box in the PNG
 
 
-def test_api_save_signs_with_the_input_as_parent(signer: ProvenanceSigner, pki: Pki, tmp_path: Path) -> None:
+def test_api_save_signs_with_the_input_as_parent(
+    signer: ProvenanceSigner, pki: TrialCredentials, tmp_path: Path
+) -> None:
     image = load_image(assets.sample_image_path())
     with engine.load("tiny", signer=signer) as kontext:
         result = kontext.edit(image, "add a hat", seed=2, steps=1)
