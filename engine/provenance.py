@@ -131,13 +131,18 @@ def _read_pem(path: Path, flag: str, kind: bytes) -> bytes:
     return data
 
 
+_INPUT_MIME_TYPES = {**MIME_TYPES, "WebP": "image/webp"}  # inputs may also be WebP (images.load_image)
+
+
 def _mime(data: bytes, what: str) -> str:
+    """The MIME type of an output (PNG, JPEG) or, for what="input", of an input (also WebP)."""
     fmt = sniff_format(data)
-    if fmt not in MIME_TYPES:
+    types = _INPUT_MIME_TYPES if what == "input" else MIME_TYPES
+    if fmt not in types:
         raise ProvenanceError(
-            f"the {what} image is {fmt or 'not a known format'}; C2PA signing takes PNG or JPEG"
+            f"the {what} image is {fmt or 'not a known format'}; expected {', '.join(types)}"
         )
-    return MIME_TYPES[fmt]
+    return types[fmt]
 
 
 def _probe_png() -> bytes:

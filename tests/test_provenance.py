@@ -92,6 +92,14 @@ def test_a_signed_input_joins_the_chain(signer: ProvenanceSigner, pki: TrialCred
     assert ingredient["metadata"][INPUT_SHA256_KEY] == hashlib.sha256(first).hexdigest()
 
 
+def test_a_webp_input_is_a_parent(signer: ProvenanceSigner) -> None:
+    buf = io.BytesIO()
+    gradient_image(16, 16).save(buf, format="WEBP")
+    signed = signer.sign(_png(gradient_image(16, 16, seed=1)), parent=buf.getvalue(), model="tiny")
+    report = read_manifest(signed)
+    assert report.state == "Valid" and report.manifest["ingredients"][0]["format"] == "image/webp"
+
+
 def test_a_changed_byte_fails_validation(signer: ProvenanceSigner, pki: TrialCredentials) -> None:
     image = gradient_image(64, 48, seed=1)
     signed = bytearray(signer.sign(_png(image), parent=_png(gradient_image(8, 8)), model="tiny"))

@@ -120,10 +120,8 @@ class PixtralChecker:
             raise FilterModelError("the Pixtral folder has no chat template (chat_template.jinja/.json)")
         self.patch = patch_size or int(model.config.vision_config.patch_size)
         self.yes, self.no = (_single_token(tokenizer, w) for w in ("yes", "no"))
-        self._image_tokens = tuple(
-            tokenizer.convert_tokens_to_ids(t) for t in ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
-        )
-        if tokenizer.unk_token_id in self._image_tokens or None in self._image_tokens:
+        image_tokens = [tokenizer.convert_tokens_to_ids(t) for t in ("[IMG]", "[IMG_BREAK]", "[IMG_END]")]
+        if tokenizer.unk_token_id in image_tokens or None in image_tokens:
             raise FilterModelError("the Pixtral tokenizer lacks the [IMG], [IMG_BREAK], [IMG_END] tokens")
 
     @classmethod
@@ -176,7 +174,9 @@ class PixtralChecker:
             verdict = self.nsfw.check_image(image, role)
             if verdict.flagged:
                 return verdict
-        small = image.convert("RGB").resize(check_size(*image.size))  # PIL's default filter, as BFL's
+        small = image.convert("RGB").resize(
+            check_size(*image.size, self.area)
+        )  # PIL's default filter, as BFL's
         blocks = [_text(PROMPT_IMAGE_INTEGRITY), {"type": "image"}, _text(PROMPT_IMAGE_INTEGRITY_FOLLOW_UP)]
         return self._verdict(*self.ask(blocks, [small]), f"{role} image")
 
