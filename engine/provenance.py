@@ -10,6 +10,7 @@ import datetime
 import hashlib
 import io
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ class ProvenanceSigner:
         mime = _mime(data, "output")
         manifest: dict[str, Any] = {"claim_generator_info": [dict(SOFTWARE_AGENT)], "title": title}
         settings: dict[str, Any] = {"builder": {"thumbnail": {"enabled": self.config.thumbnails}}}
-        provenanced = _has_c2pa(parent)
+        provenanced = carries_c2pa(parent)
         if not provenanced:
             # No manifest to carry forward: describe the parent instead of streaming it through c2pa
             # (which would read and hash all of it again: a third of the signing time at 1024²).
@@ -115,9 +116,30 @@ def _parent_ingredient(parent: bytes) -> dict[str, Any]:
     }
 
 
-def _has_c2pa(data: bytes) -> bool:
-    """Whether an image may carry a C2PA manifest: its JUMBF store is labelled "c2pa" (PNG caBX chunk,
-    JPEG APP11). A false positive only costs streaming the image through c2pa, which finds none."""
+def carries_c2pa(data: bytes) -> bool:
+    """Whether an image carries a C2PA store: a PNG `caBX` chunk, a JPEG APP11 segment holding a JUMBF
+    box labelled c2pa (found by walking chunk and segment headers, not scanning the pixels), or, for
+    other formats, the label anywhere (a false positive only costs streaming the image through c2pa)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        pos = 8
+        while pos + 8 <= len(data):
+            length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+            if kind == b"caBX":
+                return True
+            if kind == b"IEND":
+                return False
+            pos += 12 + length
+        return False
+    if data.startswith(b"\xff\xd8"):
+        pos = 2
+        while pos + 4 <= len(data) and data[pos] == 0xFF:
+            marker, length = data[pos + 1], struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+            if marker == 0xDA:  # start of scan: no more metadata segments
+                return False
+            if marker == 0xEB and b"c2pa" in data[pos + 4 : pos + 2 + length]:  # APP11
+                return True
+            pos += 2 + length
+        return False
     return b"c2pa" in data
 
 

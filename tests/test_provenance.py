@@ -92,6 +92,19 @@ def test_a_signed_input_joins_the_chain(signer: ProvenanceSigner, pki: TrialCred
     assert ingredient["metadata"][INPUT_SHA256_KEY] == hashlib.sha256(first).hexdigest()
 
 
+def test_signed_inputs_are_recognised(signer: ProvenanceSigner) -> None:
+    """Only an input with a C2PA store is streamed through c2pa (its manifest joins the chain)."""
+    from engine.provenance import carries_c2pa
+
+    png = _png(gradient_image(32, 32))
+    buf = io.BytesIO()
+    gradient_image(32, 32).save(buf, format="JPEG")
+    jpeg = buf.getvalue()
+    assert not carries_c2pa(png) and not carries_c2pa(jpeg)
+    assert carries_c2pa(signer.sign(png, parent=png, model="tiny"))
+    assert carries_c2pa(signer.sign(jpeg, parent=png, model="tiny"))
+
+
 def test_a_webp_input_is_a_parent(signer: ProvenanceSigner) -> None:
     buf = io.BytesIO()
     gradient_image(16, 16).save(buf, format="WEBP")
