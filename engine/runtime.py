@@ -180,7 +180,7 @@ class KontextEngine:
 
         c = self.components
         metadata = output_metadata(
-            c.source,
+            c.preset.name,  # "kontext-dev" for local weights: a file must not reveal a local path
             prompt=prompt,
             include_prompt=include_prompt,
             seed=seed,
