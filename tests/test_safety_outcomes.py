@@ -70,9 +70,11 @@ def output_flagging_models(
     """A --safety-models folder whose classifier passes the input (p < 0.85) and flags the output (p >
     0.85): the random ViT's nsfw-minus-normal logits of the two differ; the head's bias puts 0.85 between."""
     model, processor = tiny_vit(seed=3)
+    with torch.no_grad():
+        model.classifier.weight *= 30  # widen the random gap between the two images' logits
     probe = NsfwChecker(model, processor)
     d_in, d_out = (math.log(p / (1 - p)) for p in (probe.score(images[0]), probe.score(images[1])))
-    assert abs(d_out - d_in) > 1e-3
+    assert abs(d_out - d_in) > 1.0  # the threshold sits > 0.5 logits from each: far above float noise
     if d_out < d_in:  # flip the labels so that the output is the more "nsfw" one
         model.config.id2label, model.config.label2id = {0: "nsfw", 1: "normal"}, {"nsfw": 0, "normal": 1}
         d_in, d_out = -d_in, -d_out
