@@ -315,3 +315,41 @@ def test_pixtral_beside_nsfw_runs_once(tmp_path: Path, pixtral_parts: Any) -> No
     save_pixtral(model, tokenizer, processor, tmp_path)
     _nsfw_passing(tmp_path)
     assert [c.name for c in build_policy("nsfw,pixtral", models_dir=tmp_path).checkers] == ["pixtral"]
+
+
+# ------------------------------------------------------------------ the policy around them
+
+
+def test_cheapest_checker_first_and_the_first_flag_stops(tmp_path: Path) -> None:
+    """blocklist, then nsfw: a blocked prompt never costs a classifier run on the image."""
+    model, processor = tiny_vit()
+    set_nsfw_bias(model, 5.0)  # would flag any image
+    save_vit(model, processor, tmp_path)
+    terms = tmp_path / "terms.txt"
+    terms.write_text("red hat\n", encoding="utf-8")
+    policy = build_policy("nsfw,blocklist", models_dir=tmp_path, blocklist=terms)
+    assert [c.name for c in policy.checkers] == ["blocklist", "nsfw"]
+    with pytest.raises(ModeratedError) as e:
+        policy.check_request("a red hat", [gradient_image(32, 32)])
+    assert e.value.verdict.checker == "blocklist"
+    assert policy.counts() == {("blocklist", "prompt", "flagged"): 1}
+    with pytest.raises(ModeratedError) as e:
+        policy.check_request("a blue cap", [gradient_image(32, 32)])
+    assert e.value.verdict.checker == "nsfw" and e.value.stage == "request"
+
+
+def test_concurrent_checks_match_serial_ones(tmp_path: Path) -> None:
+    """A server checks from many threads: same scores as one by one, every verdict counted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, processor = tiny_vit(seed=2)
+    save_vit(model, processor, tmp_path)
+    policy = build_policy("nsfw", models_dir=tmp_path)
+    (checker,) = policy.checkers
+    images = [gradient_image(48, 40, seed=i) for i in range(8)]
+    serial = [checker.check_image(im, "output").scores["nsfw"] for im in images]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda im: checker.check_image(im, "output").scores["nsfw"], images))
+        list(pool.map(policy.check_output, images * 4))
+    assert parallel == serial
+    assert policy.counts() == {("nsfw", "output", "passed"): 32}
