@@ -1,6 +1,7 @@
 """`kontext build | edit | bench | info`: the only place argv and the environment are read.
 
-Every failure the user can fix is one line on stderr and exit status 2, never a traceback.
+Every failure the user can fix is one line on stderr and exit status 2, never a traceback. A request or
+output flagged by the content filters is one line and exit status 3, with nothing written.
 """
 
 from __future__ import annotations
@@ -10,10 +11,15 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .build.backend import BUILD_BACKENDS
-from .errors import ConfigError, KontextError
+from .errors import ConfigError, KontextError, ModeratedError
 from .manifest import PROFILE_MODES
+
+if TYPE_CHECKING:
+    from .provenance import ProvenanceSigner
+    from .safety import SafetyPolicy
 
 log = logging.getLogger("engine.cli")
 
@@ -42,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("edit", help="edit an image from a text instruction")
     e.add_argument("image", nargs="?", help="input image (PNG, JPEG, WebP); default: the bundled sample")
     e.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the edit instruction")
-    e.add_argument("-o", "--output", type=Path, default=Path("build/edit.png"), help="output PNG")
+    e.add_argument("-o", "--output", type=Path, default=Path("build/edit.png"), help="output .png or .jpg")
     e.add_argument("--model", default="tiny", help=MODEL_HELP)
     e.add_argument(
         "--steps", type=int, default=None, help="denoising steps (default 28; 8 on synthetic presets)"
@@ -57,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default=None, help="with --engine: fp32 | int8 | fp8 | bf16")
     e.add_argument("--miss-policy", default="error", choices=("error", "torch"), help="unbuilt shapes")
     e.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    _safety_flags(e)
 
     b = sub.add_parser("bench", help="time diffusers, torch and the built engines on the same edits")
     b.add_argument("--model", default="tiny", help=MODEL_HELP)
@@ -112,6 +119,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _safety_flags(e: argparse.ArgumentParser) -> None:
+    """The licence duties: content filters or review, C2PA provenance, AI disclosure (README)."""
+    g = e.add_argument_group("safety and provenance")
+    g.add_argument(
+        "--safety",
+        default=None,
+        help="comma list of pixtral, nsfw, blocklist, review, or off; default: review for the real model, "
+        "off for the random-weight presets",
+    )
+    g.add_argument("--safety-models", type=Path, default=None, help="folder of the filter models (README)")
+    g.add_argument("--safety-device", default="cpu", help="where the filter models run (default cpu)")
+    g.add_argument("--blocklist", type=Path, default=None, help="prompt terms to refuse, one per line")
+    g.add_argument("--review-dir", type=Path, default=None, help="held outputs (default: review/ beside -o)")
+    g.add_argument("--c2pa-cert", type=Path, default=None, help="PEM certificate chain: C2PA-sign the output")
+    g.add_argument("--c2pa-key", type=Path, default=None, help="PEM private key of the certificate")
+    g.add_argument(
+        "--c2pa-alg", default="es256", choices=("es256", "ps256"), help="signature (default es256)"
+    )
+    g.add_argument("--c2pa-tsa", default=None, help="timestamp authority URL (default none: offline)")
+    g.add_argument("--no-prompt-metadata", action="store_true", help="leave the prompt out of the file")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
@@ -126,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _build(args)
         if args.command == "bench":
             return _bench(args)
+    except ModeratedError as e:
+        print(f"kontext {args.command}: {e}; nothing was written", file=sys.stderr)
+        return 3
     except KontextError as e:
         print(f"kontext {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -151,6 +183,7 @@ def _quiet_third_party(verbose: int) -> None:
 
         dlog.set_verbosity_error()
         tlog.set_verbosity_error()
+        tlog.disable_progress_bar()  # "Loading weights" bars of the filter models
     except ImportError:
         pass
 
@@ -172,32 +205,57 @@ def _edit(args: argparse.Namespace) -> int:
     both through the runtime API that servers embed."""
     from . import assets
     from .config import EditSettings, LoadOptions
-    from .images import load_image, save_png
+    from .images import load_image, output_format
     from .runtime import load
 
-    # Validate the knobs and the image before loading a model (which can take a minute).
+    # Validate the knobs, the image, the filters and the signer before loading a model (a minute).
     if args.steps is not None:
         EditSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, size=args.size)
+    output_format(args.output)
     image_path = Path(args.image) if args.image else assets.sample_image_path()
     image = load_image(image_path)
+    policy, signer = _safety(args)
     source = args.engine if args.engine is not None else args.model
     options = LoadOptions(backend=args.backend, precision=args.precision, device=_device(args.device),
                           miss_policy=args.miss_policy, threads=args.threads)  # fmt: skip
-    with load(source, options=options) as kontext:
+    with load(source, options=options, safety=policy, signer=signer) as kontext:
         result = kontext.edit(image, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
                               size=args.size, progress=not args.no_progress)  # fmt: skip
-        c = kontext.components
-        steps = len(result.step_times)
-        metadata = {"prompt": args.prompt, "seed": str(args.seed), "steps": str(steps),
-                    "guidance": str(args.guidance), "model": c.source, "weights": c.weights_id,
-                    "backend": result.backend, "source_image": image_path.name,
-                    "size": f"{result.size[0]}x{result.size[1]}"}  # fmt: skip
-        if args.engine is not None:
-            metadata["engine"] = str(args.engine)
-        save_png(result.image, args.output, metadata)
-        print(f"wrote {args.output} ({result.size[0]}x{result.size[1]}, {steps} steps, "
-              f"{result.timings['total']:.2f}s, {result.backend})")  # fmt: skip
+        saved = kontext.save(result, args.output, source=image_path, prompt=args.prompt, seed=args.seed,
+                             guidance=args.guidance, include_prompt=not args.no_prompt_metadata,
+                             review_dir=args.review_dir)  # fmt: skip
+        what = f"{result.size[0]}x{result.size[1]}, {len(result.step_times)} steps, " + (
+            f"{result.timings['total']:.2f}s, {result.backend}" + (", C2PA-signed" if saved.signed else "")
+        )
+        if saved.held:
+            print(f"held for review: {saved.path} ({what}); a person must approve it before it is shared: "
+                  f"move it to {args.output}")  # fmt: skip
+        else:
+            print(f"wrote {saved.path} ({what})")
     return 0
+
+
+def _safety(args: argparse.Namespace) -> tuple[SafetyPolicy | None, ProvenanceSigner | None]:
+    """The --safety policy (None: the model's default) and the C2PA signer (None: no certificate)."""
+    from .provenance import ProvenanceSigner
+    from .safety import build_policy
+
+    policy = None
+    if args.safety is not None:
+        policy = build_policy(args.safety, models_dir=args.safety_models, blocklist=args.blocklist,
+                              device=_device(args.safety_device))  # fmt: skip
+    elif args.blocklist is not None or args.safety_models is not None:
+        raise ConfigError(
+            "--blocklist and --safety-models take effect with --safety (e.g. --safety nsfw,blocklist)"
+        )
+    if (args.c2pa_cert is None) != (args.c2pa_key is None):
+        raise ConfigError("C2PA signing needs both --c2pa-cert and --c2pa-key")
+    signer = None
+    if args.c2pa_cert is not None:
+        signer = ProvenanceSigner.from_files(
+            args.c2pa_cert, args.c2pa_key, alg=args.c2pa_alg, tsa_url=args.c2pa_tsa
+        )
+    return policy, signer
 
 
 def _build(args: argparse.Namespace) -> int:

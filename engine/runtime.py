@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -32,6 +33,11 @@ from .errors import BackendUnavailableError, ConfigError
 from .manifest import MANIFEST_NAME, Manifest, read_manifest, rebuild_command
 from .pipeline import EditResult, KontextPipeline
 from .weights import Components, load_components
+
+if TYPE_CHECKING:
+    from .outputs import SavedOutput
+    from .provenance import ProvenanceSigner
+    from .safety import SafetyPolicy
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +55,10 @@ class KontextEngine:
         workers: int = 1,
         build_dir: Path | None = None,
         manifest: Manifest | None = None,
+        safety: SafetyPolicy | None = None,
+        signer: ProvenanceSigner | None = None,
     ) -> None:
+        """safety: the content policy edit() applies (None: off); signer: C2PA signing for save()."""
         if workers < 1:
             raise ConfigError(f"workers must be at least 1, got {workers}")
         self.components = components
@@ -59,6 +68,12 @@ class KontextEngine:
         self.build_dir = build_dir
         self.manifest = manifest
         self.workers = workers
+        if safety is None:
+            from .safety import SafetyPolicy
+
+            safety = SafetyPolicy()
+        self.safety = safety
+        self.signer = signer
         self._pool: queue.Queue[Components] = queue.Queue()
         for _ in range(workers):  # each worker: the shared modules, its own tokenizers
             self._pool.put(
@@ -112,12 +127,18 @@ class KontextEngine:
         progress: bool = False,
     ) -> EditResult:
         """Edit `image` as `prompt` says. steps None: 28 (8 on synthetic presets). Returns the PIL image
-        (result.image), the final latents and the timings in seconds (result.timings)."""
+        (result.image), the final latents and the timings in seconds (result.timings).
+
+        Raises ModeratedError("request") when the safety policy flags the prompt or the image (before any
+        model runs), ModeratedError("content") when it flags the output (which is then dropped). Under
+        review (`self.safety.review`) the result is for a person to approve: save() holds it.
+        """
         self._check_open()
         if not isinstance(image, Image.Image):
             from .images import load_image
 
             image = load_image(Path(image))
+        self.safety.check_request(prompt, [image])  # safety: before any encoder, transformer or VAE work
         if steps is None:
             steps = self.components.preset.default_steps
         settings = EditSettings(steps=steps, guidance=guidance, seed=seed, size=size)
@@ -134,7 +155,45 @@ class KontextEngine:
         finally:
             self._pool.put(worker)
         result.timings["queue"] = waited
+        self.safety.check_output(result.image)  # safety: a flagged output is never returned
         return result
+
+    def save(
+        self,
+        result: EditResult,
+        path: str | Path,
+        *,
+        source: Image.Image | str | Path | bytes | None = None,
+        prompt: str | None = None,
+        seed: int | None = None,
+        guidance: float | None = None,
+        include_prompt: bool = True,
+        review_dir: str | Path | None = None,
+    ) -> SavedOutput:
+        """Write `result` to `path` (.png or .jpg) with its metadata and AI disclosure, C2PA-signed when
+        this engine has a signer (source: the input image, the manifest's parent ingredient). Under the
+        review policy the file goes to `review_dir` (default: `review/` beside `path`), not to `path`.
+        include_prompt: write the prompt into the file (prompts can be private)."""
+        from .outputs import output_metadata, save_output
+        from .safety.review import default_review_dir
+
+        c = self.components
+        metadata = output_metadata(
+            c.preset.name,  # "kontext-dev" for local weights: a file must not reveal a local path
+            prompt=prompt,
+            include_prompt=include_prompt,
+            seed=seed,
+            steps=len(result.step_times),
+            guidance=guidance,
+            weights=c.weights_id,
+            backend=result.backend,
+            size=f"{result.size[0]}x{result.size[1]}",
+            engine=self.build_dir,
+            source_image=Path(source).name if isinstance(source, (str, Path)) else None,
+        )
+        parent = _encoded(source) if self.signer is not None and source is not None else None
+        held = (review_dir or default_review_dir(path)) if self.safety.review else None
+        return save_output(result.image, path, metadata, parent=parent, signer=self.signer, review_dir=held)
 
     def warmup(self, keys: frozenset[ShapeKey] | None = None) -> dict[str, float]:
         """Run every served shape key (default: all of them) through the denoiser, so lazy
@@ -199,11 +258,18 @@ def load(
     threads: int | None = None,
     torch_mode: str = "eager",
     plan_memory_budget: int | None = None,
+    safety: SafetyPolicy | str | None = None,
+    signer: ProvenanceSigner | None = None,
 ) -> KontextEngine:
     """Load an engine from a build folder (its manifest decides the model and backend), or a preset
     name / local weights path (the torch backend).
 
     Either pass `options` (a LoadOptions), or its fields as keywords; config.LoadOptions documents them.
+
+    safety: a SafetyPolicy (engine.safety.build_policy), or "off" / "review"; None: off for the random
+    presets, review for the real model (its licence asks for filters or human review). signer: a
+    provenance.ProvenanceSigner; save() then C2PA-signs every output. Both are objects, not options,
+    so they are keywords beside `options`.
     """
     keywords = LoadOptions(backend=backend, precision=precision, device=device, miss_policy=miss_policy,
                            workers=workers, threads=threads, torch_mode=torch_mode,
@@ -237,6 +303,9 @@ def load(
         torch.float32 if chosen == "onnxruntime" else default_dtype(dev)
     )  # ORT: fp32 encoders feed the graph
     model = manifest.model if manifest is not None else str(source)
+    from .safety.policy import resolve_policy
+
+    policy = resolve_policy(safety, synthetic=is_synthetic(model))  # before the weights: fail fast
     components = load_components(model, dtype=dtype, device=dev)
     fallback = None
     if opts.miss_policy == "torch" and chosen != "torch":
@@ -262,7 +331,27 @@ def load(
         workers=opts.workers,
         build_dir=build_dir,
         manifest=manifest,
+        safety=policy,
+        signer=signer,
     )
+
+
+def is_synthetic(model: str) -> bool:
+    """A random-weight preset (tiny, small, ...): no licence duties, safety off by default."""
+    from .config import PRESETS
+
+    return model in PRESETS and PRESETS[model].synthetic
+
+
+def _encoded(source: Image.Image | str | Path | bytes) -> bytes:
+    """The input image's bytes for the C2PA ingredient: the file as given, or a PIL image as PNG."""
+    if isinstance(source, Image.Image):
+        import io
+
+        buf = io.BytesIO()
+        source.save(buf, format="PNG")
+        return buf.getvalue()
+    return bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
 
 
 def load_artifacts(manifest: Manifest, build_dir: Path, *, weights_id: str, options: LoadOptions) -> Denoiser:
