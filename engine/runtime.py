@@ -15,23 +15,31 @@ import copy
 import logging
 import queue
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
 from .backends import BACKENDS, Denoiser
 from .backends.torch import TORCH_MODES, TorchDenoiser, default_dtype, torch_denoiser
-from .buckets import ShapeKey
+from .buckets import MAX_REFERENCES, ShapeKey
 from .build.manifest import MANIFEST_NAME, Manifest, read_manifest
 from .config import EditSettings
 from .dispatch import Dispatcher, DispatchStats, edit_key, served_buckets
 from .errors import BackendUnavailableError, ConfigError
-from .pipeline import EditResult, KontextPipeline
+from .lora import LoraSpec, fuse_loras
+from .pipeline import EditResult, EncodedImage, KontextPipeline, check_edit_inputs, combine_results
+from .references import DEFAULT_PLACEMENT
 from .weights import Components, load_components
+
+if TYPE_CHECKING:
+    from .session import Session
+
+ImageInput = Image.Image | str | Path  # a PIL image or a file path (decoded by images.load_image)
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +93,18 @@ class KontextEngine:
     def family(self) -> str:
         return self.dispatcher.family
 
-    def buckets(self) -> list[tuple[int, int]]:
-        """The (w, h) buckets whose edits the engine serves (all of the family's for an any-shape engine)."""
+    def buckets(self, refs: int = 0) -> list[tuple[int, int]]:
+        """The (w, h) buckets whose edits with `refs` reference images the engine serves (all of the
+        family's for an any-shape engine)."""
         keys = self.shape_keys
         if keys is None:
-            return served_buckets(frozenset(self._family_keys()), self.family)
-        return served_buckets(keys, self.family)
+            return served_buckets(frozenset(self._family_keys(refs)), self.family, refs)
+        return served_buckets(keys, self.family, refs)
 
-    def _family_keys(self) -> set[ShapeKey]:
+    def _family_keys(self, refs: int = 0) -> set[ShapeKey]:
         from .buckets import family_shape_keys
 
-        return set(family_shape_keys(self.family, self.components.preset.max_sequence_length))
+        return set(family_shape_keys(self.family, self.components.preset.max_sequence_length, refs=refs))
 
     def stats(self) -> DispatchStats:
         return self.dispatcher.stats()
@@ -104,27 +113,39 @@ class KontextEngine:
 
     def edit(
         self,
-        image: Image.Image | str | Path,
+        image: ImageInput | EncodedImage,
         prompt: str,
         *,
         seed: int = 0,
         steps: int | None = None,
         guidance: float = 2.5,
         size: tuple[int, int] | None = None,
+        references: Sequence[ImageInput] = (),
+        placement: str = DEFAULT_PLACEMENT,
+        num_images: int = 1,
         progress: bool = False,
     ) -> EditResult:
         """Edit `image` as `prompt` says. steps None: 28 (8 on synthetic presets). Returns the PIL image
-        (result.image), the final latents and the timings in seconds (result.timings)."""
-        self._check_open()
-        if not isinstance(image, Image.Image):
-            from .images import load_image
+        (result.image), the final latents and the timings in seconds (result.timings).
 
-            image = load_image(Path(image))
+        references: up to 3 more images (character, style, object), placed beside the input as
+        `placement` says (offset | index, see references.py). num_images: seeds seed .. seed + N - 1, in
+        one batch where the engine serves that batch size, else one after another; result.images has one
+        image per seed. image may be a previous result's `encoded()` latents (see session()).
+        """
+        self._check_open()
+        if not isinstance(image, EncodedImage):
+            image = _as_image(image)
+        refs = [_as_image(r) for r in references]
         if steps is None:
             steps = self.components.preset.default_steps
         settings = EditSettings(steps=steps, guidance=guidance, seed=seed, size=size)
-        key = edit_key(image.size, size, self.family, self.components.preset.max_sequence_length)
-        denoiser = self.dispatcher.resolve(key)  # raises ShapeNotServedError under the error policy
+        check_edit_inputs(refs, placement, num_images)
+        text_tokens = self.components.preset.max_sequence_length
+        key = edit_key(image.size, size, self.family, text_tokens, [r.size for r in refs], num_images)
+        # One batch where the engine serves it (torch serves any); else one seed at a time at batch 1.
+        batched = num_images == 1 or self.dispatcher.serves(key)
+        denoiser = self.dispatcher.resolve(key if batched else replace(key, batch=1))  # may raise a miss
         t0 = time.perf_counter()
         worker = self._pool.get()
         try:
@@ -132,11 +153,29 @@ class KontextEngine:
             pipe = KontextPipeline(
                 worker, denoiser, device=self.device, dtype=self.dtype, bucket_family=self.family
             )
-            result = pipe.edit(image, prompt, settings, progress=progress)
+            if batched:
+                result = pipe.edit(
+                    image, prompt, settings,
+                    references=refs, placement=placement, num_images=num_images, progress=progress,
+                )  # fmt: skip
+            else:
+                result = combine_results([
+                    pipe.edit(image, prompt, replace(settings, seed=seed + i),
+                              references=refs, placement=placement, progress=progress)
+                    for i in range(num_images)
+                ])  # fmt: skip
         finally:
             self._pool.put(worker)
         result.timings["queue"] = waited
         return result
+
+    def session(self, image: ImageInput, *, reencode: bool = True) -> Session:
+        """Successive edits of `image`: each session.edit(prompt, ...) edits the previous turn's output.
+        reencode=False feeds the previous turn's final latents as the next context (no VAE round trip)."""
+        from .session import Session
+
+        self._check_open()
+        return Session(self, _as_image(image), reencode=reencode)
 
     def warmup(self, keys: frozenset[ShapeKey] | None = None) -> dict[str, float]:
         """Run every served shape key (default: all of them) through the denoiser on every worker, so
@@ -192,6 +231,14 @@ class KontextEngine:
         self.close()
 
 
+def _as_image(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    from .images import load_image
+
+    return load_image(Path(image))
+
+
 def is_build_dir(source: str | Path) -> bool:
     return (Path(source) / MANIFEST_NAME).is_file()
 
@@ -208,6 +255,7 @@ def load(
     torch_mode: str = "eager",
     plan_memory_budget: int | None = None,
     verify_sha256: bool = True,
+    loras: Sequence[LoraSpec | str] = (),
 ) -> KontextEngine:
     """Load an engine from a build folder (its manifest decides the model and backend), or a preset
     name / local weights path (the torch backend).
@@ -215,7 +263,8 @@ def load(
     backend: torch | onnxruntime | tensorrt (default: the build's backend, or torch). precision: the
     build's artifact (default: the first listed). device: default cuda for TensorRT or when torch
     sees a GPU, else cpu. miss_policy: error | torch. workers: concurrent edits (see the module doc).
-    threads: ONNX Runtime intra-op threads. torch_mode: eager | compile | fp8.
+    threads: ONNX Runtime intra-op threads. torch_mode: eager | compile | fp8. loras: LoRA files
+    (LoraSpec, or "PATH[:SCALE]"), fused into the transformer at load; they change weights_id.
     """
     if backend is not None and backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -242,6 +291,8 @@ def load(
         dtype = torch.float32  # the fp32 encoders feed the graph; it casts internally
     model = manifest.model if manifest is not None else str(source)
     components = load_components(model, dtype=dtype, device=device)
+    if loras:
+        components = fuse_loras(components, [LoraSpec.parse(x) if isinstance(x, str) else x for x in loras])
     engine = _engine(
         backend,
         components,
@@ -379,6 +430,13 @@ def build_report(build_dir: str | Path) -> str:
     machine, why = _machine_for(m)
     for a in m.artifacts:
         bs = ", ".join(f"{w}x{h}" for w, h in served_buckets(a.shape_keys(), a.family)) or "none"
+        with_refs = [  # multi-reference keys (kontext build --refs): the buckets served with r references
+            f"{r} reference(s): " + ", ".join(f"{w}x{h}" for w, h in served)
+            for r in range(1, MAX_REFERENCES + 1)
+            if (served := served_buckets(a.shape_keys(), a.family, r))
+        ]
+        if with_refs:
+            bs += "; with " + "; ".join(with_refs)
         status = f"no: {why}" if machine is None else "yes"
         if machine is not None:
             try:
