@@ -21,8 +21,8 @@ from engine.buckets import (
     family_shape_keys,
     nearest_bucket,
     reference_bucket,
-    reference_budget,
     reference_buckets,
+    reference_budget,
     reference_token_sums,
     tokens,
 )
