@@ -10,8 +10,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError, KontextError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .pipeline import EditResult
 
 log = logging.getLogger("engine.cli")
 
@@ -49,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default=None, help="with --engine: fp32 | int8 | fp8 | bf16")
     e.add_argument("--miss-policy", default="error", choices=("error", "torch"), help="unbuilt shapes")
     e.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    e.add_argument("--ref", action="append", default=[], metavar="IMG", help="a reference image (up to 3)")
+    e.add_argument(
+        "--then", action="append", default=[], metavar="PROMPT",
+        help="edit the previous output again (repeatable): writes OUT-1.png, OUT-2.png, ...",
+    )  # fmt: skip
+    e.add_argument("--num-images", type=int, default=1, help="images per edit, seeds SEED, SEED+1, ...")
+    e.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:SCALE]",
+        help="a LoRA (.safetensors, diffusers or kohya format) fused at load, at SCALE (default 1)",
+    )  # fmt: skip
 
     b = sub.add_parser("bench", help="time diffusers, torch and the built engines on the same edits")
     b.add_argument("--model", default="tiny", help="preset (tiny, small) or a local path to Kontext dev")
@@ -155,34 +171,78 @@ def _device(requested: str | None) -> str:
 
 def _edit(args: argparse.Namespace) -> int:
     """`kontext edit`: a preset or weights path (torch eager), or `--engine build/...` (its artifacts),
-    both through the runtime API that servers embed."""
+    both through the runtime API that servers embed. --then chains edits through a session; --num-images
+    and --then write OUT-1.png, OUT-2.png, ..."""
     from . import assets
     from .config import EditSettings
-    from .images import load_image, save_png
+    from .images import load_image
+    from .lora import LoraSpec
     from .runtime import load
 
-    # Validate the knobs and the image before loading a model (which can take a minute).
+    # Validate the knobs and the images before loading a model (which can take a minute).
     if args.steps is not None:
         EditSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, size=args.size)
+    if args.then and args.num_images != 1:
+        raise ConfigError("--then edits one image per turn: drop --num-images, or run the turns separately")
+    if not 1 <= args.num_images <= 64:
+        raise ConfigError(f"--num-images must be between 1 and 64, got {args.num_images}")
     image_path = Path(args.image) if args.image else assets.sample_image_path()
     image = load_image(image_path)
+    refs = [load_image(Path(r)) for r in args.ref]
+    loras = [LoraSpec.parse(text) for text in args.lora]
     source = args.engine if args.engine is not None else args.model
     with load(source, backend=args.backend, precision=args.precision, device=_device(args.device),
-              miss_policy=args.miss_policy, threads=args.threads) as kontext:  # fmt: skip
-        result = kontext.edit(image, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                              size=args.size, progress=not args.no_progress)  # fmt: skip
+              miss_policy=args.miss_policy, threads=args.threads, loras=loras) as kontext:  # fmt: skip
         c = kontext.components
-        steps = len(result.step_times)
-        metadata = {"prompt": args.prompt, "seed": str(args.seed), "steps": str(steps),
-                    "guidance": str(args.guidance), "model": c.source, "weights": c.weights_id,
-                    "backend": result.backend, "source_image": image_path.name,
-                    "size": f"{result.size[0]}x{result.size[1]}"}  # fmt: skip
+        steps = args.steps if args.steps is not None else c.preset.default_steps
+        common = {
+            "steps": str(steps),
+            "guidance": str(args.guidance),
+            "model": c.source,
+            "weights": c.weights_id,
+        }
         if args.engine is not None:
-            metadata["engine"] = str(args.engine)
-        save_png(result.image, args.output, metadata)
-        print(f"wrote {args.output} ({result.size[0]}x{result.size[1]}, {steps} steps, "
-              f"{result.timings['total']:.2f}s, {result.backend})")  # fmt: skip
+            common["engine"] = str(args.engine)
+        if args.ref:
+            common["references"] = ",".join(Path(r).name for r in args.ref)
+        if loras:
+            common["loras"] = ",".join(f"{spec.path.name}:{spec.scale:g}" for spec in loras)
+        knobs = {"seed": args.seed, "steps": args.steps, "guidance": args.guidance, "size": args.size,
+                 "references": refs, "progress": not args.no_progress}  # fmt: skip
+        if args.then:  # a session: each turn edits the previous turn's output
+            session = kontext.session(image)
+            previous = image_path.name
+            for turn, prompt in enumerate([args.prompt, *args.then], start=1):
+                result = session.edit(prompt, **knobs)
+                path = _numbered(args.output, turn)
+                _write(result.image, path, result, prompt, args.seed, {**common, "source_image": previous})
+                previous = path.name
+            return 0
+        result = kontext.edit(image, args.prompt, num_images=args.num_images, **knobs)
+        common["source_image"] = image_path.name
+        for i, (img, seed) in enumerate(zip(result.images, result.seeds, strict=True), start=1):
+            path = args.output if args.num_images == 1 else _numbered(args.output, i)
+            _write(img, path, result, args.prompt, seed, common)
     return 0
+
+
+def _numbered(output: Path, n: int) -> Path:
+    """out.png -> out-1.png, out-2.png, ..."""
+    return output.with_name(f"{output.stem}-{n}{output.suffix}")
+
+
+def _write(
+    image: Image.Image, path: Path, result: EditResult, prompt: str, seed: int, common: dict[str, str]
+) -> None:
+    """Save one output PNG with what made it in its metadata, and say so."""
+    from .images import save_png
+
+    steps = common["steps"]
+    w, h = result.size
+    metadata = {"prompt": prompt, "seed": str(seed), **common,
+                "backend": result.backend, "size": f"{w}x{h}"}  # fmt: skip
+    save_png(image, path, metadata)
+    print(f"wrote {path} ({w}x{h}, {steps} steps, {result.timings['total']:.2f}s, {result.backend})")
 
 
 def _build(args: argparse.Namespace) -> int:
