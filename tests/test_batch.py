@@ -17,7 +17,9 @@ import torch
 
 from engine import sampling
 from engine.buckets import ShapeKey
+from engine.cli import main
 from engine.errors import ConfigError
+from engine.images import read_png_metadata, save_png
 from engine.runtime import load
 
 from .conftest import gradient_image
@@ -74,3 +76,15 @@ def test_an_engine_without_the_batch_runs_the_seeds_one_by_one(tiny_build):
 def test_num_images_out_of_range_is_refused(tiny_engine):
     with pytest.raises(ConfigError, match="num_images must be between 1 and 64"):
         tiny_engine.edit(gradient_image(128, 128), PROMPT, num_images=0)
+
+
+def test_cli_num_images_and_references(tmp_path):
+    ref = tmp_path / "ref.png"
+    save_png(gradient_image(96, 160, seed=8), ref, {})
+    out = tmp_path / "out.png"
+    code = main(["edit", "--num-images", "2", "--seed", "4", "--ref", str(ref), "--steps", "1",
+                 "--no-progress", "-o", str(out)])  # fmt: skip
+    assert code == 0 and not out.exists()
+    metas = [read_png_metadata(tmp_path / f"out-{k}.png") for k in (1, 2)]
+    assert [m["seed"] for m in metas] == ["4", "5"] and metas[0]["references"] == "ref.png"
+    assert main(["edit", "--num-images", "2", "--then", "again", "-o", str(out)]) == 2  # refused, one line

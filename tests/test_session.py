@@ -8,8 +8,9 @@ import torch
 
 from engine.backends.torch import TorchDenoiser
 from engine.buckets import FAMILIES, buckets, nearest_bucket
+from engine.cli import main
 from engine.errors import BucketError
-from engine.images import load_image, save_png
+from engine.images import load_image, read_png_metadata, save_png
 from engine.pipeline import EncodedImage
 
 from .conftest import gradient_image
@@ -76,3 +77,15 @@ def test_latent_chain_needs_a_bucket_output(tiny_engine):
     session.edit("add a hat", steps=1, size=(112, 112))  # not a tiny bucket: the next turn cannot chain
     with pytest.raises(BucketError, match="not a bucket of family tiny; edit at size=None"):
         session.edit("make it night", steps=1)
+
+
+def test_cli_then_writes_one_file_per_turn(tmp_path):
+    src = tmp_path / "in.png"
+    save_png(gradient_image(128, 128), src, {})
+    out = tmp_path / "out.png"
+    code = main(["edit", str(src), "add a hat", "--then", "make it night", "--then", "add snow",
+                 "--steps", "1", "--no-progress", "-o", str(out)])  # fmt: skip
+    assert code == 0 and not out.exists()
+    metas = [read_png_metadata(tmp_path / f"out-{k}.png") for k in (1, 2, 3)]
+    assert [m["prompt"] for m in metas] == ["add a hat", "make it night", "add snow"]
+    assert [m["source_image"] for m in metas] == ["in.png", "out-1.png", "out-2.png"]
