@@ -50,8 +50,9 @@ def main() -> None:
     saved = sum(a.timings["vae_encode"] - b.timings["vae_encode"] for a, b in later)
     per_turn = statistics.median(a.timings["vae_encode"] for a, _ in later) if later else 0.0
     total = sum(r.timings["total"] for r in runs[True])
-    print(f"VAE encode time saved on turns 2..{args.turns}: {saved:.3f} s (median {per_turn:.3f} s per turn), "
-          f"{100 * saved / total:.1f}% of the re-encoding session's {total:.2f} s")  # fmt: skip
+    print(f"VAE encode time saved on turns 2..{args.turns}: {saved:.3f} s "
+          f"(median {per_turn:.3f} s per turn), {100 * saved / total:.1f}% of the re-encoding "
+          f"session's {total:.2f} s")  # fmt: skip
 
 
 if __name__ == "__main__":
