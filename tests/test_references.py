@@ -27,7 +27,7 @@ from engine.buckets import (
     tokens,
 )
 from engine.config import EditSettings
-from engine.dispatch import edit_key
+from engine.dispatch import edit_key, served_buckets
 from engine.errors import ConfigError, ShapeNotServedError
 from engine.images import resize_to
 from engine.pipeline import KontextPipeline
@@ -174,3 +174,13 @@ def test_an_engine_without_reference_keys_goes_through_the_miss_policy(tiny_buil
         stats = kontext.stats()
     assert torch.equal(out.latents, ref_out.latents) and out.backend.startswith("torch-")
     assert (stats.misses, stats.fallbacks, stats.missed_keys) == (1, 1, {"b1_t64_c128_x32": 1})
+
+
+def test_served_buckets_with_references():
+    """A bucket is served with r references when every total the references can add is served."""
+    plain, one_ref = family_shape_keys("tiny", 32), family_shape_keys("tiny", 32, refs=1)
+    assert served_buckets(plain | one_ref, "tiny", refs=1) == list(buckets("tiny"))
+    assert served_buckets(plain, "tiny", refs=1) == [] and len(served_buckets(plain, "tiny")) == 9
+    square = {k for k in one_ref if k.target_tokens == 64}  # 128x128 with each possible reference
+    assert served_buckets(frozenset(square), "tiny", refs=1) == [(128, 128)]
+    assert served_buckets(frozenset(list(square)[1:]), "tiny", refs=1) == []  # one total missing
