@@ -3,11 +3,15 @@
 This module is the single source of truth for which shapes exist: a bucket (w, h) is a
 pixel size; its shape key is what the transformer sees (token counts), and engines are
 built and dispatched by shape key. (w, h) and (h, w) share a key: positions travel in img_ids.
+Reference images (up to MAX_REFERENCES beside the input image) add their tokens to the
+context; `reference_bucket` is the rule that bounds them.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -34,6 +38,7 @@ KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
     (1568, 672),
 )
 
+MAX_REFERENCES = 3  # beside the input image: BFL's API takes input_image_2..4
 MULTIPLE = 16  # VAE downsamples 8x, then 2x2 packing: every side a multiple of 16
 PIXELS_PER_TOKEN = MULTIPLE * MULTIPLE
 
@@ -53,7 +58,7 @@ class ShapeKey:
 
     batch: int
     target_tokens: int  # tokens of the image being generated
-    context_tokens: int  # tokens of the packed context image
+    context_tokens: int  # tokens of the packed context: the input image plus every reference
     text_tokens: int  # T5 tokens
 
     @property
@@ -71,6 +76,10 @@ class ShapeKey:
 
 def _round16(x: float) -> int:
     return max(MULTIPLE, round(x / MULTIPLE) * MULTIPLE)
+
+
+def _floor16(x: float) -> int:
+    return max(MULTIPLE, math.floor(x / MULTIPLE) * MULTIPLE)
 
 
 def family_scale(family: str) -> float:
@@ -112,15 +121,75 @@ def nearest_bucket(width: int, height: int, family: str = "1mp") -> tuple[int, i
 
 
 def shape_key(
-    target: tuple[int, int], context: tuple[int, int], text_tokens: int, batch: int = 1
+    target: tuple[int, int],
+    context: tuple[int, int],
+    text_tokens: int,
+    batch: int = 1,
+    references: Sequence[tuple[int, int]] = (),
 ) -> ShapeKey:
-    """The shape key of an edit producing `target` (w, h) from a context image of size `context`."""
-    return ShapeKey(batch, tokens(*target), tokens(*context), text_tokens)
+    """The shape key of an edit producing `target` (w, h) from a context image of size `context` and
+    reference images at the bucket sizes `references` (w, h): their tokens add to the context's."""
+    context_tokens = tokens(*context) + sum(tokens(*r) for r in references)
+    return ShapeKey(batch, tokens(*target), context_tokens, text_tokens)
 
 
-def family_shape_keys(family: str, text_tokens: int, batch: int = 1) -> frozenset[ShapeKey]:
-    """Every shape key of a family, with the context image in the same bucket as the target."""
-    return frozenset(shape_key(b, b, text_tokens, batch) for b in buckets(family))
+# ------------------------------------------------------------------ reference images
+
+
+@cache
+def reference_buckets(family: str, refs: int) -> tuple[tuple[int, int], ...]:
+    """The buckets a reference image may get when an edit carries `refs` references (1..3).
+
+    The rule: the references share the token budget of one image of the family. Each one goes to
+    the bucket of its aspect ratio among the 17 Kontext resolutions scaled by family_scale / sqrt(refs),
+    each side rounded DOWN to a multiple of 16. Rounding down makes the bound exact: a reference holds
+    at most 1/refs of the largest 1 MP bucket's pixels at the family's scale, so the references together
+    hold at most `reference_budget(family)` tokens and the whole context at most the input image's
+    bucket plus that. With one reference at 1 MP, these are exactly the 17 Kontext resolutions.
+    """
+    if not 1 <= refs <= MAX_REFERENCES:
+        raise BucketError(f"an edit takes 1 to {MAX_REFERENCES} reference images here, got {refs}")
+    scale = family_scale(family) / math.sqrt(refs)
+    out: list[tuple[int, int]] = []
+    for w, h in KONTEXT_RESOLUTIONS:
+        b = (_floor16(w * scale), _floor16(h * scale))
+        if b not in out:
+            out.append(b)
+    return tuple(out)
+
+
+def reference_bucket(width: int, height: int, family: str, refs: int) -> tuple[int, int]:
+    """The bucket of one of `refs` reference images of size width x height: nearest aspect ratio among
+    `reference_buckets(family, refs)`, ties to the first (the same choice as nearest_bucket)."""
+    if width <= 0 or height <= 0:
+        raise BucketError(f"reference image size must be positive, got {width}x{height}")
+    ar = width / height
+    return min(reference_buckets(family, refs), key=lambda b: abs(b[0] / b[1] - ar))
+
+
+def reference_budget(family: str) -> int:
+    """The most tokens the references of one edit hold together, whatever their number: the largest
+    1 MP bucket's pixels at the family's scale, in tokens (floor)."""
+    largest = max(w * h for w, h in KONTEXT_RESOLUTIONS)
+    return math.floor(largest * family_scale(family) ** 2 / PIXELS_PER_TOKEN)
+
+
+def reference_token_sums(family: str, refs: int) -> tuple[int, ...]:
+    """Every total token count `refs` references can add to the context, ascending (0 for refs=0)."""
+    if refs == 0:
+        return (0,)
+    counts = sorted({tokens(*b) for b in reference_buckets(family, refs)})
+    return tuple(sorted({sum(c) for c in itertools.combinations_with_replacement(counts, refs)}))
+
+
+def family_shape_keys(family: str, text_tokens: int, batch: int = 1, refs: int = 0) -> frozenset[ShapeKey]:
+    """Every shape key of a family's edits with `refs` reference images: the target in each bucket, the
+    input image in the same bucket, and every total the references can add (see reference_bucket)."""
+    return frozenset(
+        ShapeKey(batch, tokens(*b), tokens(*b) + extra, text_tokens)
+        for b in buckets(family)
+        for extra in reference_token_sums(family, refs)
+    )
 
 
 def family_of(width: int, height: int) -> str | None:

@@ -18,8 +18,13 @@ from .errors import ConfigError, KontextError, ModeratedError
 from .manifest import PROFILE_MODES
 
 if TYPE_CHECKING:
+    from .pipeline import EditResult
     from .provenance import ProvenanceSigner
+    from .runtime import KontextEngine
     from .safety import SafetyPolicy
+
+if TYPE_CHECKING:
+    from .pipeline import EditResult
 
 log = logging.getLogger("engine.cli")
 
@@ -63,6 +68,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default=None, help="with --engine: fp32 | int8 | fp8 | bf16")
     e.add_argument("--miss-policy", default="error", choices=("error", "torch"), help="unbuilt shapes")
     e.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    e.add_argument("--ref", action="append", default=[], metavar="IMG", help="a reference image (up to 3)")
+    e.add_argument(
+        "--then", action="append", default=[], metavar="PROMPT",
+        help="edit the previous output again (repeatable): writes OUT-1.png, OUT-2.png, ...",
+    )  # fmt: skip
+    e.add_argument("--num-images", type=int, default=1, help="images per edit, seeds SEED, SEED+1, ...")
+    e.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:SCALE]",
+        help="a LoRA (.safetensors, diffusers or kohya format) fused at load, at SCALE (default 1)",
+    )  # fmt: skip
     _safety_flags(e)
 
     b = sub.add_parser("bench", help="time diffusers, torch and the built engines on the same edits")
@@ -202,37 +217,80 @@ def _device(requested: str | None) -> str:
 
 def _edit(args: argparse.Namespace) -> int:
     """`kontext edit`: a preset or weights path (torch eager), or `--engine build/...` (its artifacts),
-    both through the runtime API that servers embed."""
+    both through the runtime API that servers embed. --then chains edits through a session; --num-images
+    and --then write OUT-1.png, OUT-2.png, ..."""
     from . import assets
     from .config import EditSettings, LoadOptions
     from .images import load_image, output_format
+    from .lora import LoraSpec
     from .runtime import load
 
-    # Validate the knobs, the image, the filters and the signer before loading a model (a minute).
+    # Validate the knobs, the images, the filters and the signer before loading a model (a minute).
     if args.steps is not None:
         EditSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, size=args.size)
+    if args.then and args.num_images != 1:
+        raise ConfigError("--then edits one image per turn: drop --num-images, or run the turns separately")
+    if not 1 <= args.num_images <= 64:
+        raise ConfigError(f"--num-images must be between 1 and 64, got {args.num_images}")
     output_format(args.output)
     image_path = Path(args.image) if args.image else assets.sample_image_path()
     image = load_image(image_path)
+    refs = [load_image(Path(r)) for r in args.ref]
+    loras = [LoraSpec.parse(text) for text in args.lora]
     policy, signer = _safety(args)
     source = args.engine if args.engine is not None else args.model
     options = LoadOptions(backend=args.backend, precision=args.precision, device=_device(args.device),
                           miss_policy=args.miss_policy, threads=args.threads)  # fmt: skip
-    with load(source, options=options, safety=policy, signer=signer) as kontext:
-        result = kontext.edit(image, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                              size=args.size, progress=not args.no_progress)  # fmt: skip
-        saved = kontext.save(result, args.output, source=image_path, prompt=args.prompt, seed=args.seed,
-                             guidance=args.guidance, include_prompt=not args.no_prompt_metadata,
-                             review_dir=args.review_dir)  # fmt: skip
-        what = f"{result.size[0]}x{result.size[1]}, {len(result.step_times)} steps, " + (
-            f"{result.timings['total']:.2f}s, {result.backend}" + (", C2PA-signed" if saved.signed else "")
-        )
-        if saved.held:
-            print(f"held for review: {saved.path} ({what}); a person must approve it before it is shared: "
-                  f"move it to {args.output}")  # fmt: skip
-        else:
-            print(f"wrote {saved.path} ({what})")
+    with load(source, options=options, safety=policy, signer=signer, loras=loras) as kontext:
+        extra = {  # recorded in every output's metadata
+            "references": ",".join(Path(r).name for r in args.ref) or None,
+            "loras": ",".join(f"{spec.path.name}:{spec.scale:g}" for spec in loras) or None,
+        }
+        knobs = {"seed": args.seed, "steps": args.steps, "guidance": args.guidance, "size": args.size,
+                 "references": refs, "progress": not args.no_progress}  # fmt: skip
+        if args.then:  # a session: each turn edits the previous turn's output
+            session = kontext.session(image)
+            previous: Path = image_path
+            for turn, prompt in enumerate([args.prompt, *args.then], start=1):
+                result = session.edit(prompt, **knobs)
+                path = _numbered(args.output, turn)
+                _save(kontext, result, 0, path, previous, prompt, args, extra)
+                previous = path
+            return 0
+        result = kontext.edit(image, args.prompt, num_images=args.num_images, **knobs)
+        for i in range(len(result.images)):
+            path = args.output if args.num_images == 1 else _numbered(args.output, i + 1)
+            _save(kontext, result, i, path, image_path, args.prompt, args, extra)
     return 0
+
+
+def _numbered(output: Path, n: int) -> Path:
+    """out.png -> out-1.png, out-2.png, ..."""
+    return output.with_name(f"{output.stem}-{n}{output.suffix}")
+
+
+def _save(
+    kontext: KontextEngine,
+    result: EditResult,
+    index: int,
+    path: Path,
+    source: Path,
+    prompt: str,
+    args: argparse.Namespace,
+    extra: dict[str, str | None],
+) -> None:
+    """Write image `index` of `result` through the engine (metadata, C2PA, review hold), and say where."""
+    saved = kontext.save(result, path, index=index, source=source, prompt=prompt, guidance=args.guidance,
+                         include_prompt=not args.no_prompt_metadata, review_dir=args.review_dir,
+                         extra=extra)  # fmt: skip
+    what = f"{result.size[0]}x{result.size[1]}, {len(result.step_times)} steps, " + (
+        f"{result.timings['total']:.2f}s, {result.backend}" + (", C2PA-signed" if saved.signed else "")
+    )
+    if saved.held:
+        print(f"held for review: {saved.path} ({what}); a person must approve it before it is shared: "
+              f"move it to {path}")  # fmt: skip
+    else:
+        print(f"wrote {saved.path} ({what})")
 
 
 def _safety(args: argparse.Namespace) -> tuple[SafetyPolicy | None, ProvenanceSigner | None]:

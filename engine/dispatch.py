@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .backends import Denoiser, Signature, call_signature, describe_keys, key_signature
-from .buckets import ShapeKey, buckets, nearest_bucket, shape_key
+from .buckets import ShapeKey, buckets, family_shape_keys, nearest_bucket, reference_bucket, shape_key, tokens
 from .errors import ConfigError, ShapeNotServedError
 
 log = logging.getLogger(__name__)
@@ -24,17 +25,33 @@ MISS_POLICIES: tuple[str, ...] = ("error", "torch")
 
 
 def edit_key(
-    image_size: tuple[int, int], size: tuple[int, int] | None, family: str, text_tokens: int
+    image_size: tuple[int, int],
+    size: tuple[int, int] | None,
+    family: str,
+    text_tokens: int,
+    references: Sequence[tuple[int, int]] = (),
+    batch: int = 1,
 ) -> ShapeKey:
     """The shape key of an edit, as KontextPipeline.edit computes it: context in the input's nearest
-    bucket, target at `size` (None: that bucket)."""
+    bucket plus each reference (sizes (w, h)) at its reference bucket, target at `size` (None: the
+    input's bucket), `batch` images."""
     bucket = nearest_bucket(*image_size, family)
-    return shape_key(size or bucket, bucket, text_tokens)
+    refs = [reference_bucket(w, h, family, len(references)) for w, h in references]
+    return shape_key(size or bucket, bucket, text_tokens, batch, refs)
 
 
-def served_buckets(keys: frozenset[ShapeKey], family: str) -> list[tuple[int, int]]:
-    """The family's buckets (w, h) whose same-bucket edit key is served."""
-    return [b for b in buckets(family) if any(shape_key(b, b, k.text_tokens, k.batch) in keys for k in keys)]
+def served_buckets(keys: frozenset[ShapeKey], family: str, refs: int = 0) -> list[tuple[int, int]]:
+    """The family's buckets whose same-bucket edits with `refs` references are all served: every
+    total the references can add (buckets.family_shape_keys), for some (batch, text tokens) of `keys`."""
+    out = []
+    for b in buckets(family):
+        for batch, text in {(k.batch, k.text_tokens) for k in keys}:
+            family_keys = family_shape_keys(family, text, batch, refs)
+            wanted = {k for k in family_keys if k.target_tokens == tokens(*b)}
+            if wanted <= keys:
+                out.append(b)
+                break
+    return out
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,7 @@ def build_report(build_dir: Path) -> str:
     Checks what loading would check (backend library and version, GPU, files, sha256), except the
     weights, which are only fingerprinted when loaded.
     """
+    from .buckets import MAX_REFERENCES
     from .dispatch import served_buckets
 
     m = read_manifest(build_dir)
@@ -117,6 +118,13 @@ def build_report(build_dir: Path) -> str:
     lines = ["served by this build:"]
     for a in m.artifacts:
         bs = ", ".join(f"{w}x{h}" for w, h in served_buckets(a.shape_keys(), a.family)) or "none"
+        with_refs = [  # multi-reference keys (kontext build --refs): the buckets served with r references
+            f"{r} reference(s): " + ", ".join(f"{w}x{h}" for w, h in served)
+            for r in range(1, MAX_REFERENCES + 1)
+            if (served := served_buckets(a.shape_keys(), a.family, r))
+        ]
+        if with_refs:
+            bs += "; with " + "; ".join(with_refs)
         status = f"no: {why}" if machine is None else "yes"
         if machine is not None:
             try:

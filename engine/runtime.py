@@ -15,6 +15,7 @@ import copy
 import logging
 import queue
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -30,14 +31,19 @@ from .buckets import ShapeKey, family_shape_keys
 from .config import EditSettings, LoadOptions
 from .dispatch import MISS_POLICIES, Dispatcher, DispatchStats, edit_key, served_buckets
 from .errors import BackendUnavailableError, ConfigError
+from .lora import LoraSpec, fuse_loras
 from .manifest import MANIFEST_NAME, Manifest, read_manifest, rebuild_command
-from .pipeline import EditResult, KontextPipeline
+from .pipeline import EditResult, EncodedImage, KontextPipeline, check_edit_inputs, combine_results
+from .references import DEFAULT_PLACEMENT
 from .weights import Components, load_components
 
 if TYPE_CHECKING:
     from .outputs import SavedOutput
     from .provenance import ProvenanceSigner
     from .safety import SafetyPolicy
+    from .session import Session
+
+ImageInput = Image.Image | str | Path  # a PIL image or a file path (decoded by images.load_image)
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +106,16 @@ class KontextEngine:
     def family(self) -> str:
         return self.dispatcher.family
 
-    def buckets(self) -> list[tuple[int, int]]:
-        """The (w, h) buckets whose edits the engine serves (all of the family's for an any-shape engine)."""
+    def buckets(self, refs: int = 0) -> list[tuple[int, int]]:
+        """The (w, h) buckets whose edits with `refs` reference images the engine serves (all of the
+        family's for an any-shape engine)."""
         keys = self.shape_keys
         if keys is None:
-            return served_buckets(frozenset(self._family_keys()), self.family)
-        return served_buckets(keys, self.family)
+            return served_buckets(frozenset(self._family_keys(refs)), self.family, refs)
+        return served_buckets(keys, self.family, refs)
 
-    def _family_keys(self) -> set[ShapeKey]:
-        return set(family_shape_keys(self.family, self.components.preset.max_sequence_length))
+    def _family_keys(self, refs: int = 0) -> set[ShapeKey]:
+        return set(family_shape_keys(self.family, self.components.preset.max_sequence_length, refs=refs))
 
     def stats(self) -> DispatchStats:
         return self.dispatcher.stats()
@@ -117,33 +124,45 @@ class KontextEngine:
 
     def edit(
         self,
-        image: Image.Image | str | Path,
+        image: ImageInput | EncodedImage,
         prompt: str,
         *,
         seed: int = 0,
         steps: int | None = None,
         guidance: float = 2.5,
         size: tuple[int, int] | None = None,
+        references: Sequence[ImageInput] = (),
+        placement: str = DEFAULT_PLACEMENT,
+        num_images: int = 1,
         progress: bool = False,
     ) -> EditResult:
         """Edit `image` as `prompt` says. steps None: 28 (8 on synthetic presets). Returns the PIL image
         (result.image), the final latents and the timings in seconds (result.timings).
+
+        references: up to 3 more images (character, style, object), placed beside the input as
+        `placement` says (offset | index, see references.py). num_images: seeds seed .. seed + N - 1, in
+        one batch where the engine serves that batch size, else one after another; result.images has one
+        image per seed. image may be a previous result's `encoded()` latents (see session()).
 
         Raises ModeratedError("request") when the safety policy flags the prompt or the image (before any
         model runs), ModeratedError("content") when it flags the output (which is then dropped). Under
         review (`self.safety.review`) the result is for a person to approve: save() holds it.
         """
         self._check_open()
-        if not isinstance(image, Image.Image):
-            from .images import load_image
-
-            image = load_image(Path(image))
-        self.safety.check_request(prompt, [image])  # safety: before any encoder, transformer or VAE work
+        if not isinstance(image, EncodedImage):
+            image = _as_image(image)
+        refs = [_as_image(r) for r in references]
+        # safety: before any encoder, transformer or VAE work
+        self.safety.check_request(prompt, [i for i in (image, *refs) if isinstance(i, Image.Image)])
         if steps is None:
             steps = self.components.preset.default_steps
         settings = EditSettings(steps=steps, guidance=guidance, seed=seed, size=size)
-        key = edit_key(image.size, size, self.family, self.components.preset.max_sequence_length)
-        denoiser = self.dispatcher.resolve(key)  # raises ShapeNotServedError under the error policy
+        check_edit_inputs(refs, placement, num_images)
+        text_tokens = self.components.preset.max_sequence_length
+        key = edit_key(image.size, size, self.family, text_tokens, [r.size for r in refs], num_images)
+        # One batch where the engine serves it (torch serves any); else one seed at a time at batch 1.
+        batched = num_images == 1 or self.dispatcher.serves(key)
+        denoiser = self.dispatcher.resolve(key if batched else replace(key, batch=1))  # may raise a miss
         t0 = time.perf_counter()
         worker = self._pool.get()
         try:
@@ -151,11 +170,22 @@ class KontextEngine:
             pipe = KontextPipeline(
                 worker, denoiser, device=self.device, dtype=self.dtype, bucket_family=self.family
             )
-            result = pipe.edit(image, prompt, settings, progress=progress)
+            if batched:
+                result = pipe.edit(
+                    image, prompt, settings,
+                    references=refs, placement=placement, num_images=num_images, progress=progress,
+                )  # fmt: skip
+            else:
+                result = combine_results([
+                    pipe.edit(image, prompt, replace(settings, seed=seed + i),
+                              references=refs, placement=placement, progress=progress)
+                    for i in range(num_images)
+                ])  # fmt: skip
         finally:
             self._pool.put(worker)
         result.timings["queue"] = waited
-        self.safety.check_output(result.image)  # safety: a flagged output is never returned
+        for out in result.images:  # safety: a flagged output is never returned, nor are its siblings
+            self.safety.check_output(out)
         return result
 
     def save(
@@ -163,26 +193,30 @@ class KontextEngine:
         result: EditResult,
         path: str | Path,
         *,
+        index: int = 0,
         source: Image.Image | str | Path | bytes | None = None,
         prompt: str | None = None,
         seed: int | None = None,
         guidance: float | None = None,
         include_prompt: bool = True,
         review_dir: str | Path | None = None,
+        extra: Mapping[str, str | None] | None = None,
     ) -> SavedOutput:
         """Write `result` to `path` (.png or .jpg) with its metadata and AI disclosure, C2PA-signed when
         this engine has a signer (source: the input image, the manifest's parent ingredient). Under the
         review policy the file goes to `review_dir` (default: `review/` beside `path`), not to `path`.
-        include_prompt: write the prompt into the file (prompts can be private)."""
+        include_prompt: write the prompt into the file (prompts can be private). index: which of
+        result.images (num_images > 1); seed defaults to its seed. extra: more text items (None: left out).
+        """
         from .outputs import output_metadata, save_output
         from .safety.review import default_review_dir
 
         c = self.components
-        metadata = output_metadata(
+        meta = output_metadata(
             c.preset.name,  # "kontext-dev" for local weights: a file must not reveal a local path
             prompt=prompt,
             include_prompt=include_prompt,
-            seed=seed,
+            seed=seed if seed is not None else result.seeds[index],
             steps=len(result.step_times),
             guidance=guidance,
             weights=c.weights_id,
@@ -190,10 +224,21 @@ class KontextEngine:
             size=f"{result.size[0]}x{result.size[1]}",
             engine=self.build_dir,
             source_image=Path(source).name if isinstance(source, (str, Path)) else None,
+            **(extra or {}),
         )
         parent = _encoded(source) if self.signer is not None and source is not None else None
         held = (review_dir or default_review_dir(path)) if self.safety.review else None
-        return save_output(result.image, path, metadata, parent=parent, signer=self.signer, review_dir=held)
+        return save_output(
+            result.images[index], path, meta, parent=parent, signer=self.signer, review_dir=held
+        )
+
+    def session(self, image: ImageInput, *, reencode: bool = True) -> Session:
+        """Successive edits of `image`: each session.edit(prompt, ...) edits the previous turn's output.
+        reencode=False feeds the previous turn's final latents as the next context (no VAE round trip)."""
+        from .session import Session
+
+        self._check_open()
+        return Session(self, _as_image(image), reencode=reencode)
 
     def warmup(self, keys: frozenset[ShapeKey] | None = None) -> dict[str, float]:
         """Run every served shape key (default: all of them) through the denoiser, so lazy
@@ -242,6 +287,14 @@ class KontextEngine:
         self.close()
 
 
+def _as_image(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    from .images import load_image
+
+    return load_image(Path(image))
+
+
 def is_build_dir(source: str | Path) -> bool:
     return (Path(source) / MANIFEST_NAME).is_file()
 
@@ -260,16 +313,19 @@ def load(
     plan_memory_budget: int | None = None,
     safety: SafetyPolicy | str | None = None,
     signer: ProvenanceSigner | None = None,
+    loras: Sequence[LoraSpec | str] = (),
 ) -> KontextEngine:
     """Load an engine from a build folder (its manifest decides the model and backend), or a preset
-    name / local weights path (the torch backend).
+       name / local weights path (the torch backend).
 
-    Either pass `options` (a LoadOptions), or its fields as keywords; config.LoadOptions documents them.
+       Either pass `options` (a LoadOptions), or its fields as keywords; config.LoadOptions documents them.
 
-    safety: a SafetyPolicy (engine.safety.build_policy), or "off" / "review"; None: off for the random
-    presets, review for the real model (its licence asks for filters or human review). signer: a
-    provenance.ProvenanceSigner; save() then C2PA-signs every output. Both are objects, not options,
-    so they are keywords beside `options`.
+       safety: a SafetyPolicy (engine.safety.build_policy), or "off" / "review"; None: off for the random
+       presets, review for the real model (its licence asks for filters or human review). signer: a
+       provenance.ProvenanceSigner; save() then C2PA-signs every output. Both are objects, not options,
+       so they are keywords beside `options`.
+    loras: LoRA files
+       (LoraSpec, or "PATH[:SCALE]"), fused into the transformer at load; they change weights_id.
     """
     keywords = LoadOptions(backend=backend, precision=precision, device=device, miss_policy=miss_policy,
                            workers=workers, threads=threads, torch_mode=torch_mode,
@@ -307,6 +363,8 @@ def load(
 
     policy = resolve_policy(safety, synthetic=is_synthetic(model))  # before the weights: fail fast
     components = load_components(model, dtype=dtype, device=dev)
+    if loras:
+        components = fuse_loras(components, [LoraSpec.parse(x) if isinstance(x, str) else x for x in loras])
     fallback = None
     if opts.miss_policy == "torch" and chosen != "torch":
         fallback = TorchDenoiser(components.transformer, name="torch-eager-fallback")

@@ -8,7 +8,7 @@ test holds them together). Only the `denoiser` callable changes between backends
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +83,17 @@ def get_noise(
     g = torch.Generator("cpu").manual_seed(seed)
     shape = (batch, LATENT_CHANNELS, 2 * (height // MULTIPLE), 2 * (width // MULTIPLE))
     return pack(torch.randn(shape, generator=g, dtype=dtype)).to(device)
+
+
+def get_noise_for_seeds(
+    seeds: Sequence[int], height: int, width: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Starting noise of a batch, one per seed: [len(seeds), N, 64], row i = get_noise(1, ..., seeds[i]).
+
+    One generator per seed (as diffusers does with a list of generators): a single draw of batch B from
+    one generator would continue seed's stream, so image i would not be the single edit with seed + i.
+    """
+    return torch.cat([get_noise(1, height, width, s, dtype, device) for s in seeds], dim=0)
 
 
 def calculate_shift(

@@ -16,6 +16,21 @@ def tiny() -> Components:
     return load_components("tiny")
 
 
+@pytest.fixture
+def tiny_engine(tiny: Components):
+    """A torch KontextEngine over the session's tiny components (what engine.load("tiny") returns,
+    without rebuilding the preset)."""
+    import torch
+
+    from engine.backends.torch import TorchDenoiser
+    from engine.dispatch import Dispatcher
+    from engine.runtime import KontextEngine
+
+    dispatcher = Dispatcher(TorchDenoiser(tiny.transformer, name="torch-eager-fp32"), family="tiny")
+    with KontextEngine(tiny, dispatcher, device="cpu", dtype=torch.float32) as kontext:
+        yield kontext
+
+
 def gradient_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """A deterministic RGB test image: smooth gradients plus seeded noise."""
     rng = np.random.default_rng(seed)
