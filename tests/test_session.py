@@ -55,7 +55,7 @@ def test_reencode_turns_equal_fresh_edits_of_the_saved_files(tiny_engine, tmp_pa
 def test_latent_turns_take_the_previous_latents_as_context(tiny_engine, monkeypatch):
     kontext = tiny_engine
     recording = Recording(kontext.components.transformer)
-    kontext.dispatcher.engine = recording  # see every call's hidden_states = noise (+) context
+    kontext.dispatcher.primary = recording  # see every call's hidden_states = noise (+) context
     session = kontext.session(gradient_image(128, 128, seed=6), reencode=False)
     first = session.edit(TURNS[0][0], seed=1, steps=2)
     assert isinstance(session.context, EncodedImage) and torch.equal(session.context.tokens, first.latents)
