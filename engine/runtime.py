@@ -24,13 +24,14 @@ import torch
 from PIL import Image
 
 from .backends import BACKENDS, Denoiser
-from .backends.torch import TORCH_MODES, TorchDenoiser, default_dtype, torch_denoiser
+from .backends.torch import TORCH_MODES, TorchDenoiser, TorchOptions, default_dtype, torch_denoiser
 from .buckets import ShapeKey
 from .build.manifest import MANIFEST_NAME, Manifest, read_manifest
 from .config import EditSettings
 from .dispatch import Dispatcher, DispatchStats, edit_key, served_buckets
 from .errors import BackendUnavailableError, ConfigError
 from .pipeline import EditResult, KontextPipeline
+from .prompt_cache import PromptCache
 from .weights import Components, load_components
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class KontextEngine:
         self.build_dir = build_dir
         self.manifest = manifest
         self.workers = workers
+        self.prompt_cache = PromptCache()  # a repeated prompt skips T5 and CLIP (keyed by their weights)
         self._pool: queue.Queue[Components] = queue.Queue()
         for _ in range(workers):  # each worker: the shared modules, its own tokenizers
             self._pool.put(
@@ -130,7 +132,12 @@ class KontextEngine:
         try:
             waited = time.perf_counter() - t0
             pipe = KontextPipeline(
-                worker, denoiser, device=self.device, dtype=self.dtype, bucket_family=self.family
+                worker,
+                denoiser,
+                device=self.device,
+                dtype=self.dtype,
+                bucket_family=self.family,
+                prompt_cache=self.prompt_cache,
             )
             result = pipe.edit(image, prompt, settings, progress=progress)
         finally:
@@ -206,6 +213,7 @@ def load(
     workers: int = 1,
     threads: int | None = None,
     torch_mode: str = "eager",
+    torch_options: TorchOptions | None = None,
     plan_memory_budget: int | None = None,
     verify_sha256: bool = True,
 ) -> KontextEngine:
@@ -215,7 +223,8 @@ def load(
     backend: torch | onnxruntime | tensorrt (default: the build's backend, or torch). precision: the
     build's artifact (default: the first listed). device: default cuda for TensorRT or when torch
     sees a GPU, else cpu. miss_policy: error | torch. workers: concurrent edits (see the module doc).
-    threads: ONNX Runtime intra-op threads. torch_mode: eager | compile | fp8.
+    threads: ONNX Runtime intra-op threads. torch_mode: eager | compile | fp8. torch_options: the torch
+    path's levers (backends.torch.TorchOptions).
     """
     if backend is not None and backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -242,6 +251,10 @@ def load(
         dtype = torch.float32  # the fp32 encoders feed the graph; it casts internally
     model = manifest.model if manifest is not None else str(source)
     components = load_components(model, dtype=dtype, device=device)
+    if backend == "torch" and torch_options is not None and torch_options.compile_vae:
+        from .backends.torch import compile_vae
+
+        components = replace(components, vae=compile_vae(components.vae))
     engine = _engine(
         backend,
         components,
@@ -251,6 +264,7 @@ def load(
         device=device,
         dtype=dtype,
         torch_mode=torch_mode,
+        torch_options=torch_options,
         threads=threads,
         workers=workers,
         plan_memory_budget=plan_memory_budget,
@@ -287,6 +301,7 @@ def _engine(
     device: str,
     dtype: torch.dtype,
     torch_mode: str,
+    torch_options: TorchOptions | None,
     threads: int | None,
     workers: int,
     plan_memory_budget: int | None,
@@ -294,7 +309,14 @@ def _engine(
 ) -> Denoiser:
     """The backend's denoiser: torch over the components' transformer, or the build's artifacts."""
     if backend == "torch":
-        return torch_denoiser(components.transformer, mode=torch_mode, device=device, dtype=dtype)
+        amax = None
+        if torch_mode == "fp8" and torch_options is not None and torch_options.fp8_scales == "static":
+            from .backends.fp8_static import calibrate_amax
+
+            amax = calibrate_amax(components, device=device, dtype=dtype)
+        return torch_denoiser(
+            components.transformer, mode=torch_mode, device=device, dtype=dtype, options=torch_options, amax=amax
+        )
     if manifest is None or build_dir is None:
         raise ConfigError(
             f"backend {backend!r} runs built artifacts: pass a build folder made by `kontext build`"
