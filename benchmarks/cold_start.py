@@ -104,12 +104,18 @@ def run_child(args: argparse.Namespace, phase: str, timeout: float) -> dict[str,
         ]  # fmt: skip
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=max(timeout, 1.0), capture_output=True, text=True)
+            proc = subprocess.run(
+                cmd, cwd=ROOT, env=env, timeout=max(timeout, 1.0), capture_output=True, text=True
+            )
         except subprocess.TimeoutExpired:
             return {"phase": phase, "status": f"deadline: killed after {timeout:.0f} s"}
         wall = time.perf_counter() - t0
         if proc.returncode != 0 or not result_path.is_file():
-            return {"phase": phase, "status": f"failed (exit {proc.returncode})", "stderr": proc.stderr[-3000:]}
+            return {
+                "phase": phase,
+                "status": f"failed (exit {proc.returncode})",
+                "stderr": proc.stderr[-3000:],
+            }
         return {**json.loads(result_path.read_text()), "status": "ok", "wall_s": wall}
 
 

@@ -56,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
         "--levers",
         default="",
         help="torch levers, comma list: all (FP8 on every block Linear), static (calibrated FP8 scales), "
-        "qkv (fused q|k|v), attn-VARIANT (our Triton attention: attn-bf16, attn-fp8-block...), graphs (CUDA graphs), dynamic "
-        "(one dynamic-shape compile), vae (compiled VAE)",
+        "qkv (fused q|k|v), attn-VARIANT (our Triton attention: attn-bf16, attn-fp8-block...), "
+        "graphs (CUDA graphs), dynamic (one dynamic-shape compile), vae (compiled VAE)",
     )
     e.add_argument(
         "--compile-cache",

@@ -315,7 +315,12 @@ def _engine(
 
             amax = calibrate_amax(components, device=device, dtype=dtype)
         return torch_denoiser(
-            components.transformer, mode=torch_mode, device=device, dtype=dtype, options=torch_options, amax=amax
+            components.transformer,
+            mode=torch_mode,
+            device=device,
+            dtype=dtype,
+            options=torch_options,
+            amax=amax,
         )
     if manifest is None or build_dir is None:
         raise ConfigError(

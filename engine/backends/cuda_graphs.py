@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -51,10 +52,10 @@ def capture_cuda_graph(fn: StepFn, example: dict[str, torch.Tensor], warmup: int
     return Captured(static, out, graph.replay)
 
 
-_POOL: object = None
+_POOL: Any = None
 
 
-def _shared_pool() -> object:
+def _shared_pool() -> Any:
     """One graph memory pool per process for every GraphedCall (replays are serialized)."""
     global _POOL
     if _POOL is None:
@@ -80,6 +81,7 @@ class GraphedCall:
         """How many graphs exist (one per input signature seen)."""
         return len(self._graphs)
 
+    @torch.inference_mode()
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         sig = signature(inputs)
         with self._lock:

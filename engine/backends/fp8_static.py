@@ -36,6 +36,10 @@ def to_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class StaticFp8Linear(torch.nn.Module):
     """y = x W^T + b with x and W in E4M3, each with one fixed scale; one torch._scaled_mm per call."""
 
+    weight_scale: torch.Tensor  # [] float32
+    weight_fp8: torch.Tensor  # [N, K] float8_e4m3fn
+    input_scale: torch.Tensor  # [] float32
+
     def __init__(self, linear: torch.nn.Linear, input_amax: float) -> None:
         super().__init__()
         w = linear.weight.detach()  # [N, K]
@@ -79,6 +83,7 @@ def quantize_static(
     if not allow_cpu:
         require_fp8(device)
     names = [n for n, m in transformer.named_modules() if fp8_filter(m, n, which)]
+    amax = {n: a for n in names if (a := _amax_of(n, amax)) is not None}
     missing = [n for n in names if n not in amax]
     if missing:
         raise ConfigError(
@@ -91,6 +96,18 @@ def quantize_static(
         setattr(parent, child, StaticFp8Linear(getattr(parent, child), amax[name]))
     log.info("static FP8: %d Linears quantized (%s filter)", len(names), which)
     return transformer
+
+
+# A fused projection reads the same input as the Linears it replaced, so it takes their amax.
+_FUSED_FROM = {"to_qkv": "to_q", "to_added_qkv": "add_q_proj"}
+
+
+def _amax_of(name: str, amax: Mapping[str, float]) -> float | None:
+    if name in amax:
+        return amax[name]
+    parent, _, leaf = name.rpartition(".")
+    source = _FUSED_FROM.get(leaf)
+    return amax.get(f"{parent}.{source}") if source else None
 
 
 def collect_amax(transformer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[Any]]:

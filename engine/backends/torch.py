@@ -55,7 +55,9 @@ class TorchOptions:
     cuda_graphs: bool = False  # capture the whole transformer step per input shape (CUDA only)
     dynamic: bool = False  # compile once with dynamic sequence lengths instead of once per shape
     compile_mode: str = "default"  # torch.compile mode; autotuning modes cost minutes per shape at 12B
-    compile_cache: Path | None = None  # a folder for torch's compile cache (mega-cache), e.g. build/x/compile-cache
+    compile_cache: Path | None = (
+        None  # a folder for torch's compile cache (mega-cache), e.g. build/x/compile-cache
+    )
     compile_vae: bool = False  # the VAE's encoder and decoder compiled too (applied to the Components)
 
     def __post_init__(self) -> None:
@@ -66,7 +68,9 @@ class TorchOptions:
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.attention != "sdpa" and not self.attention.startswith(KERNEL_PREFIX):
-            raise ConfigError(f"attention must be 'sdpa' or '{KERNEL_PREFIX}<variant>', got {self.attention!r}")
+            raise ConfigError(
+                f"attention must be 'sdpa' or '{KERNEL_PREFIX}<variant>', got {self.attention!r}"
+            )
 
     @property
     def levers(self) -> tuple[str, ...]:
@@ -312,7 +316,9 @@ def require_fp8(device: torch.device) -> None:
         )
 
 
-def quantize_fp8(transformer: torch.nn.Module, device: torch.device, which: str = "tokens") -> torch.nn.Module:
+def quantize_fp8(
+    transformer: torch.nn.Module, device: torch.device, which: str = "tokens"
+) -> torch.nn.Module:
     """torchao float8 dynamic activations + float8 weights, per row, on the Linears fp8_filter selects;
     in place.
 
@@ -398,7 +404,9 @@ def torch_denoiser(
     check_options(mode, options)
     dev = torch.device(device) if device is not None else next(transformer.parameters()).device
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError("device cuda asked for, but torch sees no CUDA device; use device='cpu'")
+        raise BackendUnavailableError(
+            "device cuda asked for, but torch sees no CUDA device; use device='cpu'"
+        )
     if options.cuda_graphs and dev.type != "cuda":
         raise BackendUnavailableError(f"CUDA graphs need a CUDA device, not {dev}; drop the graphs lever")
     dt = dtype or default_dtype(dev)
@@ -436,4 +444,3 @@ def torch_denoiser(
     log.info("torch denoiser %s on %s", name, dev)
     cache = options.compile_cache if mode != "eager" else None
     return TorchDenoiser(module, name=name, call=call, compile_cache=cache)
-

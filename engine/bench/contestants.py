@@ -77,7 +77,9 @@ class EditRunner(Protocol):
 
     contestant: Contestant
     replay_denoiser: Denoiser  # its transformer alone, for the per-step quality check
-    replay_is_reference: bool  # True: the reference's own module, eager (its per-step error is 0 by construction)
+    replay_is_reference: (
+        bool  # True: the reference's own module, eager (its per-step error is 0 by construction)
+    )
 
     def run(self, image: Image.Image, prompt: str, settings: EditSettings) -> RunSample: ...
 

@@ -53,7 +53,9 @@ def evaluate_goals(
     run_rec: dict[str, Any], records: list[dict[str, Any]], cold: dict[str, Any] | None = None
 ) -> list[Goal]:
     """The goals against this run's records; `cold` is benchmarks/cold_start.py's JSON, when it ran."""
-    bucket = GOAL_BUCKET if GOAL_BUCKET in run_rec["buckets"] or not run_rec["buckets"] else run_rec["buckets"][0]
+    bucket = (
+        GOAL_BUCKET if GOAL_BUCKET in run_rec["buckets"] or not run_rec["buckets"] else run_rec["buckets"][0]
+    )
     best = _fastest(records, bucket)
     name = f"{best['contestant']} at {bucket}" if best else f"no contestant measured at {bucket}"
     total = best["stages"]["total"]["median_s"] if best else None
@@ -65,8 +67,10 @@ def evaluate_goals(
         return None if value is None else ok
 
     goals = [
-        Goal("end to end (must)", f"<= {E2E_MUST_S} s", total, "s", check(total, (total or 0) <= E2E_MUST_S), name),
-        Goal("end to end (aim)", f"<= {E2E_AIM_S} s", total, "s", check(total, (total or 0) <= E2E_AIM_S), name),
+        Goal("end to end (must)", f"<= {E2E_MUST_S} s", total, "s",
+             check(total, (total or 0) <= E2E_MUST_S), name),
+        Goal("end to end (aim)", f"<= {E2E_AIM_S} s", total, "s",
+             check(total, (total or 0) <= E2E_AIM_S), name),
         Goal("speed-up over diffusers eager", f">= {SPEEDUP_MIN}x", ratio, "x",
              check(ratio, (ratio or 0) >= SPEEDUP_MIN), name),
         Goal("PSNR vs our bf16 eager", f">= {PSNR_MIN_DB} dB", psnr, "dB",
@@ -87,7 +91,9 @@ def evaluate_goals(
 def goals_apply(run_rec: dict[str, Any]) -> bool:
     """True when the run is the goals' setup: a CUDA device, the goal bucket, 28 steps."""
     return (
-        run_rec["device_type"] == "cuda" and GOAL_BUCKET in run_rec["buckets"] and run_rec["steps"] == GOAL_STEPS
+        run_rec["device_type"] == "cuda"
+        and GOAL_BUCKET in run_rec["buckets"]
+        and run_rec["steps"] == GOAL_STEPS
     )
 
 

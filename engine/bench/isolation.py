@@ -17,11 +17,16 @@ def fingerprint(module: torch.nn.Module) -> Fingerprint:
     names, meta, sums = [], [], []
     first = next(module.parameters(), None)
     dev = first.device if first is not None else torch.device("cpu")
-    tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    tensors = [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
     for name, t in tensors:
         data = t.detach()
         names.append(name)
-        meta.append((type(data).__name__, tuple(data.shape), str(data.dtype), str(data.device), data.data_ptr()))
+        meta.append(
+            (type(data).__name__, tuple(data.shape), str(data.dtype), str(data.device), data.data_ptr())
+        )
         if type(data) is torch.Tensor and not data.dtype.is_complex:
             x = data.to(torch.float64)
             sums.append(torch.stack([x.sum(), (x * x).sum()]).to(dev))

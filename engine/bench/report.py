@@ -18,8 +18,8 @@ from typing import Any
 from ..files import atomic_write_bytes
 from ..flops import transformer_flops
 from .contestants import BASELINE, STAGES
-from .machine import device_name, library_versions, peak_tflops, slug
 from .goals import evaluate_goals, format_goals, goals_apply
+from .machine import device_name, library_versions, peak_tflops, slug
 from .runner import BenchRun, Entry, median_total
 from .timing import summarize
 

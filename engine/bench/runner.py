@@ -103,7 +103,9 @@ class Entry:
     peak_memory: list[int] = field(default_factory=list)
     quality: Quality | None = None
     skipped: str | None = None  # why nothing was measured
-    first_edit_s: float | None = None  # the first (warm-up) edit end to end: compiles and captures happen here
+    first_edit_s: float | None = (
+        None  # the first (warm-up) edit end to end: compiles and captures happen here
+    )
     load_s: float | None = None  # opening the contestant (copy, quantize, calibrate); first bucket only
     profile: str | None = None  # torch.profiler's top kernels of one step, when asked for
 
