@@ -51,6 +51,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import engine
+    from engine.backends.compile_cache import save_compile_cache
     from engine.backends.torch import check_options, parse_levers
     from engine.buckets import buckets
 
@@ -68,7 +69,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     out["serve_s"] = out["load_s"] + out["warmup_s"]
     out["process_s"] = time.perf_counter() - t_process
     if args.child == "cold":
-        saved = kontext.dispatcher.engine.save_compile_cache()  # type: ignore[attr-defined]
+        saved = save_compile_cache(args.cache_dir)
         out["cache_file"] = str(saved) if saved else None
         out["cache_bytes"] = saved.stat().st_size if saved else 0
     else:

