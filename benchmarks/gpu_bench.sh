@@ -27,7 +27,7 @@ contestants="diffusers,torch-fp8,torch-fp8+graphs,torch-fp8+qkv+graphs,torch-fp8
 contestants+=",torch-fp8+attn-fp8-block,torch-fp8+attn-bf16,torch-compile,torch-fp8+qkv+graphs+vae"
 profile="torch-fp8"
 cold_levers="dynamic" cold_mode="fp8" cold_steps=28
-pytest_s=75 bench_min=120 cold_min=120 attention_s=90 skip_pytest=0 skip_cold=0 skip_attention=0
+pytest_s=90 bench_min=120 cold_min=120 attention_s=90 skip_pytest=0 skip_cold=0 skip_attention=0
 dry_run=0 results_root=benchmarks/results
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -91,8 +91,11 @@ if [[ $skip_pytest == 0 && $(left) -gt $((pytest_s + bench_min)) ]]; then
   log "pytest -m gpu (cap ${pytest_s} s)"
   # --continue-on-collection-errors: a test module needing a package the GPU image lacks (fastapi...)
   # must not stop the GPU tests of the others.
+  # pytest-timeout (in the GPU image) stops one hanging test instead of the whole phase.
+  per_test=()
+  "$py" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 45)
   timeout -k 5 "$pytest_s" "$py" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
-    tests >"$results/pytest_gpu.txt" 2>&1
+    "${per_test[@]}" tests >"$results/pytest_gpu.txt" 2>&1
   echo "exit status $?" >>"$results/pytest_gpu.txt"
   tail -n 5 "$results/pytest_gpu.txt"
 else

@@ -183,6 +183,29 @@ def test_kernel_attention_lever_says_why_it_cannot_run(tiny):
         torch_denoiser(weight_sharing_copy(tiny.transformer), device="cpu", options=parse_levers("attn-bf16"))
 
 
+def test_engine_load_applies_the_levers():
+    from engine.runtime import load
+
+    from .conftest import gradient_image
+
+    image = gradient_image(128, 128)
+    with load("tiny") as plain, load("tiny", torch_options=parse_levers("qkv")) as fused:
+        assert fused.name == "torch-eager+qkv-fp32"
+        assert hasattr(fused.components.transformer.transformer_blocks[0].attn, "to_qkv")
+        a = plain.edit(image, "add a red hat", steps=2).latents
+        b = fused.edit(image, "add a red hat", steps=2).latents
+    assert rel_l2(b, a) <= 1e-6
+
+
+def test_cli_edit_refuses_bad_levers_in_one_line(capsys):
+    from engine.cli import main
+
+    assert main(["edit", "--levers", "turbo", "--no-progress"]) == 2
+    assert "unknown torch lever 'turbo'" in capsys.readouterr().err
+    assert main(["edit", "--torch-mode", "compile", "--levers", "static", "--no-progress"]) == 2
+    assert "fp8 only" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- CUDA-graph plumbing
 
 
