@@ -322,6 +322,8 @@ def _run_sequential(run: BenchRun, cases: list[_Case], on_progress: Progress | N
             for e in entries:
                 e.skipped = f"deadline: {max(left, 0):.0f} s left{need}"
             log.warning("%s skipped: %s", contestant.name, entries[0].skipped)
+            if on_progress is not None:
+                on_progress(run)
             continue
         t0 = time.monotonic()
         runner = _open(run, contestant, entries)
