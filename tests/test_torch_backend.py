@@ -190,7 +190,7 @@ def test_engine_load_applies_the_levers():
 
     image = gradient_image(128, 128)
     with load("tiny") as plain, load("tiny", torch_options=parse_levers("qkv")) as fused:
-        assert fused.name == "torch-eager+qkv-fp32"
+        assert fused.name == "torch-eager-fp32+qkv"
         assert hasattr(fused.components.transformer.transformer_blocks[0].attn, "to_qkv")
         a = plain.edit(image, "add a red hat", steps=2).latents
         b = fused.edit(image, "add a red hat", steps=2).latents

@@ -440,7 +440,7 @@ def torch_denoiser(
 
         compiled = module
         call = GraphedCall(lambda inputs: velocity(compiled, inputs))
-    name = f"{spec_name(mode, options)}-{dtype_name(dt)}"
+    name = "+".join((f"torch-{mode}-{dtype_name(dt)}", *options.levers))  # torch-fp8-bf16+qkv+graphs
     log.info("torch denoiser %s on %s", name, dev)
     cache = options.compile_cache if mode != "eager" else None
     return TorchDenoiser(module, name=name, call=call, compile_cache=cache)

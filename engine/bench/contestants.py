@@ -23,7 +23,6 @@ from ..backends.torch import (
     compile_vae,
     dtype_name,
     parse_spec,
-    spec_name,
     torch_denoiser,
     weight_sharing_copy,
 )
@@ -221,10 +220,9 @@ def torch_contestant(
     tokens = spec.split("+")
     cache = CACHE_LEVER in tokens[1:]
     mode, options = parse_spec("+".join(t for t in tokens if t != CACHE_LEVER))
-    name = spec_name(mode, options) + ("+cache" if cache else "")
     precision = "fp8" if mode == "fp8" else dtype_name(dtype)
-    if mode != "fp8":
-        name = f"{name}-{precision}" if "+" not in name else name.replace("+", f"-{precision}+", 1)
+    base = "torch-fp8" if mode == "fp8" else f"torch-{mode}-{precision}"  # torch-eager-fp32, torch-fp8
+    name = "+".join((base, *options.levers, *([CACHE_LEVER] if cache else [])))
 
     def make() -> Denoiser:
         amax = None
