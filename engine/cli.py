@@ -1,6 +1,7 @@
 """`kontext build | edit | bench | info`: the only place argv and the environment are read.
 
-Every failure the user can fix is one line on stderr and exit status 2, never a traceback.
+Every failure the user can fix is one line on stderr and exit status 2, never a traceback. A request or
+output flagged by the content filters is one line and exit status 3, with nothing written.
 """
 
 from __future__ import annotations
@@ -10,8 +11,15 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import ConfigError, KontextError
+from .build.backend import BUILD_BACKENDS
+from .errors import ConfigError, KontextError, ModeratedError
+from .manifest import PROFILE_MODES
+
+if TYPE_CHECKING:
+    from .provenance import ProvenanceSigner
+    from .safety import SafetyPolicy
 
 log = logging.getLogger("engine.cli")
 
@@ -26,6 +34,12 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+MODEL_HELP = (
+    "preset (tiny, small, full: random weights, full is the real size on a GPU) or a local path: "
+    "a diffusers folder of Kontext dev or BFL's .safetensors inside one"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kontext", description="Build and run FLUX.1 Kontext [dev] fast.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -34,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("edit", help="edit an image from a text instruction")
     e.add_argument("image", nargs="?", help="input image (PNG, JPEG, WebP); default: the bundled sample")
     e.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the edit instruction")
-    e.add_argument("-o", "--output", type=Path, default=Path("build/edit.png"), help="output PNG")
-    e.add_argument("--model", default="tiny", help="preset (tiny, small) or a local path to Kontext dev")
+    e.add_argument("-o", "--output", type=Path, default=Path("build/edit.png"), help="output .png or .jpg")
+    e.add_argument("--model", default="tiny", help=MODEL_HELP)
     e.add_argument(
         "--steps", type=int, default=None, help="denoising steps (default 28; 8 on synthetic presets)"
     )
@@ -65,9 +79,10 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="folder of the persistent torch compile cache (e.g. build/full/compile-cache)",
     )
+    _safety_flags(e)
 
     b = sub.add_parser("bench", help="time diffusers, torch and the built engines on the same edits")
-    b.add_argument("--model", default="tiny", help="preset (tiny, small) or a local path to Kontext dev")
+    b.add_argument("--model", default="tiny", help=MODEL_HELP)
     b.add_argument("--steps", type=int, default=None, help="denoising steps (default 4 synthetic, 28 real)")
     b.add_argument("--repeats", type=int, default=3, help="timed rounds per bucket (default 3)")
     b.add_argument("--warmup", type=int, default=1, help="discarded rounds per bucket (default 1)")
@@ -98,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     k = sub.add_parser("build", help="export, quantize, compile and verify the engine; write its manifest")
-    k.add_argument("--model", default="tiny", help="preset (tiny, small) or a local path to Kontext dev")
+    k.add_argument("--model", default="tiny", help=MODEL_HELP)
     k.add_argument(
         "--precision",
         action="append",
@@ -106,10 +121,16 @@ def _parser() -> argparse.ArgumentParser:
         help="recipe(s): fp32, bf16, int8, fp8; repeat or comma list (default fp32,int8 on CPU)",
     )
     k.add_argument("--family", default=None, help="bucket family (default: the preset's, e.g. tiny)")
-    k.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"))
+    k.add_argument("--backend", default="auto", choices=BUILD_BACKENDS)
     k.add_argument("--out", type=Path, default=None, help="build folder (default build/<model>)")
     k.add_argument("--force", action="store_true", help="rebuild every stage")
     k.add_argument("--opset", type=int, default=20)
+    k.add_argument(
+        "--profiles",
+        default="dynamic",
+        choices=PROFILE_MODES,
+        help="TensorRT: one dynamic profile per family (one weight copy; default) or a static one per key",
+    )
     k.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
     k.add_argument("--workspace-gb", type=float, default=8.0, help="TensorRT workspace limit in GiB")
     k.add_argument("--calib-samples", type=int, default=32, help="calibration edits (image, instruction)")
@@ -121,6 +142,28 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="what this machine can run: torch, CUDA, TensorRT, ONNX Runtime, presets")
     i.add_argument("build_dir", nargs="?", type=Path, help="a build folder: show its manifest")
     return p
+
+
+def _safety_flags(e: argparse.ArgumentParser) -> None:
+    """The licence duties: content filters or review, C2PA provenance, AI disclosure (README)."""
+    g = e.add_argument_group("safety and provenance")
+    g.add_argument(
+        "--safety",
+        default=None,
+        help="comma list of pixtral, nsfw, blocklist, review, or off; default: review for the real model, "
+        "off for the random-weight presets",
+    )
+    g.add_argument("--safety-models", type=Path, default=None, help="folder of the filter models (README)")
+    g.add_argument("--safety-device", default="cpu", help="where the filter models run (default cpu)")
+    g.add_argument("--blocklist", type=Path, default=None, help="prompt terms to refuse, one per line")
+    g.add_argument("--review-dir", type=Path, default=None, help="held outputs (default: review/ beside -o)")
+    g.add_argument("--c2pa-cert", type=Path, default=None, help="PEM certificate chain: C2PA-sign the output")
+    g.add_argument("--c2pa-key", type=Path, default=None, help="PEM private key of the certificate")
+    g.add_argument(
+        "--c2pa-alg", default="es256", choices=("es256", "ps256"), help="signature (default es256)"
+    )
+    g.add_argument("--c2pa-tsa", default=None, help="timestamp authority URL (default none: offline)")
+    g.add_argument("--no-prompt-metadata", action="store_true", help="leave the prompt out of the file")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _build(args)
         if args.command == "bench":
             return _bench(args)
+    except ModeratedError as e:
+        print(f"kontext {args.command}: {e}; nothing was written", file=sys.stderr)
+        return 3
     except KontextError as e:
         print(f"kontext {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -162,6 +208,7 @@ def _quiet_third_party(verbose: int) -> None:
 
         dlog.set_verbosity_error()
         tlog.set_verbosity_error()
+        tlog.disable_progress_bar()  # "Loading weights" bars of the filter models
     except ImportError:
         pass
 
@@ -182,39 +229,65 @@ def _edit(args: argparse.Namespace) -> int:
     """`kontext edit`: a preset or weights path (torch eager), or `--engine build/...` (its artifacts),
     both through the runtime API that servers embed."""
     from . import assets
-    from .config import EditSettings
-    from .images import load_image, save_png
+    from .config import EditSettings, LoadOptions
+    from .images import load_image, output_format
     from .runtime import load
 
-    # Validate the knobs and the image before loading a model (which can take a minute).
+    # Validate the knobs, the image, the filters and the signer before loading a model (a minute).
     if args.steps is not None:
         EditSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, size=args.size)
+    output_format(args.output)
     image_path = Path(args.image) if args.image else assets.sample_image_path()
     image = load_image(image_path)
     from dataclasses import replace
 
     from .backends.torch import check_options, parse_levers
 
-    options = replace(parse_levers(args.levers), compile_cache=args.compile_cache)
-    check_options(args.torch_mode, options)
+    torch_options = replace(parse_levers(args.levers), compile_cache=args.compile_cache)
+    check_options(args.torch_mode, torch_options)
+    policy, signer = _safety(args)
     source = args.engine if args.engine is not None else args.model
-    with load(source, backend=args.backend, precision=args.precision, device=_device(args.device),
-              miss_policy=args.miss_policy, threads=args.threads, torch_mode=args.torch_mode,
-              torch_options=options) as kontext:  # fmt: skip
+    options = LoadOptions(backend=args.backend, precision=args.precision, device=_device(args.device),
+                          miss_policy=args.miss_policy, threads=args.threads,
+                          torch_mode=args.torch_mode)  # fmt: skip
+    with load(source, options=options, safety=policy, signer=signer, torch_options=torch_options) as kontext:
         result = kontext.edit(image, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
                               size=args.size, progress=not args.no_progress)  # fmt: skip
-        c = kontext.components
-        steps = len(result.step_times)
-        metadata = {"prompt": args.prompt, "seed": str(args.seed), "steps": str(steps),
-                    "guidance": str(args.guidance), "model": c.source, "weights": c.weights_id,
-                    "backend": result.backend, "source_image": image_path.name,
-                    "size": f"{result.size[0]}x{result.size[1]}"}  # fmt: skip
-        if args.engine is not None:
-            metadata["engine"] = str(args.engine)
-        save_png(result.image, args.output, metadata)
-        print(f"wrote {args.output} ({result.size[0]}x{result.size[1]}, {steps} steps, "
-              f"{result.timings['total']:.2f}s, {result.backend})")  # fmt: skip
+        saved = kontext.save(result, args.output, source=image_path, prompt=args.prompt, seed=args.seed,
+                             guidance=args.guidance, include_prompt=not args.no_prompt_metadata,
+                             review_dir=args.review_dir)  # fmt: skip
+        what = f"{result.size[0]}x{result.size[1]}, {len(result.step_times)} steps, " + (
+            f"{result.timings['total']:.2f}s, {result.backend}" + (", C2PA-signed" if saved.signed else "")
+        )
+        if saved.held:
+            print(f"held for review: {saved.path} ({what}); a person must approve it before it is shared: "
+                  f"move it to {args.output}")  # fmt: skip
+        else:
+            print(f"wrote {saved.path} ({what})")
     return 0
+
+
+def _safety(args: argparse.Namespace) -> tuple[SafetyPolicy | None, ProvenanceSigner | None]:
+    """The --safety policy (None: the model's default) and the C2PA signer (None: no certificate)."""
+    from .provenance import ProvenanceSigner
+    from .safety import build_policy
+
+    policy = None
+    if args.safety is not None:
+        policy = build_policy(args.safety, models_dir=args.safety_models, blocklist=args.blocklist,
+                              device=_device(args.safety_device))  # fmt: skip
+    elif args.blocklist is not None or args.safety_models is not None:
+        raise ConfigError(
+            "--blocklist and --safety-models take effect with --safety (e.g. --safety nsfw,blocklist)"
+        )
+    if (args.c2pa_cert is None) != (args.c2pa_key is None):
+        raise ConfigError("C2PA signing needs both --c2pa-cert and --c2pa-key")
+    signer = None
+    if args.c2pa_cert is not None:
+        signer = ProvenanceSigner.from_files(
+            args.c2pa_cert, args.c2pa_key, alg=args.c2pa_alg, tsa_url=args.c2pa_tsa
+        )
+    return policy, signer
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -228,16 +301,20 @@ def _build(args: argparse.Namespace) -> int:
     options = BuildOptions(
         opset=args.opset,
         calibration=CalibrationSpec(edits=args.calib_samples, steps=args.calib_steps),
-        tensorrt=TensorRTOptions(opt_level=args.opt_level, workspace_gb=args.workspace_gb),
+        tensorrt=TensorRTOptions(
+            profiles=args.profiles, opt_level=args.opt_level, workspace_gb=args.workspace_gb
+        ),
         fp8_attention=args.fp8_attention,
         device=args.device,
         progress=not args.no_progress,
     )
-    m = build(args.model, args.out, precisions, args.family, args.backend, args.force, options)
+    m = build(args.model, out_dir=args.out, precisions=precisions, family=args.family, backend=args.backend,
+              force=args.force, options=options)  # fmt: skip
     for a in m.artifacts:
         worst = max((v.rel_l2 for v in a.verification.values()), default=0.0)
-        keys = len(a.profiles)
-        print(f"{a.precision}: {a.path} ({a.backend}, {keys} shape keys, worst rel L2 {worst:.2e})")
+        mode = f", {a.profile_mode} profiles" if a.backend == "tensorrt" else ""
+        keys = f"{len(a.profiles)} shape keys{mode}"
+        print(f"{a.precision}: {a.path} ({a.backend}, {keys}, worst rel L2 {worst:.2e})")
     return 0
 
 
@@ -246,7 +323,7 @@ def _info(args: argparse.Namespace) -> int:
 
     print(machine_report(args.build_dir))
     if args.build_dir is not None:
-        from .runtime import build_report
+        from .info import build_report
 
         print(build_report(args.build_dir))
     return 0

@@ -1,11 +1,13 @@
-"""Frozen configuration: model presets (tiny, small, kontext-dev) and the runtime settings of one edit.
+"""Frozen configuration: model presets (tiny, small, full, kontext-dev) and the runtime settings of one edit.
 
 Nothing here reads the environment or argv; cli.py turns user input into these objects.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 from .errors import ConfigError
 
@@ -43,6 +45,17 @@ class TransformerConfig:
             "axes_dims_rope": list(self.axes_dims_rope),
         }
 
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> TransformerConfig:
+        """The inverse of to_diffusers: a diffusers transformer/config.json (other keys ignored)."""
+        names = [f.name for f in fields(cls)]  # the same names as diffusers' arguments
+        missing = [n for n in names if n not in config]
+        if missing:
+            raise ConfigError(f"a Flux transformer config needs {', '.join(missing)}")
+        values = {n: config[n] for n in names}
+        values["axes_dims_rope"] = tuple(values["axes_dims_rope"])
+        return cls(**values)
+
 
 @dataclass(frozen=True)
 class VaeConfig:
@@ -58,7 +71,12 @@ class VaeConfig:
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    """Sizes of the random CLIP and T5 encoders of the synthetic presets."""
+    """Sizes of the random CLIP and T5 encoders of the synthetic presets.
+
+    CLIP's MLP is 4x its width and T5's head size d_model / heads, as in CLIP-L and T5-v1.1-XXL.
+    Vocabulary sizes None: the in-memory tokenizers' own (a few hundred characters); set, the
+    tokenizers are padded to them (weights.build_tokenizers) and the embeddings sized to match.
+    """
 
     clip_hidden: int
     clip_layers: int
@@ -67,11 +85,21 @@ class TextEncoderConfig:
     t5_layers: int
     t5_heads: int
     t5_d_ff: int
+    clip_vocab: int | None = None  # CLIP-L: 49408 (tokenizer and embedding)
+    t5_vocab: int | None = None  # T5-v1.1: 32128 embedding rows, 32100 tokenizer pieces
 
 
 @dataclass(frozen=True)
 class ModelPreset:
-    """A complete model: synthetic presets carry configs and a seed, real ones a loader kind."""
+    """A complete model: synthetic presets carry configs and a seed, real ones are loaded from disk.
+
+    `init` says how a synthetic preset's random weights are made (weights.py):
+    - "module": each module's own initialisation, run on the CPU in fp32 from `seed`, then moved
+      and cast. Exact and portable (the same bytes on every machine); for small presets.
+    - "scaled": built on the meta device, materialized on the target device in the target dtype,
+      and filled there by the fan-in scaled rule of random_weights.py (a 12B model never touches
+      host memory). The bytes depend on the device's random generator.
+    """
 
     name: str
     transformer: TransformerConfig
@@ -80,15 +108,12 @@ class ModelPreset:
     vae: VaeConfig | None = None  # None: loaded from disk
     text: TextEncoderConfig | None = None  # None: loaded from disk
     seed: int = 0  # seed of the random weights (synthetic presets)
+    init: Literal["module", "scaled"] = "module"
+    default_steps: int = 28  # diffusers' default; the small random presets gain nothing past 8
 
     @property
     def synthetic(self) -> bool:
         return self.vae is not None
-
-    @property
-    def default_steps(self) -> int:
-        """28 for the real model (diffusers' default); 8 for random weights, which gain nothing from more."""
-        return 8 if self.synthetic else EditSettings.steps
 
 
 KONTEXT_DEV_TRANSFORMER = TransformerConfig(
@@ -121,6 +146,7 @@ PRESETS: dict[str, ModelPreset] = {
         bucket_family="tiny",
         max_sequence_length=32,
         seed=0,
+        default_steps=8,
     ),
     # ~70M transformer parameters (hidden 512, 4 double + 8 single blocks): on a CPU the
     # transformer dominates the edit, so backend comparisons mean something.
@@ -142,8 +168,33 @@ PRESETS: dict[str, ModelPreset] = {
         bucket_family="small",
         max_sequence_length=128,
         seed=0,
+        default_steps=8,
     ),
-    # The real 12B model, loaded from a local path (see weights.py).
+    # Every component at the real FLUX.1 Kontext [dev] size (16.9B parameters, 33.7 GB in bf16),
+    # seeded random weights built on the GPU: the real model's cost and numerics without the gated
+    # weights. Its images are noise. Sizes: BFL's flux util.py "flux-dev-kontext" and ae_params,
+    # google/t5-v1_1-xxl and openai/clip-vit-large-patch14 (tests/test_full_preset.py checks them).
+    "full": ModelPreset(
+        name="full",
+        transformer=KONTEXT_DEV_TRANSFORMER,
+        vae=VaeConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+        text=TextEncoderConfig(
+            clip_hidden=768,
+            clip_layers=12,
+            clip_heads=12,
+            t5_d_model=4096,
+            t5_layers=24,
+            t5_heads=64,
+            t5_d_ff=10240,
+            clip_vocab=49408,
+            t5_vocab=32128,
+        ),
+        bucket_family="1mp",
+        max_sequence_length=512,
+        seed=0,
+        init="scaled",
+    ),
+    # The real 12B model, loaded from a local path (see weights.py and checkpoints.py).
     "kontext-dev": ModelPreset(
         name="kontext-dev",
         transformer=KONTEXT_DEV_TRANSFORMER,
@@ -184,3 +235,32 @@ class EditSettings:
             w, h = self.size
             if w <= 0 or h <= 0 or w % 16 or h % 16:
                 raise ConfigError(f"size must be positive multiples of 16, got {w}x{h}")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How runtime.load builds an engine; passed down once, to the backend's loader.
+
+    backend: torch | onnxruntime | tensorrt (None: the build's backend, or torch for a preset/path).
+    precision: the build's artifact (None: the first listed). device: None: cuda for TensorRT or when
+    torch sees a GPU, else cpu. miss_policy: error | torch. workers: concurrent edits. threads: ONNX
+    Runtime intra-op threads. torch_mode: eager | compile | fp8. plan_memory_budget: bytes of TensorRT
+    plans kept loaded (None: 80% of the GPU's memory); plans of other families are evicted LRU.
+    """
+
+    backend: str | None = None
+    precision: str | None = None
+    device: str | None = None
+    miss_policy: str = "error"
+    workers: int = 1
+    threads: int | None = None
+    torch_mode: str = "eager"
+    plan_memory_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {self.workers}")
+        if self.threads is not None and self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0: ONNX Runtime's default), got {self.threads}")
+        if self.plan_memory_budget is not None and self.plan_memory_budget <= 0:
+            raise ConfigError(f"plan_memory_budget must be positive bytes, got {self.plan_memory_budget}")

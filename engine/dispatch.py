@@ -1,7 +1,7 @@
 """Dispatch: edit -> bucket -> shape key -> the denoiser that serves it, or the miss policy.
 
-The loaded engine's frozen set of shape keys is the single source of truth: a key in it runs on
-the engine; any other key is a ShapeNotServedError naming the buckets served (policy "error") or
+The primary denoiser's frozen set of shape keys is the single source of truth: a key in it runs on
+the primary; any other key is a ShapeNotServedError naming the buckets served (policy "error") or
 runs on the torch transformer (policy "torch"). Either way a miss is logged and counted.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import Denoiser, call_signature, describe_keys, key_signature
+from .backends import Denoiser, Signature, call_signature, describe_keys, key_signature
 from .buckets import ShapeKey, buckets, nearest_bucket, shape_key
 from .errors import ConfigError, ShapeNotServedError
 
@@ -39,7 +39,7 @@ def served_buckets(keys: frozenset[ShapeKey], family: str) -> list[tuple[int, in
 
 @dataclass(frozen=True)
 class DispatchStats:
-    """Counts since load: edits (or adapter calls) served by the engine, missed, and fallen back."""
+    """Counts since load: edits (or adapter calls) served by the primary denoiser, missed, and fallen back."""
 
     hits: int
     misses: int
@@ -48,11 +48,11 @@ class DispatchStats:
 
 
 class Dispatcher:
-    """Chooses the denoiser of each shape key: the engine for its keys, else the miss policy."""
+    """Chooses the denoiser of each shape key: the primary (built) one for its keys, else the miss policy."""
 
     def __init__(
         self,
-        engine: Denoiser,
+        primary: Denoiser,
         *,
         family: str,
         policy: str = "error",
@@ -63,12 +63,12 @@ class Dispatcher:
             raise ConfigError(f"miss policy must be one of {', '.join(MISS_POLICIES)}, got {policy!r}")
         if policy == "torch" and fallback is None:
             raise ConfigError("miss policy 'torch' needs a fallback denoiser (the torch transformer)")
-        self.engine = engine
+        self.primary = primary
         self.family = family
         self.policy = policy
         self.fallback = fallback
         self.rebuild_hint = rebuild_hint
-        self.shape_keys: frozenset[ShapeKey] | None = engine.shape_keys  # None: the engine serves any shape
+        self.shape_keys: frozenset[ShapeKey] | None = primary.shape_keys  # None: it serves any shape
         self._signatures = None if self.shape_keys is None else {key_signature(k) for k in self.shape_keys}
         self._lock = threading.Lock()
         self._hits = 0
@@ -79,12 +79,21 @@ class Dispatcher:
         return self.shape_keys is None or key in self.shape_keys
 
     def resolve(self, key: ShapeKey) -> Denoiser:
-        """The denoiser for `key`: the engine if it serves it, else the fallback or a ShapeNotServedError."""
+        """The denoiser for `key`: the primary if it serves it, else the fallback or a ShapeNotServedError."""
         if self.serves(key):
-            with self._lock:
-                self._hits += 1
-            return self.engine
+            return self._hit()
         return self._miss(str(key))
+
+    def resolve_signature(self, sig: Signature) -> Denoiser:
+        """The denoiser for one call's (batch, image tokens, text tokens), counted like resolve()."""
+        if self._signatures is None or sig in self._signatures:
+            return self._hit()
+        return self._miss(f"(batch {sig[0]}, image tokens {sig[1]}, text tokens {sig[2]})")
+
+    def _hit(self) -> Denoiser:
+        with self._lock:
+            self._hits += 1
+        return self.primary
 
     def _miss(self, what: str) -> Denoiser:
         with self._lock:
@@ -95,18 +104,18 @@ class Dispatcher:
             log.warning(
                 "shape %s is not served by %s; falling back to %s (counted)",
                 what,
-                self.engine.name,
+                self.primary.name,
                 self.fallback.name,
             )
             return self.fallback
-        log.warning("shape %s is not served by %s (miss policy: error)", what, self.engine.name)
+        log.warning("shape %s is not served by %s (miss policy: error)", what, self.primary.name)
         raise ShapeNotServedError(self.not_served_message(what))
 
     def not_served_message(self, what: str) -> str:
         keys = self.shape_keys or frozenset()
         served = ", ".join(f"{w}x{h}" for w, h in served_buckets(keys, self.family)) or "none of the family's"
         return (
-            f"shape {what} is not served by {self.engine.name}; it serves buckets {served} (family "
+            f"shape {what} is not served by {self.primary.name}; it serves buckets {served} (family "
             f"{self.family}; shape keys {describe_keys(keys)}). Edit at one of those sizes (size=None picks "
             f"the input's bucket), load with miss_policy='torch' to fall back to PyTorch, or rebuild for "
             f"this shape with {self.rebuild_hint}"
@@ -130,7 +139,7 @@ class DispatchingDenoiser:
 
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
-        self.name = f"dispatch({dispatcher.engine.name})"
+        self.name = f"dispatch({dispatcher.primary.name})"
         self.shape_keys = dispatcher.shape_keys
 
     def __call__(
@@ -143,14 +152,7 @@ class DispatchingDenoiser:
         timestep: torch.Tensor,
         guidance: torch.Tensor,
     ) -> torch.Tensor:
-        d = self.dispatcher
-        sig = call_signature(hidden_states, encoder_hidden_states)  # (B, N + M, L)
-        if d._signatures is None or sig in d._signatures:
-            with d._lock:
-                d._hits += 1
-            target = d.engine
-        else:
-            target = d._miss(f"(batch {sig[0]}, image tokens {sig[1]}, text tokens {sig[2]})")
+        target = self.dispatcher.resolve_signature(call_signature(hidden_states, encoder_hidden_states))
         return target(
             hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
         )

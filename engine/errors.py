@@ -53,3 +53,13 @@ class ModeratedError(KontextError):
         self.stage = stage  # "request": prompt or input image flagged, no GPU time spent; "content": output
         self.verdict = verdict  # engine.safety.Verdict
         super().__init__(f"{'request' if stage == 'request' else 'output'} moderated: {verdict}")
+
+
+class FilterModelError(WeightsError):
+    """A content-filter model (the NSFW classifier, Pixtral) is missing from --safety-models or unreadable.
+    The message names the Hugging Face repository to download and the folder it must go to."""
+
+
+class ProvenanceError(KontextError):
+    """C2PA signing cannot be set up or failed: a certificate or key file is missing or unreadable, the
+    algorithm is unknown, or c2pa-python refused the manifest."""

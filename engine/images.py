@@ -1,13 +1,14 @@
-"""Input images in, output images out: decode and validate PNG/JPEG/WebP, convert to RGB,
-resize and tensorize exactly as diffusers' VaeImageProcessor does, save PNGs with metadata."""
+"""Input images in, output images out: decode and validate PNG/JPEG/WebP, convert to RGB, resize and
+tensorize exactly as diffusers' VaeImageProcessor does, encode PNG or JPEG outputs with their metadata
+and the AI-generation disclosure (PNG text chunks; JPEG EXIF)."""
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import stat
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
-from engine.errors import ConfigError, ImageError
+from .errors import ConfigError, ImageError
+from .files import atomic_writer
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 MAX_PIXELS = 64 * 1024 * 1024  # 64 MP: far above any Kontext bucket, far below a decompression bomb
 MAX_FILE_BYTES = 64 * 1024 * 1024  # 64 MiB
@@ -74,7 +76,7 @@ def load_image(
     _check_format(data, name)
     image = _decode(data, name, max_pixels)
     rgb = to_rgb(image)
-    logger.debug("loaded %s: %s %dx%d -> RGB", name, image.mode, rgb.width, rgb.height)
+    log.debug("loaded %s: %s %dx%d -> RGB", name, image.mode, rgb.width, rgb.height)
     return rgb
 
 
@@ -106,7 +108,7 @@ def _read_source(source: ImageSource, max_file_bytes: int) -> tuple[bytes, str]:
     return data, str(path)
 
 
-def _sniff_format(data: bytes) -> str | None:
+def sniff_format(data: bytes) -> str | None:
     """The accepted format named by the magic bytes, or None."""
     if data.startswith(_PNG_MAGIC):
         return "PNG"
@@ -118,7 +120,7 @@ def _sniff_format(data: bytes) -> str | None:
 
 
 def _check_format(data: bytes, name: str) -> None:
-    found = _sniff_format(data)
+    found = sniff_format(data)
     if found is None:
         other = next((label for magic, label in _OTHER_MAGIC if data.startswith(magic)), None)
         what = f"a {other} file" if other else "not a recognized image"
@@ -148,7 +150,7 @@ def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
                     f"{max_pixels} pixels; refused before decoding"
                 )
             if getattr(lazy, "is_animated", False):
-                logger.info("%s: animated %s, using its first frame", name, lazy.format)
+                log.info("%s: animated %s, using its first frame", name, lazy.format)
             lazy.load()
             return ImageOps.exif_transpose(lazy)
     except ImageError:
@@ -243,39 +245,75 @@ def to_pil(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray((pixels[0] * 255).round().astype("uint8"))
 
 
-# ---------------------------------------------------------------------------- PNG output
+# ---------------------------------------------------------------------------- output
+
+
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+MIME_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg"}
+JPEG_QUALITY = 95
+SOFTWARE_KEY = "Software"  # the PNG keyword and EXIF tag of the AI-generation disclosure
+_EXIF_DESCRIPTION, _EXIF_MODEL, _EXIF_SOFTWARE, _EXIF_USER_COMMENT = 0x010E, 0x0110, 0x0131, 0x9286
+_EXIF_IFD = 0x8769
+_ASCII_PREFIX = b"ASCII\x00\x00\x00"  # EXIF UserComment character-code prefix
+
+
+def ai_disclosure(version: str, model: str) -> str:
+    """The `Software` value of every output: who made it, that it is AI-generated, from which model
+    (BFL's reference writes "AI generated;img2img;flux")."""
+    return f"kontext-engine {version}; AI generated; img2img; FLUX.1 Kontext [dev] ({model})"
+
+
+def output_format(path: str | os.PathLike[str]) -> str:
+    """PNG or JPEG, from the file name's suffix."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise ConfigError(f"{path}: outputs are .png, .jpg or .jpeg files, not {suffix or 'no suffix'!r}")
+    return OUTPUT_FORMATS[suffix]
+
+
+def encode_image(image: Image.Image, fmt: str, metadata: Mapping[str, str]) -> bytes:
+    """`image` as PNG or JPEG bytes carrying `metadata`. PNG: one text chunk per item (tEXt if Latin-1,
+    else uncompressed iTXt), keys sorted, nothing time-dependent, so equal inputs give equal bytes. JPEG
+    (quality 95): EXIF Software, Model and ImageDescription from the `Software`, `model` and `prompt`
+    items, and every item as JSON in UserComment."""
+    if fmt not in MIME_TYPES:
+        raise ConfigError(f"output format must be PNG or JPEG, got {fmt!r}")
+    buf = io.BytesIO()
+    try:
+        if fmt == "PNG":
+            image.save(buf, format="PNG", pnginfo=_png_info(metadata))
+        else:
+            image.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, exif=_exif(metadata))
+    except OSError as exc:  # Pillow's encoders report failures as OSError
+        raise ImageError(f"cannot encode the {fmt} image: {exc.strerror or exc}") from exc
+    return buf.getvalue()
 
 
 def save_png(image: Image.Image, path: str | os.PathLike[str], metadata: Mapping[str, str]) -> Path:
-    """Write `image` as a PNG with one text chunk per metadata item, atomically.
+    """Write `image` as a PNG with one text chunk per metadata item, atomically (engine.files)."""
+    return write_bytes(path, encode_image(image, "PNG", metadata))
 
-    Latin-1 values go in tEXt chunks, others in uncompressed iTXt (UTF-8). Keys are written
-    sorted, and nothing time-dependent is written, so the same image and metadata give the same
-    bytes. The PNG goes to a temporary file in the target's directory, is fsynced, then
-    os.replace()d over `path`: a reader sees the old file or the new one, never half of one.
-    """
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """An encoded image to `path`, atomically; an OSError becomes an ImageError naming the file."""
     target = Path(path)
-    info = _png_info(metadata)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        with atomic_writer(target) as f:
+            f.write(data)
     except OSError as exc:
-        raise ImageError(f"{target}: cannot create a file in {target.parent}: {exc.strerror or exc}") from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise ImageError(f"{target}: cannot write the PNG: {exc.strerror or exc}") from exc
-        raise
-    _fsync_directory(target.parent)
-    logger.debug("saved %s (%d metadata keys)", target, len(metadata))
+        raise ImageError(f"{target}: cannot write the image: {exc.strerror or exc}") from exc
+    log.debug("wrote %s (%d bytes)", target, len(data))
     return target
+
+
+def _exif(metadata: Mapping[str, str]) -> Image.Exif:
+    exif = Image.Exif()
+    for tag, key in ((_EXIF_SOFTWARE, SOFTWARE_KEY), (_EXIF_MODEL, "model"), (_EXIF_DESCRIPTION, "prompt")):
+        if key in metadata:
+            exif[tag] = str(metadata[key])
+    comment = json.dumps(dict(sorted(metadata.items())), ensure_ascii=True)  # ASCII: \u escapes
+    exif.get_ifd(_EXIF_IFD)[_EXIF_USER_COMMENT] = _ASCII_PREFIX + comment.encode("ascii")
+    return exif
 
 
 def _png_info(metadata: Mapping[str, str]) -> PngImagePlugin.PngInfo:
@@ -309,20 +347,6 @@ def _check_png_key(key: object) -> None:
         raise ImageError(f"invalid PNG metadata key {key!r}: use 1-79 printable Latin-1 characters")
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def read_png_metadata(path: str | os.PathLike[str], *, max_pixels: int = MAX_PIXELS) -> dict[str, str]:
     """The tEXt, zTXt and iTXt chunks of a PNG file, as str -> str."""
     target = Path(path)
@@ -336,3 +360,15 @@ def read_png_metadata(path: str | os.PathLike[str], *, max_pixels: int = MAX_PIX
         raise
     except Exception as exc:
         raise ImageError(f"{target}: cannot read PNG metadata: {type(exc).__name__}: {exc}") from exc
+
+
+def read_jpeg_metadata(data: bytes) -> dict[str, str]:
+    """The metadata `encode_image` put in a JPEG's EXIF UserComment (empty if there is none)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as jpeg:
+            comment = jpeg.getexif().get_ifd(_EXIF_IFD).get(_EXIF_USER_COMMENT)
+    except Exception as exc:
+        raise ImageError(f"cannot read JPEG metadata: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(comment, bytes) or not comment.startswith(_ASCII_PREFIX):
+        return {}
+    return {str(k): str(v) for k, v in json.loads(comment[len(_ASCII_PREFIX) :]).items()}

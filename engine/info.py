@@ -1,4 +1,5 @@
-"""`kontext info`: what this machine can run (libraries, GPU, presets, buckets)."""
+"""`kontext info`: what this machine can run (libraries, GPU, presets, buckets), and what a build folder
+holds and whether this machine can run it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 from .buckets import FAMILIES, buckets, tokens
 from .config import PRESETS
+from .errors import BackendUnavailableError, ManifestError
+from .manifest import MachineFacts, Manifest, check_manifest, read_manifest
 
 
 def _version(dist: str) -> str | None:
@@ -47,7 +50,7 @@ def library_summary() -> dict[str, str | None]:
     # Importing tensorrt is safe without a GPU (deserializing is not). Type stubs or tensorrt-lean
     # import too, without a Builder: only a full TensorRT counts.
     if importlib.util.find_spec("tensorrt") is not None:
-        from .build.tensorrt_build import tensorrt_module
+        from .backends.tensorrt_plans import tensorrt_module
 
         trt = tensorrt_module()
         libs["tensorrt"] = (
@@ -64,7 +67,9 @@ def machine_report(build_dir: Path | None = None) -> str:
     lines.append("presets:")
     for p in PRESETS.values():
         t = p.transformer
-        kind = "synthetic (seeded random weights)" if p.synthetic else "local path"
+        kind = "local path" if not p.synthetic else "synthetic (seeded random weights)"
+        if p.init == "scaled":
+            kind = "synthetic, built on the GPU (random weights: its images are noise)"
         lines.append(
             f"  {p.name:<12} hidden {t.hidden_size}, {t.num_layers}+{t.num_single_layers} blocks, "
             f"family {p.bucket_family}, {kind}"
@@ -75,7 +80,65 @@ def machine_report(build_dir: Path | None = None) -> str:
         toks = sorted({tokens(*b) for b in bs})
         lines.append(f"  {f:<7} {len(bs):>2} buckets, {len(toks)} token counts {toks[0]}..{toks[-1]}")
     if build_dir is not None:
-        from .build.manifest import describe
-
         lines.append(describe(build_dir))
     return "\n".join(lines)
+
+
+def describe(build_dir: Path) -> str:
+    """A summary of a build folder's manifest: model, backend, and each artifact's size and error."""
+    m = read_manifest(build_dir)
+    lines = [
+        f"build {build_dir}:",
+        f"  model {m.model} (weights {m.weights_id}), backend {m.backend} "
+        f"{m.backend_version}, opset {m.opset}",
+    ]
+    if m.gpu:
+        lines.append(f"  built on {m.gpu} (compute capability {m.compute_capability})")
+    for a in m.artifacts:
+        worst = max((v.rel_l2 for v in a.verification.values()), default=float("nan"))
+        mode = f" ({a.profile_mode} profiles)" if a.backend == "tensorrt" else ""
+        lines.append(
+            f"  {a.precision:<5} {a.path} ({a.bytes / 1e6:.1f} MB), {len(a.profiles)} shape keys{mode}, "
+            f"family {a.family}, worst rel L2 {worst:.2e}"
+        )
+    return "\n".join(lines)
+
+
+def build_report(build_dir: Path) -> str:
+    """The buckets each artifact serves and whether this machine can run it.
+
+    Checks what loading would check (backend library and version, GPU, files, sha256), except the
+    weights, which are only fingerprinted when loaded.
+    """
+    from .dispatch import served_buckets
+
+    m = read_manifest(build_dir)
+    machine, why = _machine_for(m)
+    lines = ["served by this build:"]
+    for a in m.artifacts:
+        bs = ", ".join(f"{w}x{h}" for w, h in served_buckets(a.shape_keys(), a.family)) or "none"
+        status = f"no: {why}" if machine is None else "yes"
+        if machine is not None:
+            try:
+                check_manifest(m, build_dir, a, machine)
+            except ManifestError as e:  # says why and how to rebuild
+                status = f"no: {e}"
+        lines.append(f"  {a.backend}-{a.precision}: buckets {bs}")
+        lines.append(f"    runs on this machine: {status}")
+    return "\n".join(lines)
+
+
+def _machine_for(m: Manifest) -> tuple[MachineFacts | None, str]:
+    """This machine as the manifest's backend sees it (with the manifest's weights), or why it cannot."""
+    try:
+        if m.backend == "tensorrt":
+            import torch
+
+            from .backends.tensorrt import machine_facts
+
+            return machine_facts(m.weights_id, torch.device("cuda")), ""
+        from .backends.onnxruntime import ort_version
+
+        return MachineFacts(m.weights_id, ort_version()), ""
+    except BackendUnavailableError as e:
+        return None, str(e)

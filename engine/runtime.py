@@ -5,8 +5,8 @@ its whole duration and returns it after; other threads wait. A worker has its ow
 tokenizers are not safe to share across threads) and shares the read-only modules (text encoders,
 VAE, transformer) and the denoiser. Denoisers are safe to call concurrently: ONNX Runtime's
 session.run is thread-safe (one IOBinding per call); torch forward under inference_mode mutates
-nothing; TensorRT keeps a context per (profile, worker) and checks a worker out per call. So
-concurrent edits give exactly the results of the same edits run one by one.
+nothing; TensorRT keeps a context per (plan, shape key, worker) and checks a worker out per call.
+So concurrent edits give exactly the results of the same edits run one by one.
 """
 
 from __future__ import annotations
@@ -18,21 +18,27 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
-from .backends import BACKENDS, Denoiser
+from .backends import BACKENDS, Denoiser, GraphCapturing
+from .backends.inputs import dummy_inputs
 from .backends.torch import TORCH_MODES, TorchDenoiser, TorchOptions, default_dtype, torch_denoiser
-from .buckets import ShapeKey
-from .build.manifest import MANIFEST_NAME, Manifest, read_manifest
-from .config import EditSettings
-from .dispatch import Dispatcher, DispatchStats, edit_key, served_buckets
+from .buckets import ShapeKey, family_shape_keys
+from .config import EditSettings, LoadOptions
+from .dispatch import MISS_POLICIES, Dispatcher, DispatchStats, edit_key, served_buckets
 from .errors import BackendUnavailableError, ConfigError
+from .manifest import MANIFEST_NAME, Manifest, read_manifest, rebuild_command
 from .pipeline import EditResult, KontextPipeline
 from .prompt_cache import PromptCache
 from .weights import Components, load_components
+
+if TYPE_CHECKING:
+    from .outputs import SavedOutput
+    from .provenance import ProvenanceSigner
+    from .safety import SafetyPolicy
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +56,10 @@ class KontextEngine:
         workers: int = 1,
         build_dir: Path | None = None,
         manifest: Manifest | None = None,
+        safety: SafetyPolicy | None = None,
+        signer: ProvenanceSigner | None = None,
     ) -> None:
+        """safety: the content policy edit() applies (None: off); signer: C2PA signing for save()."""
         if workers < 1:
             raise ConfigError(f"workers must be at least 1, got {workers}")
         self.components = components
@@ -61,6 +70,12 @@ class KontextEngine:
         self.manifest = manifest
         self.workers = workers
         self.prompt_cache = PromptCache()  # a repeated prompt skips T5 and CLIP (keyed by their weights)
+        if safety is None:
+            from .safety import SafetyPolicy
+
+            safety = SafetyPolicy()
+        self.safety = safety
+        self.signer = signer
         self._pool: queue.Queue[Components] = queue.Queue()
         for _ in range(workers):  # each worker: the shared modules, its own tokenizers
             self._pool.put(
@@ -76,7 +91,7 @@ class KontextEngine:
 
     @property
     def name(self) -> str:
-        return self.dispatcher.engine.name
+        return self.dispatcher.primary.name
 
     @property
     def shape_keys(self) -> frozenset[ShapeKey] | None:
@@ -95,8 +110,6 @@ class KontextEngine:
         return served_buckets(keys, self.family)
 
     def _family_keys(self) -> set[ShapeKey]:
-        from .buckets import family_shape_keys
-
         return set(family_shape_keys(self.family, self.components.preset.max_sequence_length))
 
     def stats(self) -> DispatchStats:
@@ -116,12 +129,18 @@ class KontextEngine:
         progress: bool = False,
     ) -> EditResult:
         """Edit `image` as `prompt` says. steps None: 28 (8 on synthetic presets). Returns the PIL image
-        (result.image), the final latents and the timings in seconds (result.timings)."""
+        (result.image), the final latents and the timings in seconds (result.timings).
+
+        Raises ModeratedError("request") when the safety policy flags the prompt or the image (before any
+        model runs), ModeratedError("content") when it flags the output (which is then dropped). Under
+        review (`self.safety.review`) the result is for a person to approve: save() holds it.
+        """
         self._check_open()
         if not isinstance(image, Image.Image):
             from .images import load_image
 
             image = load_image(Path(image))
+        self.safety.check_request(prompt, [image])  # safety: before any encoder, transformer or VAE work
         if steps is None:
             steps = self.components.preset.default_steps
         settings = EditSettings(steps=steps, guidance=guidance, seed=seed, size=size)
@@ -143,31 +162,62 @@ class KontextEngine:
         finally:
             self._pool.put(worker)
         result.timings["queue"] = waited
+        self.safety.check_output(result.image)  # safety: a flagged output is never returned
         return result
 
+    def save(
+        self,
+        result: EditResult,
+        path: str | Path,
+        *,
+        source: Image.Image | str | Path | bytes | None = None,
+        prompt: str | None = None,
+        seed: int | None = None,
+        guidance: float | None = None,
+        include_prompt: bool = True,
+        review_dir: str | Path | None = None,
+    ) -> SavedOutput:
+        """Write `result` to `path` (.png or .jpg) with its metadata and AI disclosure, C2PA-signed when
+        this engine has a signer (source: the input image, the manifest's parent ingredient). Under the
+        review policy the file goes to `review_dir` (default: `review/` beside `path`), not to `path`.
+        include_prompt: write the prompt into the file (prompts can be private)."""
+        from .outputs import output_metadata, save_output
+        from .safety.review import default_review_dir
+
+        c = self.components
+        metadata = output_metadata(
+            c.preset.name,  # "kontext-dev" for local weights: a file must not reveal a local path
+            prompt=prompt,
+            include_prompt=include_prompt,
+            seed=seed,
+            steps=len(result.step_times),
+            guidance=guidance,
+            weights=c.weights_id,
+            backend=result.backend,
+            size=f"{result.size[0]}x{result.size[1]}",
+            engine=self.build_dir,
+            source_image=Path(source).name if isinstance(source, (str, Path)) else None,
+        )
+        parent = _encoded(source) if self.signer is not None and source is not None else None
+        held = (review_dir or default_review_dir(path)) if self.safety.review else None
+        return save_output(result.image, path, metadata, parent=parent, signer=self.signer, review_dir=held)
+
     def warmup(self, keys: frozenset[ShapeKey] | None = None) -> dict[str, float]:
-        """Run every served shape key (default: all of them) through the denoiser on every worker, so
-        lazy initialisation, compilation and CUDA-graph capture happen now. Seconds per key."""
+        """Run every served shape key (default: all of them) through the denoiser, so lazy
+        initialisation and compilation happen now, and (TensorRT) capture each key's CUDA graph on
+        every worker: call it before serving, since a capture synchronizes the device. Seconds per key."""
         self._check_open()
         keys = keys or self.shape_keys or frozenset(self._family_keys())
         cfg = self.components.preset.transformer
-        engine = self.dispatcher.engine
+        primary = self.dispatcher.primary
         out: dict[str, float] = {}
         for key in sorted(keys):
-            b, n, l = key.batch, key.image_tokens, key.text_tokens  # noqa: E741
-            args = (
-                torch.zeros(b, n, cfg.in_channels, dtype=self.dtype, device=self.device),  # hidden_states
-                torch.zeros(n, 3, device=self.device),  # img_ids
-                torch.zeros(b, l, cfg.joint_attention_dim, dtype=self.dtype, device=self.device),
-                torch.zeros(l, 3, device=self.device),  # txt_ids
-                torch.zeros(b, cfg.pooled_projection_dim, dtype=self.dtype, device=self.device),
-                torch.full((b,), 0.5, dtype=self.dtype, device=self.device),  # timestep
-                torch.full((b,), 2.5, dtype=torch.float32, device=self.device),  # guidance
-            )
             t0 = time.perf_counter()
             with torch.inference_mode():
-                for _ in range(2 * self.workers):  # TensorRT: eager run, then graph capture, on each worker
-                    engine(*args)
+                if isinstance(primary, GraphCapturing):
+                    primary.capture_graphs(key)  # an eager run, then the capture, on every worker
+                else:
+                    primary(**dummy_inputs(cfg, key, device=self.device, dtype=self.dtype))
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
             out[str(key)] = time.perf_counter() - t0
@@ -185,7 +235,7 @@ class KontextEngine:
         if self._closed:
             return
         self._closed = True
-        for d in (self.dispatcher.engine, self.dispatcher.fallback):
+        for d in (self.dispatcher.primary, self.dispatcher.fallback):
             close = getattr(d, "close", None)
             if close is not None:
                 close()
@@ -206,6 +256,7 @@ def is_build_dir(source: str | Path) -> bool:
 def load(
     source: str | Path,
     *,
+    options: LoadOptions | None = None,
     backend: str | None = None,
     precision: str | None = None,
     device: str | None = None,
@@ -215,218 +266,134 @@ def load(
     torch_mode: str = "eager",
     torch_options: TorchOptions | None = None,
     plan_memory_budget: int | None = None,
-    verify_sha256: bool = True,
+    safety: SafetyPolicy | str | None = None,
+    signer: ProvenanceSigner | None = None,
 ) -> KontextEngine:
     """Load an engine from a build folder (its manifest decides the model and backend), or a preset
     name / local weights path (the torch backend).
 
-    backend: torch | onnxruntime | tensorrt (default: the build's backend, or torch). precision: the
-    build's artifact (default: the first listed). device: default cuda for TensorRT or when torch
-    sees a GPU, else cpu. miss_policy: error | torch. workers: concurrent edits (see the module doc).
-    threads: ONNX Runtime intra-op threads. torch_mode: eager | compile | fp8. torch_options: the torch
-    path's levers (backends.torch.TorchOptions).
+    Either pass `options` (a LoadOptions), or its fields as keywords; config.LoadOptions documents them.
+
+    safety: a SafetyPolicy (engine.safety.build_policy), or "off" / "review"; None: off for the random
+    presets, review for the real model (its licence asks for filters or human review). signer: a
+    provenance.ProvenanceSigner; save() then C2PA-signs every output. Both are objects, not options,
+    so they are keywords beside `options`.
+    torch_options: the torch path's levers (backends.torch.TorchOptions), a keyword beside `options`
+    like safety and signer.
     """
-    if backend is not None and backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if torch_mode not in TORCH_MODES:
-        raise ConfigError(f"torch_mode must be one of {', '.join(TORCH_MODES)}, got {torch_mode!r}")
+    keywords = LoadOptions(backend=backend, precision=precision, device=device, miss_policy=miss_policy,
+                           workers=workers, threads=threads, torch_mode=torch_mode,
+                           plan_memory_budget=plan_memory_budget)  # fmt: skip
+    if options is not None and keywords != LoadOptions():
+        raise ConfigError("pass the load options either as options=LoadOptions(...) or as keywords, not both")
+    opts = options or keywords
+    if opts.backend is not None and opts.backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {opts.backend!r}")
+    if opts.torch_mode not in TORCH_MODES:
+        raise ConfigError(f"torch_mode must be one of {', '.join(TORCH_MODES)}, got {opts.torch_mode!r}")
+    if opts.miss_policy not in MISS_POLICIES:
+        raise ConfigError(f"miss_policy must be one of {', '.join(MISS_POLICIES)}, got {opts.miss_policy!r}")
     build_dir = Path(source) if is_build_dir(source) else None
     manifest = read_manifest(build_dir) if build_dir is not None else None
-    backend = backend or (manifest.backend if manifest is not None else "torch")
-    if manifest is None and backend != "torch":
+    chosen = opts.backend or (manifest.backend if manifest is not None else "torch")
+    if manifest is None and chosen != "torch":
         raise ConfigError(
-            f"backend {backend!r} runs built artifacts: pass a build folder (with {MANIFEST_NAME}), "
+            f"backend {chosen!r} runs built artifacts: pass a build folder (with {MANIFEST_NAME}), "
             f"made by `kontext build --model {source}`"
         )
-    if device is None:
-        device = "cuda" if backend == "tensorrt" or torch.cuda.is_available() else "cpu"
-    if backend == "tensorrt":
-        from .backends.tensorrt import require_tensorrt
+    dev = opts.device or ("cuda" if chosen == "tensorrt" or torch.cuda.is_available() else "cpu")
+    if chosen == "tensorrt":
+        from .backends.tensorrt_plans import require_tensorrt
 
         require_tensorrt()  # before loading anything onto a GPU that may not exist
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendUnavailableError(f"device {device!r} asked for, but torch sees no CUDA device; use cpu")
-    dtype = default_dtype(device)
-    if backend == "onnxruntime":
-        dtype = torch.float32  # the fp32 encoders feed the graph; it casts internally
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"device {dev!r} asked for, but torch sees no CUDA device; use cpu")
+    opts = replace(opts, backend=chosen, device=dev)
+    dtype = (
+        torch.float32 if chosen == "onnxruntime" else default_dtype(dev)
+    )  # ORT: fp32 encoders feed the graph
     model = manifest.model if manifest is not None else str(source)
-    components = load_components(model, dtype=dtype, device=device)
-    if backend == "torch" and torch_options is not None and torch_options.compile_vae:
+    from .safety.policy import resolve_policy
+
+    policy = resolve_policy(safety, synthetic=is_synthetic(model))  # before the weights: fail fast
+    components = load_components(model, dtype=dtype, device=dev)
+    if chosen == "torch" and torch_options is not None and torch_options.compile_vae:
         from .backends.torch import compile_vae
 
         components = replace(components, vae=compile_vae(components.vae))
-    engine = _engine(
-        backend,
-        components,
-        manifest,
-        build_dir,
-        precision=precision,
-        device=device,
-        dtype=dtype,
-        torch_mode=torch_mode,
-        torch_options=torch_options,
-        threads=threads,
-        workers=workers,
-        plan_memory_budget=plan_memory_budget,
-        verify_sha256=verify_sha256,
-    )
-    out = f" --out {build_dir} --force" if build_dir is not None else ""
-    rebuild = f"`kontext build --model {model}{out}`"
     fallback = None
-    if miss_policy == "torch" and backend != "torch":
+    if opts.miss_policy == "torch" and chosen != "torch":
         fallback = TorchDenoiser(components.transformer, name="torch-eager-fallback")
-    family = _family(manifest, precision, components)
+    if manifest is None or build_dir is None:
+        primary: Denoiser = _torch_denoiser(components, opts.torch_mode, torch_options, dev, dtype)
+        family, hint = components.preset.bucket_family, f"`kontext build --model {model}`"
+    else:
+        primary = load_artifacts(manifest, build_dir, weights_id=components.weights_id, options=opts)
+        family = manifest.family
+        hint = f"`{rebuild_command(manifest, build_dir)}`"
     dispatcher = Dispatcher(
-        engine, family=family, policy=miss_policy, fallback=fallback, rebuild_hint=rebuild
+        primary, family=family, policy=opts.miss_policy, fallback=fallback, rebuild_hint=hint
     )
-    log.info("loaded %s (%s on %s, %d worker(s))", model, engine.name, device, workers)
+    log.info("loaded %s (%s on %s, %d worker(s))", model, primary.name, dev, opts.workers)
     return KontextEngine(
         components,
         dispatcher,
-        device=device,
+        device=dev,
         dtype=dtype,
-        workers=workers,
+        workers=opts.workers,
         build_dir=build_dir,
         manifest=manifest,
+        safety=policy,
+        signer=signer,
     )
 
 
-def _engine(
-    backend: str,
-    components: Components,
-    manifest: Manifest | None,
-    build_dir: Path | None,
-    *,
-    precision: str | None,
-    device: str,
-    dtype: torch.dtype,
-    torch_mode: str,
-    torch_options: TorchOptions | None,
-    threads: int | None,
-    workers: int,
-    plan_memory_budget: int | None,
-    verify_sha256: bool,
+def _torch_denoiser(
+    components: Components, mode: str, options: TorchOptions | None, device: str, dtype: torch.dtype
 ) -> Denoiser:
-    """The backend's denoiser: torch over the components' transformer, or the build's artifacts."""
-    if backend == "torch":
-        amax = None
-        if torch_mode == "fp8" and torch_options is not None and torch_options.fp8_scales == "static":
-            from .backends.fp8_static import calibrate_amax
+    """The torch backend over the components' transformer (changed in place: FP8, fused QKV...); static
+    FP8 scales are calibrated first, on the build's calibration edits."""
+    amax = None
+    if mode == "fp8" and options is not None and options.fp8_scales == "static":
+        from .backends.fp8_static import calibrate_amax
 
-            amax = calibrate_amax(components, device=device, dtype=dtype)
-        return torch_denoiser(
-            components.transformer,
-            mode=torch_mode,
-            device=device,
-            dtype=dtype,
-            options=torch_options,
-            amax=amax,
-        )
-    if manifest is None or build_dir is None:
-        raise ConfigError(
-            f"backend {backend!r} runs built artifacts: pass a build folder made by `kontext build`"
-        )
-    return load_artifacts(
-        manifest,
-        build_dir,
-        backend,
-        weights_id=components.weights_id,
-        precision=precision,
-        device=device,
-        threads=threads,
-        workers=workers,
-        plan_memory_budget=plan_memory_budget,
-        verify_sha256=verify_sha256,
+        amax = calibrate_amax(components, device=device, dtype=dtype)
+    return torch_denoiser(
+        components.transformer, mode=mode, device=device, dtype=dtype, options=options, amax=amax
     )
 
 
-def load_artifacts(
-    manifest: Manifest,
-    build_dir: Path,
-    backend: str,
-    *,
-    weights_id: str,
-    precision: str | None,
-    device: str,
-    threads: int | None = None,
-    workers: int = 1,
-    plan_memory_budget: int | None = None,
-    verify_sha256: bool = True,
-) -> Denoiser:
-    """The Denoiser of one precision of a build, through its backend's loader (which refuses a
-    manifest that does not match these weights, this backend version or this GPU)."""
+def is_synthetic(model: str) -> bool:
+    """A random-weight preset (tiny, small, ...): no licence duties, safety off by default."""
+    from .config import PRESETS
+
+    return model in PRESETS and PRESETS[model].synthetic
+
+
+def _encoded(source: Image.Image | str | Path | bytes) -> bytes:
+    """The input image's bytes for the C2PA ingredient: the file as given, or a PIL image as PNG."""
+    if isinstance(source, Image.Image):
+        import io
+
+        buf = io.BytesIO()
+        source.save(buf, format="PNG")
+        return buf.getvalue()
+    return bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+
+
+def load_artifacts(manifest: Manifest, build_dir: Path, *, weights_id: str, options: LoadOptions) -> Denoiser:
+    """The Denoiser of one precision of a build (`options.backend`, default the build's), through its
+    backend's loader, which refuses a manifest that does not match these weights, this backend
+    version or this GPU."""
+    backend = options.backend or manifest.backend
     if backend == "onnxruntime":
         from .backends.onnxruntime import load_onnxruntime
 
-        return load_onnxruntime(
-            manifest,
-            build_dir,
-            weights_id=weights_id,
-            precision=precision,
-            threads=threads,
-            device=device,
-            verify_sha256=verify_sha256,
-        )
+        return load_onnxruntime(manifest, build_dir, weights_id=weights_id, options=options)
     if backend == "tensorrt":
         from .backends.tensorrt import load_tensorrt
 
-        return load_tensorrt(
-            manifest,
-            build_dir,
-            weights_id=weights_id,
-            precision=precision,
-            device=device,
-            workers=workers,
-            plan_memory_budget=plan_memory_budget,
-            verify_sha256=verify_sha256,
-        )
+        return load_tensorrt(manifest, build_dir, weights_id=weights_id, options=options)
     raise BackendUnavailableError(
         f"{build_dir}: no loader for backend {backend!r}; use onnxruntime or tensorrt"
     )
-
-
-def _family(manifest: Manifest | None, precision: str | None, components: Components) -> str:
-    if manifest is not None and manifest.artifacts:
-        art: Any = next((a for a in manifest.artifacts if a.precision == precision), manifest.artifacts[0])
-        return str(art.family)
-    return components.preset.bucket_family
-
-
-def build_report(build_dir: str | Path) -> str:
-    """For `kontext info build/...`: the buckets each artifact serves and whether this machine can run it.
-
-    Checks what loading would check (backend library and version, GPU, files, sha256), except the
-    weights, which are only fingerprinted when loaded.
-    """
-    from .backends.artifacts import MachineFacts, check_manifest
-
-    build_dir = Path(build_dir)
-    m = read_manifest(build_dir)
-    lines = ["served by this build:"]
-    machine, why = _machine_for(m)
-    for a in m.artifacts:
-        bs = ", ".join(f"{w}x{h}" for w, h in served_buckets(a.shape_keys(), a.family)) or "none"
-        status = f"no: {why}" if machine is None else "yes"
-        if machine is not None:
-            try:
-                check_manifest(m, build_dir, a, MachineFacts(m.weights_id, *machine))
-            except Exception as e:  # a ManifestError says why and how to rebuild
-                status = f"no: {e}"
-        lines.append(f"  {a.backend}-{a.precision}: buckets {bs}")
-        lines.append(f"    runs on this machine: {status}")
-    return "\n".join(lines)
-
-
-def _machine_for(m: Manifest) -> tuple[tuple[str, str | None, str | None] | None, str]:
-    """(backend version, GPU, compute capability) of this machine for the manifest's backend, or why not."""
-    try:
-        if m.backend == "tensorrt":
-            from .backends.tensorrt import machine_facts
-
-            f = machine_facts(m.weights_id, torch.device("cuda"))
-            return (f.backend_version, f.gpu, f.compute_capability), ""
-        from .backends.onnxruntime import ort_version
-
-        return (ort_version(), None, None), ""
-    except BackendUnavailableError as e:
-        return None, str(e)

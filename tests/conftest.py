@@ -43,7 +43,12 @@ def tiny_build(tiny: Components, request: pytest.FixtureRequest) -> Path:
     )
     options = BuildOptions(calibration=CalibrationSpec(edits=4, steps=2), progress=False)
     build(
-        "tiny", out, ("fp32", "int8"), None, "onnxruntime", False, options, components=tiny
+        "tiny",
+        out_dir=out,
+        precisions=("fp32", "int8"),
+        backend="onnxruntime",
+        options=options,
+        components=tiny,
     )  # stages skip if fresh
     return out
 
@@ -65,5 +70,6 @@ def built_tiny(tiny_build: Path, tiny: Components, tmp_path_factory: pytest.Temp
     out = tmp_path_factory.mktemp("built") / "tiny"
     shutil.copytree(tiny_build, out)
     options = BuildOptions(calibration=CalibrationSpec(**BUILD_TEST_CALIBRATION), progress=False)
-    build("tiny", out, ("fp32", "int8", "fp8"), "tiny", "onnxruntime", False, options, components=tiny)
+    build("tiny", out_dir=out, precisions=("fp32", "int8", "fp8"), family="tiny", backend="onnxruntime",
+          options=options, components=tiny)  # fmt: skip
     return out

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backends import DENOISER_INPUTS
-from engine.backends.artifacts import MachineFacts, check_manifest, rebuild_command, select_artifact
+from engine.backends.inputs import dummy_inputs
 from engine.backends.onnxruntime import OrtDenoiser, load_onnxruntime, ort_version
 from engine.backends.torch import (
     FP8_KEEP,
@@ -31,8 +30,17 @@ from engine.backends.torch import (
     quantize_fp8,
     torch_denoiser,
 )
-from engine.build.manifest import read_manifest, write_manifest
+from engine.buckets import ShapeKey
+from engine.config import PRESETS, LoadOptions
 from engine.errors import BackendUnavailableError, ConfigError, ManifestError, ShapeNotServedError
+from engine.manifest import (
+    MachineFacts,
+    check_manifest,
+    read_manifest,
+    rebuild_command,
+    select_artifact,
+    write_manifest,
+)
 from engine.runtime import load
 
 from .conftest import gradient_image
@@ -77,23 +85,22 @@ def test_onnxruntime_fp32_and_int8_within_bounds(tiny_build, reference, size):
 
 
 def _inputs(image_tokens: int, text_tokens: int = 32) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    shapes = {"hidden_states": (1, image_tokens, 64), "img_ids": (image_tokens, 3),
-              "encoder_hidden_states": (1, text_tokens, 32), "txt_ids": (text_tokens, 3),
-              "pooled_projections": (1, 32), "timestep": (1,), "guidance": (1,)}  # fmt: skip
-    return {k: torch.randn(shapes[k], generator=g) for k in DENOISER_INPUTS}
+    key = ShapeKey(1, image_tokens // 2, image_tokens - image_tokens // 2, text_tokens)
+    return dummy_inputs(PRESETS["tiny"].transformer, key)
 
 
 def test_ort_denoiser_serves_only_manifest_keys_and_sets_threads(tiny, tiny_build):
     m = read_manifest(tiny_build)
-    d = load_onnxruntime(m, tiny_build, weights_id=tiny.weights_id, precision="fp32", threads=1)
+    d = load_onnxruntime(
+        m, tiny_build, weights_id=tiny.weights_id, options=LoadOptions(precision="fp32", threads=1)
+    )
     assert d.session.get_session_options().intra_op_num_threads == 1
     x = _inputs(128)  # b1_t64_c64_x32
     eager = TorchDenoiser(tiny.transformer)(**x)
     assert rel(d(**x), eager) < 1e-4
     with pytest.raises(ShapeNotServedError, match="b1_t64_c64_x32"):
         d(**_inputs(200))  # 100 + 100 tokens: no key of the tiny family
-    unrestricted = OrtDenoiser(tiny_build / m.artifact("fp32").path, shape_keys=None)
+    unrestricted = OrtDenoiser(tiny_build / select_artifact(m, tiny_build, "onnxruntime", "fp32").path)
     assert unrestricted(**_inputs(200)).shape == (1, 200, 64)
 
 
@@ -109,7 +116,9 @@ def build_copy(tiny_build, tmp_path):
 
 def _refused(build_dir, weights_id, match):
     with pytest.raises(ManifestError, match=match) as e:
-        load_onnxruntime(read_manifest(build_dir), build_dir, weights_id=weights_id, precision="fp32")
+        load_onnxruntime(
+            read_manifest(build_dir), build_dir, weights_id=weights_id, options=LoadOptions(precision="fp32")
+        )
     assert "kontext build --model tiny" in str(e.value) and "--force" in str(e.value)
 
 
@@ -128,12 +137,13 @@ def test_refuses_other_backend_version(tiny, build_copy):
 
 
 def test_refuses_missing_file(tiny, build_copy):
-    (build_copy / read_manifest(build_copy).artifact("fp32").path).unlink()
+    m = read_manifest(build_copy)
+    (build_copy / select_artifact(m, build_copy, "onnxruntime", "fp32").path).unlink()
     _refused(build_copy, tiny.weights_id, "missing")
 
 
 def test_refuses_corrupted_file(tiny, build_copy):
-    path = build_copy / read_manifest(build_copy).artifact("fp32").path
+    path = build_copy / select_artifact(read_manifest(build_copy), build_copy, "onnxruntime", "fp32").path
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one byte flipped: only the sha256 tells
     path.write_bytes(bytes(data))
@@ -144,7 +154,7 @@ def test_refuses_corrupted_file(tiny, build_copy):
 
 def test_refuses_gpu_mismatch_and_unfinished_builds(tiny, tiny_build):
     m = read_manifest(tiny_build)
-    art = select_artifact(m, "onnxruntime", "fp32")
+    art = select_artifact(m, tiny_build, "onnxruntime", "fp32")
     on_gpu = dataclasses.replace(m, gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
     facts = MachineFacts(tiny.weights_id, m.backend_version)
     with pytest.raises(ManifestError, match="no CUDA GPU"):
@@ -155,7 +165,7 @@ def test_refuses_gpu_mismatch_and_unfinished_builds(tiny, tiny_build):
     with pytest.raises(ManifestError, match="unfinished"):
         check_manifest(dataclasses.replace(m, complete=False), tiny_build, art, facts)
     with pytest.raises(ManifestError, match="no bf16 artifact"):
-        select_artifact(m, "onnxruntime", "bf16")
+        select_artifact(m, tiny_build, "onnxruntime", "bf16")
     assert rebuild_command(m, tiny_build, "int8").startswith("kontext build --model tiny --precision int8")
 
 

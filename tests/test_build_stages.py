@@ -18,9 +18,9 @@ import torch
 
 from engine.build.builder import BuildOptions, build
 from engine.build.calibrate import CalibrationSpec
-from engine.build.manifest import MANIFEST_NAME, read_manifest
 from engine.build.quantize import RECIPES
 from engine.build.stages import outputs_intact
+from engine.manifest import MANIFEST_NAME, read_manifest
 from engine.weights import Components, fingerprint_module
 
 from .conftest import BUILD_TEST_CALIBRATION
@@ -56,9 +56,8 @@ def copy(built_tiny: Path, tmp_path: Path) -> Path:
 def _build(out: Path, comps: Components, caplog: pytest.LogCaptureFixture, **changes: object) -> set[str]:
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="engine.build"):
-        m = build(
-            "tiny", out, PRECISIONS, "tiny", "onnxruntime", False, _options(**changes), components=comps
-        )
+        m = build("tiny", out_dir=out, precisions=PRECISIONS, family="tiny", backend="onnxruntime",
+                  options=_options(**changes), components=comps)  # fmt: skip
     assert m.complete and len(m.artifacts) == 3
     return _ran(caplog)
 
@@ -79,11 +78,14 @@ def test_second_build_without_components_does_not_load_the_model(
     """A no-op `make engine` must not import diffusers or build the model: the request hash decides."""
     import engine.build.builder as builder
 
-    args = ("tiny", copy, PRECISIONS, "tiny", "onnxruntime", False, _options())
-    first = builder.build(*args)  # loads the model once; every stage is up to date; records the request
+    args = {"out_dir": copy, "precisions": PRECISIONS, "family": "tiny", "backend": "onnxruntime",
+            "options": _options()}  # fmt: skip
+    first = builder.build(
+        "tiny", **args
+    )  # loads the model once; every stage is up to date; records the request
     monkeypatch.setattr(builder, "load_components", lambda *a, **k: pytest.fail("model loaded on a no-op"))
     with caplog.at_level(logging.INFO, logger="engine.build"):
-        again = builder.build(*args)
+        again = builder.build("tiny", **args)
     assert again.to_json() == first.to_json()
     assert any(r.getMessage().endswith("up to date (nothing to do)") for r in caplog.records)
 
@@ -125,7 +127,7 @@ def test_weights_change_reruns_everything(
 def test_changed_file_on_disk_is_rebuilt(
     copy: Path, tiny: Components, caplog: pytest.LogCaptureFixture
 ) -> None:
-    art = copy / read_manifest(copy).artifact("int8").path
+    art = copy / next(a.path for a in read_manifest(copy).artifacts if a.precision == "int8")
     good = art.read_bytes()
     art.write_bytes(good + b"\0")
     # compile is deterministic: the same bytes come back, so the old verification still holds
@@ -141,7 +143,8 @@ _SCRIPT = textwrap.dedent("""
     from engine.build.builder import BuildOptions, build
     from engine.build.calibrate import CalibrationSpec
     options = BuildOptions(calibration=CalibrationSpec(edits=4, steps=2), progress=False)
-    build("tiny", Path(sys.argv[1]), ("fp32", "int8"), "tiny", "onnxruntime", False, options)
+    build("tiny", out_dir=Path(sys.argv[1]), precisions=("fp32", "int8"), family="tiny",
+          backend="onnxruntime", options=options)
     print("BUILD OK", flush=True)
 """)
 

@@ -1,45 +1,19 @@
-"""TensorRT: everything that does not need TensorRT itself (profiles, names, checks, backend choice)."""
+"""TensorRT build: what does not need TensorRT itself (options, capability checks, backend choice), and
+the end-to-end build on a GPU machine with TensorRT (trt-marked). Plan writing, TF32, the timing cache
+and the profiles are tested against fakes in test_tensorrt_logic.py."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from engine.buckets import ShapeKey, family_shape_keys
-from engine.build.compile import choose_backend
-from engine.build.tensorrt_build import (
-    TensorRTOptions,
-    check_capability,
-    family_profiles,
-    plan_name,
-    profile_shapes,
-    tensorrt_available,
-)
+from engine.backends.tensorrt_plans import tensorrt_module
+from engine.build.backend import choose_backend
+from engine.build.tensorrt_build import TensorRTOptions, allows_tf32, check_capability
 from engine.errors import BackendUnavailableError, BuildError, ConfigError
-
-
-def test_profile_shapes_are_static_per_key() -> None:
-    shapes = profile_shapes(ShapeKey(1, 4096, 4096, 512), 64, 4096, 768)
-    assert shapes["hidden_states"] == (1, 8192, 64)
-    assert shapes["img_ids"] == (8192, 3)
-    assert shapes["encoder_hidden_states"] == (1, 512, 4096)
-    assert shapes["txt_ids"] == (512, 3)
-    assert shapes["pooled_projections"] == (1, 768)
-    assert shapes["timestep"] == shapes["guidance"] == (1,)
-
-
-def test_one_profile_per_shape_key_of_the_family() -> None:
-    keys = family_shape_keys("1mp", 512)
-    profiles = family_profiles(keys)
-    assert len(profiles) == 9  # 17 resolutions, 9 token counts
-    assert sorted(profiles.values()) == list(range(9))
-    assert profiles[str(min(keys))] == 0
-
-
-def test_plan_name_carries_precision_family_version_gpu() -> None:
-    name = plan_name("fp8", "1mp", "10.13.0.35", "NVIDIA H100 80GB HBM3")
-    assert name == "transformer_fp8_1mp_trt10.13.0.35_nvidia-h100-80gb-hbm3.plan"
-    assert plan_name("fp8", "0.5mp", "10.13", "A") != plan_name("int8", "0.5mp", "10.13", "A")
+from engine.weights import Components
 
 
 def test_fp8_needs_compute_capability_8_9() -> None:
@@ -52,11 +26,15 @@ def test_fp8_needs_compute_capability_8_9() -> None:
 
 
 def test_options_are_checked() -> None:
-    assert TensorRTOptions().extra_memory_target == 0.0
-    with pytest.raises(BuildError):
-        TensorRTOptions(opt_level=7)
-    with pytest.raises(BuildError):
-        TensorRTOptions(workspace_gb=0)
+    assert TensorRTOptions().profiles == "dynamic" and TensorRTOptions().extra_memory_target == 0.0
+    for bad in ({"opt_level": 7}, {"workspace_gb": 0}, {"profiles": "both"}, {"extra_memory_target": 2.0}):
+        with pytest.raises(BuildError):
+            TensorRTOptions(**bad)  # type: ignore[arg-type]
+
+
+def test_only_the_fp32_recipe_runs_without_tf32() -> None:
+    assert not allows_tf32(None, "fp32")
+    assert allows_tf32("int8", "fp16") and allows_tf32("fp8", "fp16") and allows_tf32("int8", "fp32")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
@@ -73,29 +51,32 @@ def test_stub_only_tensorrt_is_not_tensorrt() -> None:
     try:
         import tensorrt
     except ImportError:
-        assert not tensorrt_available()
+        assert tensorrt_module() is None
         return
-    assert tensorrt_available() == hasattr(tensorrt, "Builder")
+    assert (tensorrt_module() is not None) == hasattr(tensorrt, "Builder")
 
 
 @pytest.mark.trt
+@pytest.mark.parametrize("profiles", ["dynamic", "static"])
 @pytest.mark.skipif(
-    not (tensorrt_available() and torch.cuda.is_available()), reason="needs TensorRT and a CUDA device"
+    not (tensorrt_module() is not None and torch.cuda.is_available()),
+    reason="needs TensorRT and a CUDA device",
 )
-def test_tensorrt_build_end_to_end(tmp_path, tiny) -> None:  # type: ignore[no-untyped-def]
+def test_tensorrt_build_end_to_end(tmp_path: Path, tiny: Components, profiles: str) -> None:
+    """fp32 (TF32 cleared, bound 1e-4) and int8, verified through TrtDenoiser with CUDA graphs (T2)."""
     from engine.build.builder import BuildOptions, build
     from engine.build.calibrate import CalibrationSpec
 
-    m = build(
-        "tiny",
-        tmp_path,
-        ("fp32", "int8"),
-        "tiny",
-        "tensorrt",
-        False,
-        BuildOptions(calibration=CalibrationSpec(edits=4, steps=2), progress=False),
-        components=tiny,
+    options = BuildOptions(
+        calibration=CalibrationSpec(edits=4, steps=2),
+        tensorrt=TensorRTOptions(profiles=profiles),
+        progress=False,
     )
+    m = build("tiny", out_dir=tmp_path, precisions=("fp32", "int8"), family="tiny", backend="tensorrt",
+              options=options, components=tiny)  # fmt: skip
     assert m.backend == "tensorrt" and m.gpu
+    n_profiles = 4 if profiles == "static" else 1
     for a in m.artifacts:
-        assert a.path.endswith(".plan") and sorted(a.profiles.values()) == list(range(4))
+        assert a.path.endswith(".plan") and a.profile_mode == profiles
+        assert sorted(set(a.profiles.values())) == list(range(n_profiles))
+        assert all(v.rel_l2 <= v.bound for v in a.verification.values())

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from engine.backends import DENOISER_INPUTS
+from engine.backends.inputs import dummy_inputs
 from engine.buckets import ShapeKey, family_shape_keys
+from engine.config import PRESETS
 from engine.dispatch import Dispatcher, edit_key, served_buckets
 from engine.errors import ConfigError, ShapeNotServedError
 from engine.runtime import load
@@ -29,10 +31,8 @@ class Fake:
 
 
 def _args(image_tokens: int) -> list[torch.Tensor]:
-    shapes = {"hidden_states": (1, image_tokens, 64), "img_ids": (image_tokens, 3),
-              "encoder_hidden_states": (1, 32, 32), "txt_ids": (32, 3), "pooled_projections": (1, 32),
-              "timestep": (1,), "guidance": (1,)}  # fmt: skip
-    return [torch.zeros(shapes[k]) for k in DENOISER_INPUTS]
+    x = dummy_inputs(PRESETS["tiny"].transformer, ShapeKey(1, image_tokens // 2, image_tokens // 2, 32))
+    return [x[k] for k in DENOISER_INPUTS]
 
 
 def test_keys_and_buckets():

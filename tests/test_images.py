@@ -381,9 +381,15 @@ def test_save_refuses_bad_metadata(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_save_into_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(ImageError):
-        save_png(noise_image(4, 4), tmp_path / "missing" / "out.png", {})
+def test_save_creates_a_missing_directory(tmp_path: Path) -> None:
+    path = save_png(noise_image(4, 4), tmp_path / "missing" / "out.png", {"seed": "1"})  # engine.files
+    assert read_png_metadata(path) == {"seed": "1"}
+
+
+def test_save_into_an_unwritable_place(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ImageError, match="cannot write"):
+        save_png(noise_image(4, 4), tmp_path / "file" / "out.png", {})  # a file where a folder should be
 
 
 def test_read_metadata_of_non_png(tmp_path: Path) -> None:

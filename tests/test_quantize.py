@@ -9,17 +9,17 @@ import pytest
 
 from engine.backends import DENOISER_INPUTS
 from engine.build.builder import build
-from engine.build.manifest import read_manifest
 from engine.build.quantize import (
     RECIPES,
     SampleReader,
     for_backend,
     get_recipe,
-    high_precision_nodes,
+    matmul_weights,
     qdq_counts,
     quantize_onnx,
 )
 from engine.errors import ConfigError
+from engine.manifest import read_manifest
 
 # tiny preset: 1 double + 2 single blocks -> 42 MatMul/Gemm: 6 attention bmm's (activation x
 # activation, 2 per block), 10 kept in high precision by the filter (x_embedder, context_embedder,
@@ -34,8 +34,6 @@ WEIGHT_MATMULS = 42 - ATTENTION_BMM
 def test_recipes_are_small_named_objects() -> None:
     assert set(RECIPES) == {"fp32", "bf16", "int8", "fp8"}
     assert RECIPES["fp32"].mode is None and RECIPES["fp32"].bound_rel_l2 == 1e-4
-    assert get_recipe("fp8", fp8_attention=True).attention
-    assert not get_recipe("int8", fp8_attention=True).attention
     d = RECIPES["int8"].to_dict()
     assert d["name"] == "int8" and isinstance(d["exclude"], list)
     with pytest.raises(ConfigError, match="fp32"):
@@ -60,7 +58,7 @@ def test_qdq_graphs(built_tiny: Path, precision: str) -> None:
     assert counts["high_precision_matmuls"] == EXCLUDED + ATTENTION_BMM + ADALN_GEMMS
     assert counts["QuantizeLinear"] >= counts["quantized_matmuls"]
     assert counts["DequantizeLinear"] >= counts["QuantizeLinear"]
-    kept = set(high_precision_nodes(path))
+    kept = set(matmul_weights(path)[1])
     for layer in ("/x_embedder/", "/context_embedder/", "/time_text_embed/", "/norm_out/", "/proj_out/"):
         assert any(n.startswith(layer) for n in kept), layer
     assert not any(n.startswith("/single_transformer_blocks/0/proj_out/") for n in kept)
@@ -81,7 +79,7 @@ def test_bf16_is_refused_on_onnxruntime(tmp_path: Path, tiny) -> None:  # type: 
     from engine.errors import BuildError
 
     with pytest.raises(BuildError, match="bf16"):
-        build("tiny", tmp_path, ("bf16",), "tiny", "onnxruntime", components=tiny)
+        build("tiny", out_dir=tmp_path, precisions=("bf16",), backend="onnxruntime", components=tiny)
 
 
 def _scales(path: Path) -> dict[str, np.ndarray]:

@@ -7,12 +7,17 @@ from __future__ import annotations
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 import engine
+from engine.buckets import ShapeKey, family_shape_keys
+from engine.config import LoadOptions
+from engine.dispatch import Dispatcher
 from engine.errors import BackendUnavailableError, ConfigError
+from engine.runtime import KontextEngine
 
 from .conftest import gradient_image
 
@@ -68,16 +73,39 @@ def test_load_arguments(tiny_build):
         engine.load("tiny", backend="tvm")
     with pytest.raises(ConfigError, match="workers"):
         engine.load(tiny_build, workers=0)
-    with pytest.raises(BackendUnavailableError) if not torch.cuda.is_available() else _nothing():
+    with pytest.raises(BackendUnavailableError) if not torch.cuda.is_available() else nullcontext():
         engine.load(tiny_build, backend="tensorrt")  # CUDA checked before TensorRT is touched
 
 
-class _nothing:
-    def __enter__(self):
-        return self
+def test_load_options_or_keywords(tiny_build):
+    with engine.load(tiny_build, options=LoadOptions(precision="int8", threads=1)) as kontext:
+        assert kontext.name == "onnxruntime-int8"
+    with pytest.raises(ConfigError, match="either"):
+        engine.load(tiny_build, options=LoadOptions(), precision="int8")
+    with pytest.raises(ConfigError, match="miss_policy"):
+        engine.load(tiny_build, miss_policy="ignore")
 
-    def __exit__(self, *exc):
-        return False
+
+class _Capturing:
+    """A denoiser that captures CUDA graphs (as TensorRT's does): warmup must ask it, key by key."""
+
+    name, shape_keys = "capturing", frozenset(family_shape_keys("tiny", 32))
+
+    def __init__(self) -> None:
+        self.captured: list[ShapeKey] = []
+
+    def __call__(self, hidden_states, *args):
+        raise AssertionError("warmup must capture, not call")
+
+    def capture_graphs(self, key: ShapeKey) -> None:
+        self.captured.append(key)
+
+
+def test_warmup_captures_graphs_of_every_key(tiny):
+    d = _Capturing()
+    kontext = KontextEngine(tiny, Dispatcher(d, family="tiny"), device="cpu", dtype=torch.float32)
+    assert set(kontext.warmup()) == {str(k) for k in d.shape_keys}
+    assert sorted(d.captured) == sorted(d.shape_keys)
 
 
 def test_import_is_light():

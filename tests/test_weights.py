@@ -7,7 +7,13 @@ import torch
 
 from engine.config import PRESETS, EditSettings, get_preset
 from engine.errors import ConfigError, WeightsError
-from engine.weights import build_synthetic, fingerprint_module, load_components
+from engine.weights import (
+    build_modules,
+    build_synthetic,
+    build_tokenizers,
+    fingerprint_module,
+    load_components,
+)
 
 
 def test_tiny_is_deterministic_and_in_eval_mode(tiny):
@@ -53,8 +59,20 @@ def test_tiny_components_fit_together(tiny):
 
 
 def test_small_preset_is_transformer_dominated():
-    small = PRESETS["small"].transformer
-    assert small.hidden_size == 512 and small.num_layers == 4 and small.num_single_layers == 8
+    """small exists so CPU backend comparisons measure the transformer: it must hold nearly every weight."""
+    preset = PRESETS["small"]
+    tokenizers = build_tokenizers()
+    with torch.device("meta"):
+        modules = build_modules(preset, *tokenizers, seed=None)
+    transformer, *others = (sum(p.numel() for p in m.parameters()) for m in modules)
+    assert transformer > 10 * sum(others)
+
+
+def test_presets_are_switched_on_synthetic_not_names():
+    synthetic = [n for n, p in PRESETS.items() if p.synthetic]
+    assert {"tiny", "small", "full"} <= set(synthetic) and not PRESETS["kontext-dev"].synthetic
+    with pytest.raises(WeightsError, match=r"neither a preset \(tiny, small, full\)"):
+        load_components("sd15")
 
 
 @pytest.mark.parametrize("model", ["kontext-dev", "/nonexistent/flux", "sd15"])

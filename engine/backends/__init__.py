@@ -1,7 +1,8 @@
-"""The Denoiser contract every backend implements, and the registry that builds one by name.
+"""The Denoiser contract every backend implements (its inputs for a shape key: inputs.py).
 
 A Denoiser is the transformer's forward and nothing else: the sampling loop, packing, ids
 and schedule live once in sampling.py. Its argument names are the ONNX graph's input names.
+runtime.load_artifacts picks the backend; each backend module has one loader.
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ class Denoiser(Protocol):
         guidance: torch.Tensor,  # [B] float32
     ) -> torch.Tensor:  # [B, N + M, 64]
         ...
+
+
+@runtime_checkable
+class GraphCapturing(Protocol):
+    """A Denoiser that captures CUDA graphs, only when asked (KontextEngine.warmup, before serving):
+    a capture synchronizes the device and must not run while other workers serve (TensorRT)."""
+
+    def capture_graphs(self, key: ShapeKey) -> None: ...
 
 
 DENOISER_INPUTS: tuple[str, ...] = (

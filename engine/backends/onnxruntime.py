@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from ..buckets import ShapeKey
-from ..build.manifest import Manifest
+from ..config import LoadOptions
 from ..errors import BackendUnavailableError, ShapeNotServedError
+from ..manifest import MachineFacts, Manifest, check_manifest, select_artifact
 from . import DENOISER_INPUTS, DENOISER_OUTPUT, call_signature, describe_keys, named_inputs, served_signatures
-from .artifacts import MachineFacts, check_manifest, select_artifact
 
 log = logging.getLogger(__name__)
 
@@ -154,24 +154,17 @@ class OrtDenoiser:
 
 
 def load_onnxruntime(
-    manifest: Manifest,
-    build_dir: Path,
-    *,
-    weights_id: str,
-    precision: str | None = None,
-    threads: int | None = None,
-    device: str = "cpu",
-    verify_sha256: bool = True,
+    manifest: Manifest, build_dir: Path, *, weights_id: str, options: LoadOptions
 ) -> OrtDenoiser:
     """The manifest's ONNX Runtime artifact of `precision`, checked against the manifest, as a Denoiser."""
-    artifact = select_artifact(manifest, BACKEND, precision)
+    artifact = select_artifact(manifest, build_dir, BACKEND, options.precision)
     machine = MachineFacts(weights_id=weights_id, backend_version=ort_version())
-    path = check_manifest(manifest, build_dir, artifact, machine, verify_sha256=verify_sha256)
+    path = check_manifest(manifest, build_dir, artifact, machine)
     return OrtDenoiser(
         path,
         name=f"{BACKEND}-{artifact.precision}",
         shape_keys=artifact.shape_keys(),
-        threads=threads,
-        device=device,
+        threads=options.threads,
+        device=options.device or "cpu",
         runtime_options=artifact.runtime_options,
     )

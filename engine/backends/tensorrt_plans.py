@@ -1,22 +1,72 @@
-"""The TensorRT runtime's pure logic, testable without TensorRT or a GPU.
+"""TensorRT's pure logic, shared by the build and the runtime and testable without TensorRT or a GPU.
 
-Which (plan, profile) serves a call's shapes, the input shapes of a shape key, plan file names,
-the device-memory block size, and the LRU accounting that keeps loaded plans under a budget.
+Whether TensorRT is here, which (plan, profile) serves a call's shapes, the profiles of a family
+(static or dynamic) and their input shapes, plan file names, the device-memory block size, and the
+LRU accounting that keeps loaded plans under a budget. Nothing here imports tensorrt at module level.
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
-from ..buckets import ShapeKey
-from ..build.manifest import Artifact
-from ..errors import ConfigError, ManifestError, ShapeNotServedError
+from ..buckets import MULTIPLE, ShapeKey, family_scale
+from ..config import TransformerConfig
+from ..errors import BackendUnavailableError, ConfigError, ManifestError, ShapeNotServedError
+from ..manifest import PROFILE_MODES, Artifact
 from . import Signature, describe_keys, key_signature
+from .inputs import input_shapes
 
 BACKEND = "tensorrt"
+
+Shape = tuple[int, ...]
+ProfileShapes = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
+
+
+# ----------------------------------------------------------------------------- is TensorRT here
+
+
+def tensorrt_module() -> ModuleType | None:
+    """The real TensorRT module, or None. tensorrt-stubs (or tensorrt-lean) import without a Builder."""
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    full = all(hasattr(tensorrt, n) for n in ("Builder", "Runtime", "__version__"))
+    return tensorrt if full else None
+
+
+def cuda_device(index: int = 0) -> tuple[str, tuple[int, int]] | None:
+    """(name, compute capability) of a CUDA device, or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    return torch.cuda.get_device_name(index), (major, minor)
+
+
+def require_tensorrt() -> ModuleType:
+    """TensorRT, after checking CUDA first: without a GPU, deserializing a plan segfaults."""
+    if cuda_device() is None:
+        raise BackendUnavailableError(
+            "TensorRT needs a CUDA GPU, and torch sees none; use the onnxruntime backend "
+            "(`kontext build --backend onnxruntime`) on this machine"
+        )
+    trt = tensorrt_module()
+    if trt is None:
+        raise BackendUnavailableError(
+            "TensorRT is not installed (tensorrt-stubs alone does not count); "
+            "`pip install -e '.[trt]'` on a GPU machine, or use the onnxruntime backend"
+        )
+    return trt
+
+
+# ----------------------------------------------------------------------------- routes
 
 
 @dataclass(frozen=True)
@@ -27,7 +77,7 @@ class Route:
     profile: int
 
 
-def profile_table(artifacts: tuple[Artifact, ...]) -> dict[Signature, Route]:
+def profile_table(artifacts: Sequence[Artifact]) -> dict[Signature, Route]:
     """(batch, image tokens, text tokens) -> Route over every TensorRT artifact of one precision.
 
     Keys sharing a signature share tensor shapes, so any of their profiles may serve; the first
@@ -48,7 +98,7 @@ def profile_table(artifacts: tuple[Artifact, ...]) -> dict[Signature, Route]:
     return table
 
 
-def route_for(table: dict[Signature, Route], sig: Signature, keys: frozenset[ShapeKey]) -> Route:
+def route_for(table: Mapping[Signature, Route], sig: Signature, keys: frozenset[ShapeKey]) -> Route:
     try:
         return table[sig]
     except KeyError:
@@ -58,31 +108,61 @@ def route_for(table: dict[Signature, Route], sig: Signature, keys: frozenset[Sha
         ) from None
 
 
-def input_shapes(
-    key: ShapeKey, *, channels: int, text_dim: int, pooled_dim: int
-) -> dict[str, tuple[int, ...]]:
-    """The Denoiser inputs' shapes for one shape key (what set_input_shape receives)."""
-    b, n, l = key.batch, key.image_tokens, key.text_tokens  # noqa: E741
-    return {
-        "hidden_states": (b, n, channels),
-        "img_ids": (n, 3),
-        "encoder_hidden_states": (b, l, text_dim),
-        "txt_ids": (l, 3),
-        "pooled_projections": (b, pooled_dim),
-        "timestep": (b,),
-        "guidance": (b,),
-    }
+# ----------------------------------------------------------------------------- profiles
 
 
-def device_memory_block(sizes: dict[int, int]) -> int:
-    """One block serves every profile's context of a worker: the largest profile's need, 256-byte aligned."""
+def family_profiles(keys: Sequence[ShapeKey] | frozenset[ShapeKey], mode: str) -> dict[str, int]:
+    """Shape key string -> profile index (the manifest's `profiles`).
+
+    static: one profile per key, in sorted key order. dynamic: one profile (0) for every key.
+    """
+    if mode not in PROFILE_MODES:
+        raise ConfigError(f"profiles must be one of {', '.join(PROFILE_MODES)}, got {mode!r}")
+    ordered = sorted(keys)
+    return {str(k): (i if mode == "static" else 0) for i, k in enumerate(ordered)}
+
+
+def opt_key(keys: Sequence[ShapeKey], family: str) -> ShapeKey:
+    """The key TensorRT tunes a dynamic profile for: the family's 1024x1024 bucket (scaled), or the
+    key nearest to it in target tokens."""
+    side = max(MULTIPLE, round(1024 * family_scale(family) / MULTIPLE) * MULTIPLE)
+    square = (side // MULTIPLE) ** 2
+    return min(sorted(keys), key=lambda k: (abs(k.target_tokens - square), abs(k.context_tokens - square)))
+
+
+def profile_shapes(cfg: TransformerConfig, keys: Sequence[ShapeKey], family: str) -> ProfileShapes:
+    """(min, opt, max) of every input over the keys one profile serves (one key: min = opt = max)."""
+    if not keys:
+        raise ConfigError("a TensorRT profile needs at least one shape key")
+    per_key = [input_shapes(cfg, k) for k in keys]
+    opt = input_shapes(cfg, opt_key(keys, family))
+    out: ProfileShapes = {}
+    for name in opt:
+        dims = [s[name] for s in per_key]
+        lo = tuple(min(d[i] for d in dims) for i in range(len(opt[name])))
+        hi = tuple(max(d[i] for d in dims) for i in range(len(opt[name])))
+        out[name] = (lo, opt[name], hi)
+    return out
+
+
+def profile_mismatch(expected: ProfileShapes, actual: Mapping[str, Sequence[Iterable[int]]]) -> str | None:
+    """Why a plan's profile (get_tensor_profile_shape per input) differs from the manifest's keys."""
+    for name, want in expected.items():
+        got = tuple(tuple(int(v) for v in dims) for dims in actual.get(name, ()))
+        if got != want:
+            return f"input {name}: the plan has (min, opt, max) {got}, the manifest's keys need {want}"
+    return None
+
+
+def device_memory_block(sizes: Mapping[int, int]) -> int:
+    """One block serves every context of a worker: the largest profile's need, 256-byte aligned."""
     need = max(sizes.values(), default=0)
     return (need + 255) // 256 * 256
 
 
 # ----------------------------------------------------------------------------- plan names
 
-# engine/build/tensorrt_build.plan_name: transformer_<precision>_<family>_trt<version>_<gpu slug>.plan
+# plan_name: transformer_<precision>_<family>_trt<version>_<gpu slug>.plan
 _PLAN = re.compile(r"^transformer_(?P<precision>[a-z0-9]+)_(?P<family>[a-z0-9.]+)_trt(?P<trt>[a-z0-9.-]+)"
                    r"_(?P<gpu>[a-z0-9.-]+)\.plan$")  # fmt: skip
 
@@ -90,6 +170,11 @@ _PLAN = re.compile(r"^transformer_(?P<precision>[a-z0-9]+)_(?P<family>[a-z0-9.]+
 def slug(text: str) -> str:
     """How plan names spell a version or a GPU name: lower case, runs of other characters -> '-'."""
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
+
+
+def plan_name(precision: str, family: str, trt_version: str, gpu: str) -> str:
+    """'transformer_fp8_1mp_trt10.13.0_nvidia-h100-80gb-hbm3.plan': what the plan is valid for."""
+    return f"transformer_{precision}_{slug(family)}_trt{slug(trt_version)}_{slug(gpu)}.plan"
 
 
 @dataclass(frozen=True)
@@ -145,6 +230,9 @@ class PlanBudget:
 
     def pin(self, name: str) -> None:
         self._pins[name] = self._pins.get(name, 0) + 1
+
+    def pinned(self, name: str) -> bool:
+        return self._pins.get(name, 0) > 0
 
     def unpin(self, name: str) -> None:
         left = self._pins.get(name, 0) - 1

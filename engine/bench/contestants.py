@@ -245,7 +245,7 @@ def engine_contestants(build_dir: Path, components: Components, device: torch.de
     The runtime's loader checks each artifact against the manifest and this machine (weights, backend
     version, GPU, file hash) and refuses a mismatch with the command that rebuilds it.
     """
-    from ..build.manifest import read_manifest
+    from ..manifest import read_manifest
 
     manifest = read_manifest(build_dir)
     out = []
@@ -266,16 +266,14 @@ def _artifact_loader(
     build_dir: Path, backend: str, precision: str, components: Components, device: torch.device
 ) -> DenoiserFactory:
     def load() -> Denoiser:
-        from ..build.manifest import read_manifest
+        from ..config import LoadOptions
+        from ..manifest import read_manifest
         from ..runtime import load_artifacts
 
+        device_name = str(device) if backend == "tensorrt" else device.type
+        options = LoadOptions(backend=backend, precision=precision, device=device_name)
         return load_artifacts(
-            read_manifest(build_dir),
-            build_dir,
-            backend,
-            weights_id=components.weights_id,
-            precision=precision,
-            device=str(device) if backend == "tensorrt" else device.type,
+            read_manifest(build_dir), build_dir, weights_id=components.weights_id, options=options
         )
 
     return load

@@ -1,8 +1,10 @@
 """`kontext build`: export -> calibrate -> reference -> quantize -> compile -> verify, recorded in a manifest.
 
-`build()` is the library entry point (the CLI, the runtime's tests and the benchmarks call it).
-Each stage is skipped when its input hash and files match the manifest; the manifest is rewritten
-after every stage that ran (complete=False until the end), so an interrupted build resumes.
+`build()` is the library entry point (the CLI, the tests and the benchmarks call it): a sequence of
+named stage functions over one BuildContext. Each stage is skipped when its input hash and files
+match the manifest; the manifest is rewritten after every stage that ran (complete=False until the
+end), so an interrupted build resumes. A request identical to the last complete build returns its
+manifest without loading the model (the no-op fast path).
 """
 
 from __future__ import annotations
@@ -11,27 +13,34 @@ import dataclasses
 import importlib.metadata as md
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from ..backends import DENOISER_INPUTS
-from ..buckets import family_scale, family_shape_keys
+from ..backends.tensorrt_plans import cuda_device, family_profiles, plan_name, require_tensorrt
+from ..buckets import ShapeKey, family_scale, family_shape_keys
 from ..config import PRESETS
 from ..errors import BuildError, ManifestError
+from ..manifest import MANIFEST_NAME, Artifact, Manifest, Stage, read_manifest, write_manifest
 from ..weights import Components, load_components, source_signature
-from . import calibrate, compile, export, quantize, verify
-from .manifest import MANIFEST_NAME, Artifact, Manifest, Stage, read_manifest, write_manifest
+from . import calibrate, export, ort_compile, quantize, verify
+from .backend import backend_version, choose_backend
 from .stages import build_lock, input_hash, outputs_intact, run_stage
-from .tensorrt_build import TensorRTOptions, build_plan, cuda_device, family_profiles, plan_name
+from .tensorrt_build import TensorRTOptions, allows_tf32, build_plan
 
 log = logging.getLogger(__name__)
 
 EXPORT_VERSION = 1  # bump when export.py changes what it writes
 REFERENCE_STEPS = 3
+ONNX_REL = "onnx/transformer.onnx"
+CALIBRATION_REL = "calibration/samples.npz"
+REFERENCE_REL = "verify/reference.npz"
+TIMING_CACHE_REL = "tensorrt/timing.cache"
 
 
 @dataclass(frozen=True)
@@ -47,37 +56,28 @@ class BuildOptions:
     progress: bool = True
 
 
-def default_out_dir(model: str) -> Path:
-    """build/<model>: build/tiny, or build/<folder name> for a local checkpoint."""
-    return Path("build") / Path(str(model)).name
+@dataclass
+class BuildContext:
+    """One build: what it builds from, where, and the manifest being assembled (written after every
+    stage that ran)."""
 
+    root: Path
+    components: Components
+    options: BuildOptions
+    backend: str
+    family: str
+    keys: list[ShapeKey]
+    force: bool
+    base: dict[str, Any]  # the manifest's fields other than artifacts, stages and status
+    stages: dict[str, Stage]
+    previous: Manifest | None
+    bar: Any  # tqdm
+    artifacts: list[Artifact] = field(default_factory=list)
+    pending: list[Artifact] = field(default_factory=list)  # compiled, being verified
+    _samples: list[calibrate.Sample] | None = None
+    _reference: dict[str, list[calibrate.Sample]] | None = None
 
-def default_precisions(backend: str) -> tuple[str, ...]:
-    return ("fp8",) if backend == "tensorrt" else ("fp32", "int8")
-
-
-def _version(dist: str) -> str:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return "missing"
-
-
-class _State:
-    """The manifest being assembled; written after every stage that ran."""
-
-    def __init__(self, root: Path, base: dict[str, Any], previous: Manifest | None) -> None:
-        self.root = root
-        self.base = base
-        self.previous = previous
-        self.stages: dict[str, Stage] = dict(previous.stages) if previous else {}
-        self.artifacts: list[Artifact] = []
-        self.pending: list[Artifact] = []
-
-    def stage(self, name: str) -> Stage | None:
-        return self.stages.get(name)
-
-    def manifest(self, complete: bool, seconds: float = 0.0) -> Manifest:
+    def manifest(self, *, complete: bool, seconds: float = 0.0) -> Manifest:
         return Manifest(
             **self.base,
             artifacts=tuple(self.artifacts),
@@ -87,24 +87,29 @@ class _State:
             build_seconds=round(seconds, 3),
         )
 
-    def record(self, name: str, stage: Stage, ran: bool) -> None:
-        self.stages[name] = stage
-        if ran:
-            write_manifest(self.root, self.manifest(complete=False))
+    def samples(self) -> list[calibrate.Sample]:
+        if self._samples is None:
+            self._samples = calibrate.load_samples(self.root / CALIBRATION_REL)[0]
+        return self._samples
+
+    def reference(self) -> dict[str, list[calibrate.Sample]]:
+        if self._reference is None:
+            self._reference = calibrate.load_reference(self.root / REFERENCE_REL)
+        return self._reference
 
 
-def _read_previous(root: Path) -> Manifest | None:
-    if not (root / MANIFEST_NAME).is_file():
-        return None
-    try:
-        return read_manifest(root)
-    except ManifestError as e:
-        log.warning("ignoring the old manifest (%s); every stage runs again", e)
-        return None
+def default_out_dir(model: str) -> Path:
+    """build/<model>: build/tiny, or build/<folder name> for a local checkpoint."""
+    return Path("build") / Path(str(model)).name
+
+
+def default_precisions(backend: str) -> tuple[str, ...]:
+    return ("fp8",) if backend == "tensorrt" else ("fp32", "int8")
 
 
 def build(
     model: str,
+    *,
     out_dir: Path | None = None,
     precisions: Sequence[str] | None = None,
     family: str | None = None,
@@ -121,12 +126,259 @@ def build(
     """
     t_start = time.perf_counter()
     opts = options or BuildOptions()
-    chosen, why = compile.choose_backend(backend)
+    chosen, why = choose_backend(backend)
     log.info("backend %s (%s)", chosen, why)
     precisions = tuple(dict.fromkeys(precisions or default_precisions(chosen)))
-    recipes = {**quantize.RECIPES, **(opts.recipes or {})}
-    selected = [quantize.for_backend(_recipe(recipes, p, opts.fp8_attention), chosen) for p in precisions]
-    if chosen == "onnxruntime" and (tt := [r.name for r in selected if r.tensorrt_only]):
+    recipes = _recipes(precisions, chosen, opts)
+    root = Path(out_dir) if out_dir is not None else default_out_dir(model)
+    versions = {d: _version(d) for d in ("torch", "diffusers", "onnx", "onnxruntime", "nvidia-modelopt")}
+    request = _request_hash(model, components, precisions, family, chosen, versions, recipes, opts)
+    if not force and (done := _up_to_date(root, request)) is not None:
+        log.info("build %s: up to date (nothing to do)", root)
+        return done
+    comps = components or load_components(model, device=opts.device)
+    fam = family or comps.preset.bucket_family
+    family_scale(fam)  # validates the name
+    with build_lock(root):
+        previous = _read_previous(root)
+        ctx = BuildContext(
+            root=root,
+            components=comps,
+            options=opts,
+            backend=chosen,
+            family=fam,
+            keys=sorted(family_shape_keys(fam, comps.preset.max_sequence_length)),
+            force=force,
+            base=_manifest_base(comps, chosen, fam, recipes, versions, request, opts),
+            stages=dict(previous.stages) if previous else {},
+            previous=previous,
+            bar=tqdm(
+                total=3 + sum(2 + r.quantized for r in recipes),
+                desc=f"build {root}",
+                unit="stage",
+                disable=not opts.progress,
+            ),
+        )
+        ctx.base["onnx_sha256"] = _export(ctx).output_sha256[ONNX_REL]
+        _calibrate(ctx)
+        _reference(ctx)
+        for recipe in recipes:
+            src_rel, src_sha = _quantize(ctx, recipe)
+            artifact = _compile(ctx, recipe, src_rel, src_sha)
+            ctx.artifacts.append(_verify(ctx, recipe, artifact))
+        ctx.bar.close()
+        final = ctx.manifest(complete=True, seconds=time.perf_counter() - t_start)
+        write_manifest(root, final)
+    log.info("build %s: %d artifact(s) verified in %.1fs", root, len(final.artifacts), final.build_seconds)
+    return final
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _stage(
+    ctx: BuildContext,
+    name: str,
+    inputs: Mapping[str, Any],
+    work: Callable[[], Sequence[Path]],
+    *,
+    still_valid: bool = True,
+) -> Stage:
+    """Run one stage (or skip it when up to date), record it, and write the manifest if it ran."""
+    res = run_stage(name, ctx.root, inputs, ctx.stages.get(name), ctx.force, work, still_valid)
+    ctx.stages[name] = res.stage
+    if res.ran:
+        write_manifest(ctx.root, ctx.manifest(complete=False))
+    ctx.bar.update()
+    return res.stage
+
+
+def _export(ctx: BuildContext) -> Stage:
+    inputs = {
+        "weights": ctx.components.weights_id,
+        "transformer": ctx.base["transformer"],
+        "opset": ctx.options.opset,
+        "torch": ctx.base["tool_versions"]["torch"],
+        "v": EXPORT_VERSION,
+    }
+    return _stage(ctx, "export", inputs, partial(_write_export, ctx))
+
+
+def _write_export(ctx: BuildContext) -> list[Path]:
+    result = export.export_transformer(ctx.components.transformer, ctx.root / ONNX_REL,
+                                       cfg=ctx.components.preset.transformer, opset=ctx.options.opset,
+                                       text_tokens=ctx.keys[0].text_tokens)  # fmt: skip
+    return list(result.files)
+
+
+def _calibrate(ctx: BuildContext) -> Stage:
+    inputs = {"weights": ctx.components.weights_id, "calibration": ctx.base["calibration_sha256"]}
+    return _stage(ctx, "calibrate", inputs, partial(_write_samples, ctx))
+
+
+def _write_samples(ctx: BuildContext) -> list[Path]:
+    samples = calibrate.capture_calibration(ctx.components, ctx.options.calibration, ctx.family,
+                                            ctx.options.device)  # fmt: skip
+    calibrate.save_samples(ctx.root / CALIBRATION_REL, samples)
+    return [ctx.root / CALIBRATION_REL]
+
+
+def _reference(ctx: BuildContext) -> Stage:
+    inputs = {
+        "weights": ctx.components.weights_id,
+        "family": ctx.family,
+        "steps": REFERENCE_STEPS,
+        "keys": [str(k) for k in ctx.keys],
+    }
+    return _stage(ctx, "reference", inputs, partial(_write_reference, ctx))
+
+
+def _write_reference(ctx: BuildContext) -> list[Path]:
+    reference = calibrate.capture_reference(ctx.components, ctx.family, REFERENCE_STEPS, ctx.options.device)
+    calibrate.save_reference(ctx.root / REFERENCE_REL, reference)
+    return [ctx.root / REFERENCE_REL]
+
+
+def _quantize(ctx: BuildContext, recipe: quantize.Recipe) -> tuple[str, str]:
+    """The graph the recipe compiles from, (path relative to the build, sha256): the exported graph,
+    or its Q/DQ-quantized copy."""
+    if not recipe.quantized:
+        return ONNX_REL, ctx.base["onnx_sha256"]
+    rel = f"onnx/transformer_{recipe.name}.onnx"
+    inputs = {
+        "onnx": ctx.base["onnx_sha256"],
+        "recipe": recipe.to_dict(),
+        "samples": ctx.stages["calibrate"].output_sha256[CALIBRATION_REL],
+        "modelopt": ctx.base["tool_versions"]["nvidia-modelopt"],
+    }
+    stage = _stage(ctx, f"quantize:{recipe.name}", inputs, partial(_write_quantized, ctx, recipe, rel))
+    return rel, stage.output_sha256[rel]
+
+
+def _write_quantized(ctx: BuildContext, recipe: quantize.Recipe, rel: str) -> list[Path]:
+    eps = ["cuda:0", "cpu"] if ctx.backend == "tensorrt" else ["cpu"]
+    quantize.quantize_onnx(ctx.root / ONNX_REL, ctx.root / rel, recipe, ctx.samples(), DENOISER_INPUTS,
+                           calibration_eps=eps)  # fmt: skip
+    return _files_of(ctx.root / rel)
+
+
+def _compile(ctx: BuildContext, recipe: quantize.Recipe, src_rel: str, src_sha: str) -> Artifact:
+    """The compile stage of one recipe; returns its (unverified) artifact."""
+    build_options: dict[str, Any] = {}
+    if recipe.quantized:
+        build_options["qdq"] = quantize.qdq_counts(ctx.root / src_rel)
+    inputs: dict[str, Any] = {
+        "source": src_sha,
+        "backend": ctx.backend,
+        "version": ctx.base["backend_version"],
+    }
+    if ctx.backend == "onnxruntime":
+        rel = f"onnxruntime/transformer_{recipe.name}.onnx"
+        runtime = ort_compile.ort_runtime_options(recipe)
+        mode = "dynamic"
+        inputs["runtime"] = runtime
+        work = partial(_write_ort, ctx, recipe, src_rel, rel)
+    else:
+        require_tensorrt()
+        rel = f"tensorrt/{plan_name(recipe.name, ctx.family, ctx.base['backend_version'], ctx.base['gpu'])}"
+        runtime = {}
+        mode = ctx.options.tensorrt.profiles
+        build_options["tensorrt"] = dataclasses.asdict(ctx.options.tensorrt)
+        build_options["tf32"] = allows_tf32(recipe.mode, recipe.high_precision_dtype)
+        inputs.update(gpu=ctx.base["gpu"], capability=ctx.base["compute_capability"],
+                      options=build_options["tensorrt"], tf32=build_options["tf32"])  # fmt: skip
+        work = partial(_write_plan, ctx, recipe, src_rel, rel)
+    profiles = family_profiles(ctx.keys, mode)
+    inputs["profiles"] = profiles
+    stage = _stage(ctx, f"compile:{recipe.name}", inputs, work)
+    return Artifact(
+        path=rel,
+        sha256=stage.output_sha256[rel],
+        bytes=(ctx.root / rel).stat().st_size,
+        backend=ctx.backend,
+        precision=recipe.name,
+        family=ctx.family,
+        profiles=profiles,
+        profile_mode=mode,
+        runtime_options=runtime,
+        source_sha256=src_sha,
+        build_options=build_options,
+    )
+
+
+def _write_ort(ctx: BuildContext, recipe: quantize.Recipe, src_rel: str, rel: str) -> list[Path]:
+    ort_compile.compile_onnxruntime(ctx.root / src_rel, ctx.root / rel, recipe)
+    return _files_of(ctx.root / rel)
+
+
+def _write_plan(ctx: BuildContext, recipe: quantize.Recipe, src_rel: str, rel: str) -> list[Path]:
+    build_plan(
+        ctx.root / src_rel,
+        ctx.root / rel,
+        cfg=ctx.components.preset.transformer,
+        keys=ctx.keys,
+        family=ctx.family,
+        mode=recipe.mode,
+        tf32=allows_tf32(recipe.mode, recipe.high_precision_dtype),
+        options=ctx.options.tensorrt,
+        timing_cache=ctx.root / TIMING_CACHE_REL,
+    )
+    return [ctx.root / rel]
+
+
+def _verify(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> Artifact:
+    """The artifact with its verification: reused from the last build of the same file, or measured
+    through the runtime's Denoiser (the errors are recorded even when they exceed the bound)."""
+    old = _previous_artifact(ctx.previous, artifact)
+    inputs = {
+        "artifact": artifact.sha256,
+        "reference": ctx.stages["reference"].output_sha256[REFERENCE_REL],
+        "bound": recipe.bound_rel_l2,
+        "runtime": artifact.runtime_options,
+    }
+    _stage(
+        ctx,
+        f"verify:{recipe.name}",
+        inputs,
+        partial(_measure, ctx, recipe, artifact),
+        still_valid=old is not None,
+    )
+    verified = next((p for p in ctx.pending if p.precision == artifact.precision), old)
+    if verified is None:
+        raise BuildError(f"no verification results for {recipe.name}; rebuild with --force")
+    ctx.pending = [p for p in ctx.pending if p.precision != artifact.precision]
+    return verified
+
+
+def _measure(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> list[Path]:
+    denoiser = verify.artifact_denoiser(ctx.root, artifact, ctx.components.preset.transformer)
+    try:
+        results = verify.verify(denoiser, ctx.reference(), sorted(artifact.profiles), recipe.bound_rel_l2,
+                                recipe.name)  # fmt: skip
+    finally:
+        close = getattr(denoiser, "close", None)
+        if close is not None:
+            close()
+    checked = dataclasses.replace(artifact, verification=results)
+    ctx.pending = [p for p in ctx.pending if p.precision != artifact.precision] + [checked]
+    write_manifest(ctx.root, ctx.manifest(complete=False))  # the errors are kept even on failure
+    verify.check(results, f"{recipe.name} ({artifact.path})")
+    return []
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _recipes(precisions: Sequence[str], backend: str, opts: BuildOptions) -> list[quantize.Recipe]:
+    """The recipes of `precisions` for `backend`, refusing those it cannot build."""
+    known = {**quantize.RECIPES, **(opts.recipes or {})}
+    selected = []
+    for name in precisions:
+        recipe = known[name] if name in known else quantize.get_recipe(name)  # raises with the known names
+        if opts.fp8_attention and recipe.mode == "fp8":
+            recipe = dataclasses.replace(recipe, attention=True)
+        selected.append(quantize.for_backend(recipe, backend))
+    if backend == "onnxruntime" and (tt := [r.name for r in selected if r.tensorrt_only]):
         raise BuildError(
             f"{', '.join(tt)} has no ONNX Runtime artifact (no useful CPU kernels); "
             "build fp32 or int8 here, or use --backend tensorrt on a GPU"
@@ -134,160 +386,58 @@ def build(
     if any(r.mode is None and r.high_precision_dtype != "fp32" for r in selected):
         raise BuildError("bf16 needs the graph converted to bf16 (modelopt.onnx.autocast), which this build "
                          "step does not do yet; build fp8 or int8 (or fp32) instead")  # fmt: skip
-    root = Path(out_dir) if out_dir is not None else default_out_dir(model)
-    versions = {d: _version(d) for d in ("torch", "diffusers", "onnx", "onnxruntime", "nvidia-modelopt")}
-    request = _request_hash(model, components, precisions, family, chosen, versions, selected, opts)
-    if not force and (done := _up_to_date(root, request)) is not None:
-        log.info("build %s: up to date (nothing to do)", root)
-        return done
-    comps = components or load_components(model, device=opts.device)
-    fam = family or comps.preset.bucket_family
-    family_scale(fam)  # validates the name
-    keys = sorted(family_shape_keys(fam, comps.preset.max_sequence_length))
-    calib_sha = calibrate.calibration_hash(opts.calibration, fam)
-    cfg = comps.preset.transformer
-    with build_lock(root):
-        previous = _read_previous(root)
-        base = {
-            "model": comps.source,
-            "weights_id": comps.weights_id,
-            "transformer": dataclasses.asdict(cfg),
-            "backend": chosen,
-            "backend_version": compile.backend_version(chosen),
-            "opset": opts.opset,
-            "onnx_sha256": "",
-            "calibration_sha256": calib_sha,
-            "recipes": {r.name: r.to_dict() for r in selected},
-            "tool_versions": versions,
-            "family": fam,
-            "calibration": dataclasses.asdict(opts.calibration),
-            "request": request,
-        }
-        if chosen == "tensorrt":
-            device = cuda_device()
-            if device is not None:
-                base["gpu"], base["compute_capability"] = device[0], f"{device[1][0]}.{device[1][1]}"
-        st = _State(root, base, previous)
-        n_stages = 3 + sum(2 + r.quantized for r in selected)
-        bar = tqdm(total=n_stages, desc=f"build {root}", unit="stage", disable=not opts.progress)
+    return selected
 
-        def step(name: str, inputs: dict[str, Any], work: Any, still_valid: bool = True) -> Stage:
-            res = run_stage(name, root, inputs, st.stage(name), force, work, still_valid)
-            st.record(name, res.stage, res.ran)
-            bar.update()
-            return res.stage
 
-        onnx_rel = "onnx/transformer.onnx"
-        s_export = step(
-            "export",
-            {
-                "weights": comps.weights_id,
-                "transformer": base["transformer"],
-                "opset": opts.opset,
-                "torch": versions["torch"],
-                "v": EXPORT_VERSION,
-            },
-            lambda: (
-                export.export_transformer(
-                    comps.transformer, root / onnx_rel, opset=opts.opset, text_tokens=keys[0].text_tokens
-                ).files
-            ),
-        )
-        onnx_sha = s_export.output_sha256[onnx_rel]
-        st.base["onnx_sha256"] = onnx_sha
+def _manifest_base(
+    comps: Components,
+    backend: str,
+    family: str,
+    recipes: Sequence[quantize.Recipe],
+    versions: Mapping[str, str],
+    request: str,
+    opts: BuildOptions,
+) -> dict[str, Any]:
+    device = cuda_device() if backend == "tensorrt" else None
+    return {
+        "model": comps.source,
+        "weights_id": comps.weights_id,
+        "transformer": dataclasses.asdict(comps.preset.transformer),
+        "backend": backend,
+        "backend_version": backend_version(backend),
+        "opset": opts.opset,
+        "onnx_sha256": "",
+        "calibration_sha256": calibrate.calibration_hash(opts.calibration, family),
+        "recipes": {r.name: r.to_dict() for r in recipes},
+        "tool_versions": dict(versions),
+        "family": family,
+        "calibration": dataclasses.asdict(opts.calibration),
+        "request": request,
+        "gpu": device[0] if device else None,
+        "compute_capability": f"{device[1][0]}.{device[1][1]}" if device else None,
+    }
 
-        calib_rel = "calibration/samples.npz"
-        s_calib = step(
-            "calibrate",
-            {"weights": comps.weights_id, "calibration": calib_sha},
-            lambda: _write_samples(
-                root / calib_rel, calibrate.capture_calibration(comps, opts.calibration, fam, opts.device)
-            ),
-        )
-        ref_rel = "verify/reference.npz"
-        s_ref = step(
-            "reference",
-            {
-                "weights": comps.weights_id,
-                "family": fam,
-                "steps": REFERENCE_STEPS,
-                "keys": [str(k) for k in keys],
-            },
-            lambda: _write_reference(
-                root / ref_rel, calibrate.capture_reference(comps, fam, REFERENCE_STEPS, opts.device)
-            ),
-        )
-        samples: list[calibrate.Sample] = []
-        reference = None
-        dims = (cfg.in_channels, cfg.joint_attention_dim, cfg.pooled_projection_dim)
-        for recipe in selected:
-            src_rel, src_sha = onnx_rel, onnx_sha
-            if recipe.quantized:
-                src_rel = f"onnx/transformer_{recipe.name}.onnx"
 
-                def do_quantize(r: quantize.Recipe = recipe, rel: str = src_rel) -> list[Path]:
-                    if not samples:
-                        samples.extend(calibrate.load_samples(root / calib_rel)[0])
-                    quantize.quantize_onnx(
-                        root / onnx_rel,
-                        root / rel,
-                        r,
-                        samples,
-                        DENOISER_INPUTS,
-                        calibration_eps=_calibration_eps(chosen),
-                    )
-                    return sorted((root / rel).parent.glob(Path(rel).name + "*"))
+def _version(dist: str) -> str:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "missing"
 
-                s_q = step(
-                    f"quantize:{recipe.name}",
-                    {
-                        "onnx": onnx_sha,
-                        "recipe": recipe.to_dict(),
-                        "samples": s_calib.output_sha256[calib_rel],
-                        "modelopt": versions["nvidia-modelopt"],
-                    },
-                    do_quantize,
-                )
-                src_sha = s_q.output_sha256[src_rel]
-            art = _compile(step, root, recipe, src_rel, src_sha, chosen, fam, keys, dims, opts)
-            reference = reference or calibrate.load_reference(root / ref_rel)
-            old = _previous_artifact(previous, art)
 
-            def do_verify(a: Artifact = art, r: quantize.Recipe = recipe, ref: Any = reference) -> list[Path]:
-                run = (
-                    verify.ort_runner(root / a.path, a.runtime_options)
-                    if a.backend == "onnxruntime"
-                    else verify.tensorrt_runner(root / a.path, a.profiles)
-                )
-                results = verify.verify(run, ref, sorted(a.profiles), r.bound_rel_l2, r.name)
-                checked = dataclasses.replace(a, verification=results)
-                st.pending = [p for p in st.pending if p.precision != a.precision] + [checked]
-                write_manifest(root, st.manifest(complete=False))  # the errors are kept even on failure
-                verify.check(results, f"{r.name} ({a.path})")
-                return []
+def _files_of(path: Path) -> list[Path]:
+    """A graph and its external data files."""
+    return sorted(path.parent.glob(path.name + "*"))
 
-            s_v = step(
-                f"verify:{recipe.name}",
-                {
-                    "artifact": art.sha256,
-                    "reference": s_ref.output_sha256[ref_rel],
-                    "bound": recipe.bound_rel_l2,
-                    "runtime": art.runtime_options,
-                },
-                do_verify,
-                still_valid=old is not None,
-            )
-            verified = next((p for p in st.pending if p.precision == art.precision), old)
-            if verified is None:
-                raise BuildError(f"no verification results for {recipe.name}; rebuild with --force")
-            st.pending = [p for p in st.pending if p.precision != art.precision]
-            st.artifacts.append(verified)
-            del s_v
-        bar.close()
-        final = st.manifest(complete=True, seconds=time.perf_counter() - t_start)
-        write_manifest(root, final)
-    log.info("build %s: %d artifact(s) verified in %.1fs", root, len(final.artifacts), final.build_seconds)
-    return final
+
+def _read_previous(root: Path) -> Manifest | None:
+    if not (root / MANIFEST_NAME).is_file():
+        return None
+    try:
+        return read_manifest(root)
+    except ManifestError as e:
+        log.warning("ignoring the old manifest (%s); every stage runs again", e)
+        return None
 
 
 def _request_hash(
@@ -309,7 +459,7 @@ def _request_hash(
             "precisions": list(precisions),
             "family": family,
             "backend": backend,
-            "backend_version": compile.backend_version(backend),
+            "backend_version": backend_version(backend),
             "gpu": cuda_device() if backend == "tensorrt" else None,
             "versions": dict(versions),
             "recipes": [r.to_dict() for r in recipes],
@@ -336,27 +486,6 @@ def _up_to_date(root: Path, request: str) -> Manifest | None:
     return previous
 
 
-def _recipe(recipes: Mapping[str, quantize.Recipe], name: str, fp8_attention: bool) -> quantize.Recipe:
-    if name not in recipes:
-        return quantize.get_recipe(name)  # raises with the known names
-    r = recipes[name]
-    return dataclasses.replace(r, attention=True) if fp8_attention and r.mode == "fp8" else r
-
-
-def _calibration_eps(backend: str) -> list[str]:
-    return ["cuda:0", "cpu"] if backend == "tensorrt" else ["cpu"]
-
-
-def _write_samples(path: Path, samples: list[calibrate.Sample]) -> list[Path]:
-    calibrate.save_samples(path, samples)
-    return [path]
-
-
-def _write_reference(path: Path, reference: dict[Any, list[calibrate.Sample]]) -> list[Path]:
-    calibrate.save_reference(path, reference)
-    return [path]
-
-
 def _previous_artifact(previous: Manifest | None, art: Artifact) -> Artifact | None:
     """The verified artifact of the last build with the same file, to reuse its verification."""
     if previous is None:
@@ -365,86 +494,3 @@ def _previous_artifact(previous: Manifest | None, art: Artifact) -> Artifact | N
         if a.precision == art.precision and a.sha256 == art.sha256 and a.path == art.path:
             return dataclasses.replace(art, verification=a.verification)
     return None
-
-
-def _compile(
-    step: Any,
-    root: Path,
-    recipe: quantize.Recipe,
-    src_rel: str,
-    src_sha: str,
-    backend: str,
-    family: str,
-    keys: list[Any],
-    dims: tuple[int, int, int],
-    opts: BuildOptions,
-) -> Artifact:
-    """The compile stage of one recipe; returns its (unverified) artifact."""
-    build_options: dict[str, Any] = {}
-    if recipe.quantized:
-        build_options["qdq"] = quantize.qdq_counts(root / src_rel)
-    if backend == "onnxruntime":
-        rel = f"onnxruntime/transformer_{recipe.name}.onnx"
-        runtime = compile.ort_runtime_options(recipe)
-        profiles = {str(k): 0 for k in keys}
-        inputs: dict[str, Any] = {
-            "source": src_sha,
-            "backend": backend,
-            "version": compile.backend_version(backend),
-            "runtime": runtime,
-        }
-        s = step(
-            f"compile:{recipe.name}",
-            inputs,
-            lambda: (
-                compile.compile_onnxruntime(root / src_rel, root / rel, recipe),
-                sorted((root / rel).parent.glob(Path(rel).name + "*")),
-            )[1],
-        )
-    else:
-        from .tensorrt_build import check_tensorrt
-
-        trt, gpu, cap = check_tensorrt()
-        rel = f"tensorrt/{plan_name(recipe.name, family, str(trt.__version__), gpu)}"
-        runtime = {}
-        profiles = family_profiles(keys)
-        build_options["tensorrt"] = dataclasses.asdict(opts.tensorrt)
-        inputs = {
-            "source": src_sha,
-            "backend": backend,
-            "version": str(trt.__version__),
-            "gpu": gpu,
-            "capability": list(cap),
-            "profiles": profiles,
-            "options": build_options["tensorrt"],
-        }
-        s = step(
-            f"compile:{recipe.name}", inputs, lambda: [_plan(root, src_rel, rel, keys, dims, recipe, opts)]
-        )
-    return Artifact(
-        path=rel,
-        sha256=s.output_sha256[rel],
-        bytes=(root / rel).stat().st_size,
-        backend=backend,
-        precision=recipe.name,
-        family=family,
-        profiles=profiles,
-        runtime_options=runtime,
-        source_sha256=src_sha,
-        build_options=build_options,
-    )
-
-
-def _plan(
-    root: Path,
-    src_rel: str,
-    rel: str,
-    keys: list[Any],
-    dims: tuple[int, int, int],
-    recipe: quantize.Recipe,
-    opts: BuildOptions,
-) -> Path:
-    build_plan(
-        root / src_rel, root / rel, keys, dims, recipe.mode, opts.tensorrt, root / "tensorrt" / "timing.cache"
-    )
-    return root / rel

@@ -28,11 +28,11 @@ from ..backends.torch import TorchDenoiser
 from ..buckets import ShapeKey, buckets, nearest_bucket
 from ..config import EditSettings
 from ..errors import BuildError
+from ..files import atomic_write_bytes
 from ..images import load_image, resize_to
 from ..pipeline import KontextPipeline
 from ..sampling import denoise
 from ..weights import Components
-from .manifest import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +45,16 @@ class CalibrationSpec:
 
     edits: int = 32  # (image, instruction) pairs; the instructions cover all five categories
     steps: int = 4  # sampling steps per edit (the schedule of a `steps`-step edit)
-    record_every: int = 1  # keep the inputs of every k-th step (28-step real edits: 4 -> 7 samples)
     guidance: float = 2.5
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.edits < 1 or self.steps < 1 or self.record_every < 1:
-            raise BuildError(f"calibration needs edits, steps and record_every >= 1, got {self}")
+        if self.edits < 1 or self.steps < 1:
+            raise BuildError(f"calibration needs edits and steps >= 1, got {self}")
 
     @property
     def samples(self) -> int:
-        return self.edits * len(range(0, self.steps, self.record_every))
+        return self.edits * self.steps
 
 
 @dataclass(frozen=True)
@@ -119,10 +118,9 @@ def capture_calibration(
     """Run the calibration edits through the sampling loop; return the recorded transformer inputs."""
     rec = RecordingDenoiser(TorchDenoiser(components.transformer, name="torch-fp32"))
     pipe = KontextPipeline(components, rec, device=device, bucket_family=family)
-    keep = range(0, spec.steps, spec.record_every)
     samples: list[Sample] = []
     for e in tqdm(calibration_edits(spec), desc="calibrate", unit="edit", leave=False):
-        rec.reset(keep)
+        rec.reset()  # every step's inputs
         settings = EditSettings(steps=spec.steps, guidance=spec.guidance, seed=e.seed)
         _run_edit(pipe, rec, load_image(e.image), e.prompt, settings)
         samples += _samples(rec.calls, with_output=False)
@@ -167,7 +165,7 @@ def save_samples(path: Path, samples: Sequence[Sample], keys: Sequence[str] | No
             arrays[f"{i:06d}/@key"] = np.array(keys[i])
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getbuffer())
 
 
 def load_samples(path: Path) -> tuple[list[Sample], list[str]]:

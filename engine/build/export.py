@@ -8,7 +8,6 @@ every node after the module it came from, so recipes can exclude layers by modul
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,8 +19,12 @@ from typing import Any
 import torch
 
 from ..backends import DENOISER_INPUTS, DENOISER_OUTPUT, named_inputs
+from ..backends.inputs import dummy_inputs
 from ..backends.torch import velocity
+from ..buckets import ShapeKey
+from ..config import TransformerConfig
 from ..errors import BuildError
+from ..files import move_into_place
 
 log = logging.getLogger(__name__)
 
@@ -85,22 +88,6 @@ class DenoiserExportWrapper(torch.nn.Module):
         return velocity(self.transformer, inputs)
 
 
-def example_inputs(
-    in_channels: int, joint_dim: int, pooled_dim: int, image_tokens: int, text_tokens: int, batch: int
-) -> dict[str, torch.Tensor]:
-    """Seeded inputs of the Denoiser contract (only their shapes and dtypes matter to the exporter)."""
-    g = torch.Generator().manual_seed(0)
-    return {
-        "hidden_states": torch.randn(batch, image_tokens, in_channels, generator=g),
-        "img_ids": torch.randint(0, 8, (image_tokens, 3), generator=g).float(),
-        "encoder_hidden_states": torch.randn(batch, text_tokens, joint_dim, generator=g),
-        "txt_ids": torch.zeros(text_tokens, 3),
-        "pooled_projections": torch.randn(batch, pooled_dim, generator=g),
-        "timestep": torch.rand(batch, generator=g),
-        "guidance": torch.full((batch,), 2.5),
-    }
-
-
 def dynamic_shapes() -> dict[str, dict[int, object]]:
     """Dynamic batch, image-token (target + context) and text-token axes; ids have no batch axis."""
     batch = torch.export.Dim("batch", min=1, max=64)
@@ -132,11 +119,14 @@ def export_transformer(
     transformer: torch.nn.Module,
     path: Path,
     *,
+    cfg: TransformerConfig,
     opset: int = DEFAULT_OPSET,
     text_tokens: int = 32,
-    image_tokens: int = 40,
 ) -> ExportResult:
-    """Export `transformer` (a diffusers FluxTransformer2DModel, eval, float32) to `path`.
+    """Export `transformer` (a diffusers FluxTransformer2DModel of `cfg`, eval, float32) to `path`.
+
+    The example inputs (batch 2, 20 + 20 image tokens) only fix ranks and dtypes: every axis but the
+    features is dynamic.
 
     Files appear under their final names only when whole: everything is written in a temporary
     folder beside `path` and renamed (external data first, the graph last).
@@ -145,15 +135,7 @@ def export_transformer(
         raise BuildError(
             f"opset {opset} is too old: use --opset {MIN_OPSET} or newer (RMSNorm and Gelu need it)"
         )
-    cfg: Any = transformer.config
-    inputs = example_inputs(
-        cfg.in_channels,
-        cfg.joint_attention_dim,
-        cfg.pooled_projection_dim,
-        image_tokens,
-        text_tokens,
-        EXPORT_BATCH,
-    )
+    inputs = dummy_inputs(cfg, ShapeKey(EXPORT_BATCH, 20, 20, text_tokens))
     external = parameter_bytes(transformer) > EXTERNAL_DATA_BYTES
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=".export-"))
@@ -178,7 +160,8 @@ def export_transformer(
         name_nodes_by_module(program.model)
         tmp_path = tmp_dir / path.name
         program.save(str(tmp_path), external_data=external)
-        return _move_into_place(tmp_dir, path, external)
+        files = move_into_place(tmp_dir, path.parent, last=path.name)  # external data first, the graph last
+        return ExportResult(onnx_path=path, files=tuple(files), external_data=external)
     except BuildError:
         raise
     except Exception as e:  # the exporter raises many types; give one actionable message
@@ -188,18 +171,6 @@ def export_transformer(
         ) from e
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def _move_into_place(tmp_dir: Path, path: Path, external: bool) -> ExportResult:
-    files = sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name)  # the graph last
-    final: list[Path] = []
-    for f in files:
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-        target = path.parent / f.name
-        os.replace(f, target)
-        final.append(target)
-    return ExportResult(onnx_path=path, files=tuple(final), external_data=external)
 
 
 def name_nodes_by_module(model: object) -> None:

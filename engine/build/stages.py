@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .manifest import Stage, sha256_file
+from ..manifest import Stage, sha256_file
 
 log = logging.getLogger(__name__)
 

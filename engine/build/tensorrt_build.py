@@ -1,40 +1,49 @@
-"""TensorRT plans: one plan per (precision, bucket family), one static profile per shape key.
+"""TensorRT plans: one strongly typed plan per (precision, bucket family), its profiles static or dynamic.
 
-The pure functions (availability, capability checks, profile shapes, plan names) are tested on
-any machine; `build_plan` calls TensorRT 10's builder and is only reached after
-`check_tensorrt()` has found a real TensorRT and a CUDA device.
+dynamic (the default): one profile for the family (min and max over its shape keys, opt at the
+1024x1024 key), so the plan holds one copy of the weights; the runtime still keeps one context per
+shape key for CUDA graphs. static: one profile per key (min = opt = max); TensorRT shares weights
+across profiles only as a hint (extra_memory_target). `benchmarks/trt_first_run.py` measures both.
+`build_plan` is reached only after `require_tensorrt()` found a real TensorRT and a CUDA device.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING
 
+from ..backends.tensorrt_plans import cuda_device, family_profiles, profile_shapes, require_tensorrt
+from ..backends.torch import FP8_MIN_CAPABILITY
 from ..buckets import ShapeKey
-from ..errors import BackendUnavailableError, BuildError
-from .manifest import atomic_write_bytes
+from ..config import TransformerConfig
+from ..errors import BuildError
+from ..files import atomic_write_bytes
+from ..manifest import PROFILE_MODES
+
+if TYPE_CHECKING:
+    import tensorrt as trt
 
 log = logging.getLogger(__name__)
 
 # Minimum compute capability per recipe mode: FP8 tensor cores arrive with Ada (8.9) and Hopper.
-MIN_CAPABILITY: dict[str, tuple[int, int]] = {"fp8": (8, 9), "int8": (7, 5), "bf16": (8, 0)}
+MIN_CAPABILITY: dict[str, tuple[int, int]] = {"fp8": FP8_MIN_CAPABILITY, "int8": (7, 5)}
 
 
 @dataclass(frozen=True)
 class TensorRTOptions:
     """Builder settings recorded in the manifest (and part of the compile stage's hash)."""
 
+    profiles: str = "dynamic"  # "dynamic": one profile per family; "static": one per shape key
     opt_level: int = 3  # builder_optimization_level; 3 for Flux "to reduce GPU memory" (NVIDIA demo)
     workspace_gb: float = 8.0
-    extra_memory_target: float = 0.0  # ask for no extra weight memory per extra profile (a hint)
+    extra_memory_target: float = 0.0  # static: ask for no extra weight memory per extra profile (a hint)
 
     def __post_init__(self) -> None:
+        if self.profiles not in PROFILE_MODES:
+            raise BuildError(f"--profiles must be one of {', '.join(PROFILE_MODES)}, got {self.profiles!r}")
         if not 0 <= self.opt_level <= 5:
             raise BuildError(f"--opt-level must be 0..5, got {self.opt_level}")
         if self.workspace_gb <= 0:
@@ -43,106 +52,70 @@ class TensorRTOptions:
             raise BuildError(f"extra_memory_target must be in [0, 1], got {self.extra_memory_target}")
 
 
-def tensorrt_module() -> ModuleType | None:
-    """The real TensorRT Python module, or None. tensorrt-stubs alone imports as an empty namespace."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        return None
-    return trt if hasattr(trt, "Builder") and hasattr(trt, "__version__") else None
-
-
-def tensorrt_available() -> bool:
-    return tensorrt_module() is not None
-
-
-def cuda_device() -> tuple[str, tuple[int, int]] | None:
-    """(name, compute capability) of CUDA device 0, or None without one."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
-
-
-def check_tensorrt() -> tuple[ModuleType, str, tuple[int, int]]:
-    """TensorRT, the GPU name and its capability; CUDA is checked before TensorRT is touched."""
-    device = cuda_device()
-    if device is None:
-        raise BackendUnavailableError(
-            "the tensorrt backend needs a CUDA device and torch sees none; "
-            "use --backend onnxruntime (or auto) on this machine"
-        )
-    trt = tensorrt_module()
-    if trt is None:
-        raise BackendUnavailableError(
-            "TensorRT is not installed (tensorrt-stubs alone does not count); "
-            "`pip install -e '.[trt]'` on a GPU machine, or use --backend onnxruntime"
-        )
-    return trt, device[0], device[1]
-
-
 def check_capability(mode: str | None, capability: tuple[int, int], gpu: str = "this GPU") -> None:
     """Refuse a recipe the GPU has no kernels for (FP8 below compute capability 8.9)."""
     need = MIN_CAPABILITY.get(mode or "")
     if need is not None and tuple(capability) < need:
         raise BuildError(
             f"{mode} needs compute capability >= {need[0]}.{need[1]}, but {gpu} is "
-            f"{capability[0]}.{capability[1]}; build int8 or bf16 instead "
-            f"(--precision int8)"
+            f"{capability[0]}.{capability[1]}; build int8 instead (--precision int8)"
         )
 
 
-def profile_shapes(
-    key: ShapeKey, in_channels: int, joint_dim: int, pooled_dim: int
-) -> dict[str, tuple[int, ...]]:
-    """Input name -> static shape of one shape key (the profile's min = opt = max)."""
-    n, b, l = key.image_tokens, key.batch, key.text_tokens  # noqa: E741
-    return {
-        "hidden_states": (b, n, in_channels),
-        "img_ids": (n, 3),
-        "encoder_hidden_states": (b, l, joint_dim),
-        "txt_ids": (l, 3),
-        "pooled_projections": (b, pooled_dim),
-        "timestep": (b,),
-        "guidance": (b,),
-    }
+def allows_tf32(mode: str | None, high_precision_dtype: str) -> bool:
+    """TensorRT runs fp32 GEMMs in TF32 unless told not to (BuilderFlag.TF32 is on by default). The
+    fp32 recipe clears it, so its plan is held to the fp32 bound (1e-4 rel L2); quantized recipes keep
+    it for their high-precision layers, whose bounds are 100x looser."""
+    return not (mode is None and high_precision_dtype == "fp32")
 
 
-def family_profiles(keys: Sequence[ShapeKey] | frozenset[ShapeKey]) -> dict[str, int]:
-    """Shape key string -> profile index, in sorted key order (the manifest's `profiles`)."""
-    return {str(k): i for i, k in enumerate(sorted(keys))}
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
-
-
-def plan_name(precision: str, family: str, trt_version: str, gpu: str) -> str:
-    """'transformer_fp8_1mp_trt10.13.0_nvidia-h100-80gb-hbm3.plan': what the plan is valid for."""
-    return f"transformer_{precision}_{_slug(family)}_trt{_slug(trt_version)}_{_slug(gpu)}.plan"
+def set_timing_cache(config: trt.IBuilderConfig, cache_path: Path) -> bool:
+    """Give the builder the timing cache at `cache_path`, or a fresh one when TensorRT refuses it
+    (another GPU or TensorRT version, or a corrupt file): that file is deleted before the build, so
+    the cache written after it is this machine's. Returns whether the old cache was used."""
+    data = cache_path.read_bytes() if cache_path.is_file() else b""
+    if data:
+        try:
+            cache = config.create_timing_cache(data)
+        except RuntimeError as e:  # a file TensorRT cannot parse
+            log.warning("the timing cache %s is unreadable (%s); starting a new one", cache_path, e)
+            cache = None
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return True
+        log.warning("TensorRT refused the timing cache %s (another GPU or TensorRT version?); "
+                    "deleting it and starting a new one", cache_path)  # fmt: skip
+        cache_path.unlink(missing_ok=True)
+    fresh = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
+        raise BuildError("TensorRT refused a new, empty timing cache; rebuild with a fresh --out folder")
+    return False
 
 
 def build_plan(
     onnx_path: Path,
     plan_path: Path,
+    *,
+    cfg: TransformerConfig,
     keys: Sequence[ShapeKey],
-    dims: tuple[int, int, int],
+    family: str,
     mode: str | None,
+    tf32: bool,
     options: TensorRTOptions,
     timing_cache: Path,
-) -> dict[str, Any]:
-    """Build a strongly typed plan from the (Q/DQ) graph with one static profile per key.
+) -> None:
+    """Build a strongly typed plan from the (Q/DQ) graph, with the profiles `options.profiles` says,
+    and write it to `plan_path` (atomically, from TensorRT's buffer without a host copy). mode: the
+    recipe's quantization (checked against the GPU); tf32: see allows_tf32. The timing cache persists
+    across builds."""
+    trt_module = require_tensorrt()
+    import tensorrt as trt
 
-    dims: (in_channels, joint_attention_dim, pooled_projection_dim). Returns what the manifest
-    records (versions, GPU, profiles, build time). The timing cache persists across builds.
-    """
-    trt, gpu, capability = check_tensorrt()
-    check_capability(mode, capability, gpu)
+    device = cuda_device()
+    if device is not None:
+        check_capability(mode, device[1], device[0])
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -152,84 +125,26 @@ def build_plan(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
     config.builder_optimization_level = options.opt_level
-    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    profiles = family_profiles(keys)
-    for key_str, _ in sorted(profiles.items(), key=lambda kv: kv[1]):
-        key = next(k for k in keys if str(k) == key_str)
+    if not tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    set_timing_cache(config, timing_cache)
+    profiles = family_profiles(keys, options.profiles)
+    for index in sorted(set(profiles.values())):
         profile = builder.create_optimization_profile()
-        for name, shape in profile_shapes(key, *dims).items():
-            profile.set_shape(name, shape, shape, shape)
+        served = [k for k in keys if profiles[str(k)] == index]
+        for name, (lo, opt, hi) in profile_shapes(cfg, served, family).items():
+            profile.set_shape(name, lo, opt, hi)
         profile.extra_memory_target = options.extra_memory_target
         config.add_optimization_profile(profile)
-    t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError(
-            "TensorRT failed to build the plan (see its log above); try --workspace-gb larger "
-            "or --opt-level 2"
+            "TensorRT failed to build the plan (see its log above); "
+            "try --workspace-gb larger or --opt-level 2"
         )
-    atomic_write_bytes(plan_path, bytes(serialized))
-    atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
-    return {
-        "tensorrt_version": str(trt.__version__),
-        "gpu": gpu,
-        "compute_capability": f"{capability[0]}.{capability[1]}",
-        "build_seconds": time.perf_counter() - t0,
-        "profiles": profiles,
-    }
-
-
-class PlanRunner:
-    """Runs a plan's profile on numpy inputs (verification only; the runtime lives in backends/)."""
-
-    def __init__(self, plan_path: Path) -> None:
-        import torch
-
-        trt, _, _ = check_tensorrt()
-        self.trt = trt
-        self.torch = torch
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(plan_path.read_bytes())
-        if self.engine is None:
-            raise BuildError(
-                f"TensorRT could not load {plan_path.name} (other TensorRT version or GPU?); "
-                "rebuild with `kontext build --force`"
-            )
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-
-    def run(self, profile: int, inputs: dict[str, Any]) -> Any:
-        torch, trt = self.torch, self.trt
-        ctx = self.context
-        ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
-        keep = []
-        for name, array in inputs.items():
-            t = torch.from_numpy(array).cuda().contiguous()
-            t = t.to(_torch_dtype(torch, trt, self.engine.get_tensor_dtype(name)))
-            ctx.set_input_shape(name, tuple(t.shape))
-            ctx.set_tensor_address(name, t.data_ptr())
-            keep.append(t)
-        out_name = "velocity"
-        shape = tuple(ctx.get_tensor_shape(out_name))
-        out = torch.empty(
-            shape, dtype=_torch_dtype(torch, trt, self.engine.get_tensor_dtype(out_name)), device="cuda"
-        )
-        ctx.set_tensor_address(out_name, out.data_ptr())
-        self.stream.wait_stream(torch.cuda.current_stream())  # the input copies ran on the current stream
-        if not ctx.execute_async_v3(self.stream.cuda_stream):
-            raise BuildError("TensorRT execution failed (see its log); rebuild with --force")
-        self.stream.synchronize()
-        return out.float().cpu().numpy()
-
-
-def _torch_dtype(torch: Any, trt: Any, dtype: Any) -> Any:
-    table = {
-        trt.float32: torch.float32,
-        trt.float16: torch.float16,
-        trt.bfloat16: torch.bfloat16,
-        trt.int32: torch.int32,
-        trt.int64: torch.int64,
-    }
-    return table[dtype]
+    atomic_write_bytes(plan_path, memoryview(serialized))  # IHostMemory is a buffer: no 12 GB copy
+    cache = config.get_timing_cache()
+    if cache is not None:
+        atomic_write_bytes(timing_cache, memoryview(cache.serialize()))
+    log.info("TensorRT %s: wrote %s (%d profile(s))", trt_module.__version__, plan_path.name,
+             len(set(profiles.values())))  # fmt: skip

@@ -1,52 +1,79 @@
-"""Verify stage: run an artifact on every shape key it serves and compare with the fp32 torch transformer.
+"""Verify stage: run an artifact through the runtime's own Denoiser on every shape key it serves, and
+compare with the fp32 torch transformer.
 
-The inputs and reference velocities come from the sampling loop (calibrate.capture_reference).
-Errors: relative L2 over all samples of a key, and max abs. Exceeding the recipe's bound fails the build.
+The Denoiser is the one `engine.load` returns for that artifact (OrtDenoiser under the manifest's
+session options, TrtDenoiser with its contexts, shared device memory and CUDA graphs), so "verified"
+means the runtime path was verified, not only the graph. The inputs and reference velocities come
+from the sampling loop (calibrate.capture_reference). Errors: relative L2 over all samples of a key
+(engine.metrics.rel_l2), and max abs. Exceeding the recipe's bound fails the build.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from ..backends import DENOISER_INPUTS, DENOISER_OUTPUT
+from ..backends import DENOISER_INPUTS, DENOISER_OUTPUT, Denoiser, GraphCapturing
+from ..config import TransformerConfig
 from ..errors import VerificationError
+from ..manifest import Artifact, Verification, parse_shape_key
+from ..metrics import rel_l2
 from .calibrate import Sample
-from .manifest import Verification
 
 log = logging.getLogger(__name__)
 
-RunFn = Callable[[str, dict[str, np.ndarray]], np.ndarray]  # (shape key, inputs) -> velocity
 
+def artifact_denoiser(
+    root: Path, artifact: Artifact, cfg: TransformerConfig, device: str = "cuda"
+) -> Denoiser:
+    """The runtime's Denoiser over one just-built artifact, loaded as the manifest will say (device:
+    TensorRT's CUDA device)."""
+    if artifact.backend == "onnxruntime":
+        from ..backends.onnxruntime import OrtDenoiser
 
-def errors(outputs: Sequence[np.ndarray], references: Sequence[np.ndarray]) -> tuple[float, float]:
-    """(relative L2, max abs) of outputs vs references, over all samples together."""
-    diff = np.concatenate(
-        [(o.astype(np.float64) - r).ravel() for o, r in zip(outputs, references, strict=True)]
-    )
-    ref = np.concatenate([r.astype(np.float64).ravel() for r in references])
-    return float(np.linalg.norm(diff)) / max(float(np.linalg.norm(ref)), 1e-30), float(np.abs(diff).max())
+        return OrtDenoiser(
+            root / artifact.path,
+            name=f"onnxruntime-{artifact.precision}",
+            shape_keys=artifact.shape_keys(),
+            runtime_options=artifact.runtime_options,
+        )
+    from ..backends.tensorrt import TrtDenoiser
+
+    return TrtDenoiser([(artifact, root / artifact.path)], transformer=cfg, device=device)
 
 
 def verify(
-    run: RunFn, reference: Mapping[str, Sequence[Sample]], keys: Sequence[str], bound: float, label: str
+    denoiser: Denoiser,
+    reference: Mapping[str, Sequence[Sample]],
+    keys: Sequence[str],
+    bound: float,
+    label: str,
 ) -> dict[str, Verification]:
-    """Verification per shape key; raises VerificationError naming every key over `bound`."""
+    """Verification per shape key; the caller raises (check) once the results are recorded."""
     out: dict[str, Verification] = {}
     for key in tqdm(keys, desc=f"verify {label}", unit="key", leave=False):
         samples = reference.get(key)
         if not samples:
             raise VerificationError(f"no captured inputs for shape key {key}; rebuild with --force")
-        outs = [run(key, {n: s[n] for n in DENOISER_INPUTS}) for s in samples]
-        rel, mx = errors(outs, [s[DENOISER_OUTPUT] for s in samples])
+        if isinstance(denoiser, GraphCapturing):
+            denoiser.capture_graphs(parse_shape_key(key))  # verify the graph replays that serve
+        outs = np.stack([_run(denoiser, s) for s in samples])  # [S, B, N + M, C]
+        refs = np.stack([s[DENOISER_OUTPUT] for s in samples]).astype(np.float64)
+        rel, mx = rel_l2(outs, refs), float(np.abs(outs - refs).max())
         out[key] = Verification(rel_l2=rel, max_abs=mx, bound=bound, samples=len(samples))
         log.debug("verify %s %s: rel L2 %.2e, max abs %.2e (bound %.1e)", label, key, rel, mx, bound)
     return out
+
+
+def _run(denoiser: Denoiser, sample: Sample) -> np.ndarray:
+    inputs = {n: torch.from_numpy(np.asarray(sample[n])) for n in DENOISER_INPUTS}
+    with torch.inference_mode():
+        return denoiser(**inputs).to("cpu", torch.float64).numpy()
 
 
 def check(results: Mapping[str, Verification], label: str) -> None:
@@ -58,25 +85,3 @@ def check(results: Mapping[str, Verification], label: str) -> None:
             "try another recipe (e.g. --precision fp32), more calibration (--calib-samples), "
             "or rebuild with --force if the files were changed"
         )
-
-
-def ort_runner(path: Path, runtime_options: dict[str, Any]) -> RunFn:
-    from .compile import ort_session
-
-    session = ort_session(path, runtime_options)
-
-    def run(key: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(session.run([DENOISER_OUTPUT], inputs)[0])
-
-    return run
-
-
-def tensorrt_runner(path: Path, profiles: Mapping[str, int]) -> RunFn:
-    from .tensorrt_build import PlanRunner
-
-    runner = PlanRunner(path)
-
-    def run(key: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return runner.run(profiles[key], inputs)
-
-    return run

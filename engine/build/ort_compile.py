@@ -1,4 +1,4 @@
-"""Compile stage: pick the backend, then ONNX -> ONNX Runtime optimized model or TensorRT plan.
+"""Compile stage for ONNX Runtime: the (Q/DQ) graph -> the graph after ORT's offline optimizations.
 
 ONNX Runtime artifacts are the graph after ORT's offline optimizations (CPU execution provider),
 saved with the options that load them (`runtime_options`, recorded in the manifest).
@@ -7,48 +7,18 @@ saved with the options that load them (`runtime_options`, recorded in the manife
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendUnavailableError, BuildError, ConfigError
+from ..errors import BuildError
+from ..files import move_into_place
 from .quantize import ORT_FP8_DISABLED_OPTIMIZERS, Recipe
-from .tensorrt_build import cuda_device, tensorrt_module
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
 ORT_LEVEL = "ORT_ENABLE_EXTENDED"  # hardware-independent fusions; ENABLE_ALL adds layout changes
-
-
-def choose_backend(requested: str) -> tuple[str, str]:
-    """('tensorrt' | 'onnxruntime', why). auto: TensorRT when it imports AND a CUDA device exists."""
-    if requested not in BACKENDS:
-        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
-    device = cuda_device()
-    has_trt = tensorrt_module() is not None
-    if requested == "tensorrt":
-        if device is None or not has_trt:
-            missing = "a CUDA device" if device is None else "TensorRT (`pip install -e '.[trt]'`)"
-            raise BackendUnavailableError(f"--backend tensorrt needs {missing}; use --backend onnxruntime")
-        return "tensorrt", f"requested; GPU {device[0]}"
-    if requested == "onnxruntime":
-        return "onnxruntime", "requested"
-    if device is not None and has_trt:
-        return "tensorrt", f"auto: TensorRT and GPU {device[0]} found"
-    why = "no CUDA device" if device is None else "TensorRT is not installed"
-    return "onnxruntime", f"auto: {why}, building ONNX Runtime (CPU) artifacts"
-
-
-def backend_version(backend: str) -> str:
-    if backend == "tensorrt":
-        trt = tensorrt_module()
-        return str(trt.__version__) if trt is not None else "missing"
-    import onnxruntime as ort
-
-    return str(ort.__version__)
 
 
 def ort_runtime_options(recipe: Recipe) -> dict[str, Any]:
@@ -63,24 +33,6 @@ def ort_runtime_options(recipe: Recipe) -> dict[str, Any]:
         "graph_optimization_level": ORT_LEVEL,
         "disabled_optimizers": disabled,
     }
-
-
-def ort_session(path: Path, runtime_options: dict[str, Any], threads: int = 0) -> Any:
-    """An InferenceSession of an ORT artifact loaded as its manifest entry says."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = getattr(
-        ort.GraphOptimizationLevel, runtime_options["graph_optimization_level"]
-    )
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(
-        str(path),
-        so,
-        providers=runtime_options["providers"],
-        disabled_optimizers=runtime_options.get("disabled_optimizers") or None,
-    )
 
 
 def compile_onnxruntime(src: Path, dst: Path, recipe: Recipe) -> dict[str, Any]:
@@ -120,13 +72,9 @@ def compile_onnxruntime(src: Path, dst: Path, recipe: Recipe) -> dict[str, Any]:
             )
         except Exception as e:  # ORT raises its own exception types
             raise BuildError(f"ONNX Runtime could not load {src.name} ({e}); rebuild with --force") from e
-        files = sorted(tmp.iterdir(), key=lambda p: p.name == dst.name)  # the graph last
         if not (tmp / dst.name).is_file():
             raise BuildError(f"ONNX Runtime wrote no optimized model for {src.name}")
-        for f in files:
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(f, dst.parent / f.name)
+        move_into_place(tmp, dst.parent, last=dst.name)  # external data first, the graph last
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return opts
