@@ -126,11 +126,12 @@ else
   log "cold start skipped: ${cold_deadline} s left"
 fi
 
-# 4. attention kernel benchmark (written by another module owner; run only if present) --------------
+# 4. attention kernel benchmark (benchmarks/attention_bench.py, the kernel's own; run only if present) -
 if [[ $skip_attention == 0 && -f benchmarks/attention_bench.py && $(left) -gt 20 ]]; then
   a=$(($(left) - 10)); a=$((a < attention_s ? a : attention_s))
   log "attention_bench (deadline ${a} s)"
-  timeout -k 5 $((a + 15)) "$py" -m benchmarks.attention_bench --out "$results/attention.json" --deadline-s "$a"
+  timeout -k 5 $((a + 15)) "$py" -m benchmarks.attention_bench --out "$results/attention.json" --deadline-s "$a" \
+    --device "$device"
 else
   log "attention_bench skipped (absent or no time)"
 fi
