@@ -13,7 +13,7 @@ EXTRAS ?= dev,quant,fp8,kernels,serve,ray,provenance,lora
 MODEL ?= tiny
 STAMP := $(VENV)/.installed-$(shell echo "$(TORCH) $(TORCH_INDEX) $(EXTRAS)" | cksum | cut -d' ' -f1)
 
-.PHONY: install test lint edit engine bench clean
+.PHONY: install test lint edit engine bench clean gpu-wheels
 
 install: $(STAMP)
 
@@ -44,3 +44,18 @@ bench: engine
 
 clean:
 	rm -rf build
+
+# What the GPU machine's image lacks (it has torch, triton, transformers, safetensors, huggingface-hub,
+# numpy, pillow...): exactly these two, pinned to versions that ran there with its torch 2.11. Their other
+# requirements are in the image (diffusers' importlib_metadata only on Python < 3.8). benchmarks/gpu_bench.sh
+# installs .whl/ on the device; the device tool carries at most 64 MiB, so the total is checked.
+GPU_WHEELS ?= diffusers==0.42.1 torchao==0.17.0
+GPU_WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
+	manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
+
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_WHEEL_PLATFORMS) -d .whl $(GPU_WHEELS)
+	@bytes=$$(cat .whl/*.whl | wc -c); echo "gpu-wheels: $$(ls .whl | wc -l) wheels, $$((bytes / 1048576)) MiB in .whl/"; \
+	test $$bytes -lt 67108864 || { echo "gpu-wheels: over the 64 MiB the device carries" >&2; exit 1; }

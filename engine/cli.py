@@ -78,6 +78,22 @@ def _parser() -> argparse.ArgumentParser:
         "--lora", action="append", default=[], metavar="PATH[:SCALE]",
         help="a LoRA (.safetensors, diffusers or kohya format) fused at load, at SCALE (default 1)",
     )  # fmt: skip
+    e.add_argument(
+        "--torch-mode", default="eager", help="torch backend: eager | compile | fp8 (FP8 needs cc >= 8.9)"
+    )
+    e.add_argument(
+        "--levers",
+        default="",
+        help="torch levers, comma list: all (FP8 on every block Linear), static (calibrated FP8 scales), "
+        "qkv (fused q|k|v), attn-VARIANT (our Triton attention: attn-bf16, attn-fp8-block...), "
+        "graphs (CUDA graphs), dynamic (one dynamic-shape compile), vae (compiled VAE)",
+    )
+    e.add_argument(
+        "--compile-cache",
+        type=Path,
+        default=None,
+        help="folder of the persistent torch compile cache (e.g. build/full/compile-cache)",
+    )
     _safety_flags(e)
 
     b = sub.add_parser("bench", help="time diffusers, torch and the built engines on the same edits")
@@ -89,9 +105,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--contestants",
         default=None,
-        help="comma list of diffusers, torch-eager, torch-compile, torch-fp8, engines, or an artifact "
-        "name (onnxruntime-int8); default: diffusers,torch-eager,engines (+compile, fp8 on a GPU)",
+        help="comma list of diffusers, torch-{eager|compile|fp8}[+lever...][+cache] (levers as in "
+        "`kontext edit --levers`, e.g. torch-fp8+qkv+graphs), engines, or an artifact name "
+        "(onnxruntime-int8); default: diffusers,torch-eager,engines (+compile, fp8 on a GPU)",
     )
+    b.add_argument(
+        "--schedule",
+        default="interleaved",
+        choices=("interleaved", "sequential"),
+        help="interleaved rounds (all contestants loaded), or one contestant at a time (12B on a GPU)",
+    )
+    b.add_argument("--deadline-s", type=float, default=None, help="sequential: skip contestants past it")
+    b.add_argument("--profile", default="", help="comma list of contestants whose one step is profiled")
     b.add_argument("--build-dir", type=Path, default=None, help="the build to bench (default build/<model>)")
     b.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results root folder")
     b.add_argument("--image", type=Path, default=None, help="input image (default: the bundled sample)")
@@ -219,7 +244,10 @@ def _edit(args: argparse.Namespace) -> int:
     """`kontext edit`: a preset or weights path (torch eager), or `--engine build/...` (its artifacts),
     both through the runtime API that servers embed. --then chains edits through a session; --num-images
     and --then write OUT-1.png, OUT-2.png, ..."""
+    from dataclasses import replace
+
     from . import assets
+    from .backends.torch import check_options, parse_levers
     from .config import EditSettings, LoadOptions
     from .images import load_image, output_format
     from .lora import LoraSpec
@@ -237,11 +265,15 @@ def _edit(args: argparse.Namespace) -> int:
     image = load_image(image_path)
     refs = [load_image(Path(r)) for r in args.ref]
     loras = [LoraSpec.parse(text) for text in args.lora]
+    torch_options = replace(parse_levers(args.levers), compile_cache=args.compile_cache)
+    check_options(args.torch_mode, torch_options)
     policy, signer = _safety(args)
     source = args.engine if args.engine is not None else args.model
     options = LoadOptions(backend=args.backend, precision=args.precision, device=_device(args.device),
-                          miss_policy=args.miss_policy, threads=args.threads)  # fmt: skip
-    with load(source, options=options, safety=policy, signer=signer, loras=loras) as kontext:
+                          miss_policy=args.miss_policy, threads=args.threads,
+                          torch_mode=args.torch_mode)  # fmt: skip
+    with load(source, options=options, safety=policy, signer=signer, torch_options=torch_options,
+              loras=loras) as kontext:  # fmt: skip
         extra = {  # recorded in every output's metadata
             "references": ",".join(Path(r).name for r in args.ref) or None,
             "loras": ",".join(f"{spec.path.name}:{spec.scale:g}" for spec in loras) or None,
@@ -356,7 +388,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, run_bench, write_results
+    from .bench import BenchConfig, BenchRun, run_bench, write_results
 
     def names(text: str | None) -> tuple[str, ...] | None:
         return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
@@ -380,10 +412,18 @@ def _bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         guidance=args.guidance,
         progress=not args.no_progress,
+        schedule=args.schedule,
+        deadline_s=args.deadline_s,
+        profile=names(args.profile) or (),
     )
-    table, files = write_results(run_bench(config), args.out, chart=not args.no_chart)
+
+    def save(run: BenchRun) -> None:  # after each contestant: a killed run still leaves results
+        write_results(run, args.out, chart=False)
+
+    table, files = write_results(run_bench(config, on_progress=save), args.out, chart=not args.no_chart)
     print(table)
-    print(f"\nwrote {files.jsonl}, {files.table}" + (f", {files.chart}" if files.chart else ""))
+    written = [files.jsonl, files.table, files.chart, files.profile]
+    print("\nwrote " + ", ".join(str(p) for p in written if p is not None))
     return 0
 
 

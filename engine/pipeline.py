@@ -22,6 +22,7 @@ from .buckets import MAX_REFERENCES, ShapeKey, buckets, nearest_bucket, referenc
 from .config import EditSettings
 from .errors import BucketError, ConfigError
 from .images import resize_to, to_pil, to_tensor
+from .prompt_cache import PromptCache, weights_fingerprint
 from .references import DEFAULT_PLACEMENT, check_placement, context_ids
 from .weights import CLIP_MAX_LENGTH, Components
 
@@ -131,10 +132,13 @@ class KontextPipeline:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         bucket_family: str | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         """bucket_family: where input images are bucketed (default: the preset's). An engine built for
-        another family (say 0.25 MP edits of the 1 MP model) passes its own."""
+        another family (say 0.25 MP edits of the 1 MP model) passes its own.
+        prompt_cache: shared across pipelines (an engine makes one pipeline per edit); None: no cache."""
         self.components = components
+        self.prompt_cache = prompt_cache
         self._bucket_family = bucket_family or components.preset.bucket_family
         self.denoiser = denoiser
         self.device = torch.device(device)
@@ -148,20 +152,38 @@ class KontextPipeline:
 
     @torch.inference_mode()
     def encode_prompt(self, prompt: str, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """prompt -> T5 states [B, L, D_txt], CLIP pooled [B, D_pooled], text ids [L, 3]."""
+        """prompt -> T5 states [B, L, D_txt], CLIP pooled [B, D_pooled], text ids [L, 3].
+
+        With a prompt cache, a prompt already encoded by the same text-encoder weights (same tokens,
+        dtype and device) skips T5 and CLIP and gets the same tensors back.
+        """
         c = self.components
-        max_len = c.preset.max_sequence_length
+        if self.prompt_cache is None:
+            txt, vec = self._encode(prompt)
+        else:
+            fingerprint = weights_fingerprint(c.text_encoder, c.text_encoder_2)
+            key = (prompt, fingerprint, c.preset.max_sequence_length, self.dtype, str(self.device))
+            txt, vec = self.prompt_cache.get_or_compute(key, lambda: self._encode(prompt))
+        txt = txt.repeat(batch, 1, 1)  # [B, L, D_txt]
+        vec = vec.repeat(batch, 1)  # [B, D_pooled]
+        return txt, vec, sampling.text_ids(txt.shape[1], self.device)
+
+    def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run CLIP and T5 -> T5 states [1, L, D_txt], CLIP pooled [1, D_pooled], in the pipeline's dtype."""
+        c = self.components
         clip_ids = c.tokenizer(
             [prompt], padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
         ).input_ids
         vec = c.text_encoder(clip_ids.to(self.device), output_hidden_states=False).pooler_output
         t5_ids = c.tokenizer_2(
-            [prompt], padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
+            [prompt],
+            padding="max_length",
+            max_length=c.preset.max_sequence_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         txt = c.text_encoder_2(t5_ids.to(self.device), output_hidden_states=False)[0]
-        txt = txt.to(self.dtype).repeat(batch, 1, 1)  # [B, L, D_txt]
-        vec = vec.to(self.dtype).repeat(batch, 1)  # [B, D_pooled]
-        return txt, vec, sampling.text_ids(txt.shape[1], self.device)
+        return txt.to(self.dtype), vec.to(self.dtype)
 
     @torch.inference_mode()
     def encode_image(self, image: Image.Image, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from .backends import BACKENDS, Denoiser, GraphCapturing
 from .backends.inputs import dummy_inputs
-from .backends.torch import TORCH_MODES, TorchDenoiser, default_dtype, torch_denoiser
+from .backends.torch import TORCH_MODES, TorchDenoiser, TorchOptions, default_dtype, torch_denoiser
 from .buckets import ShapeKey, family_shape_keys
 from .config import EditSettings, LoadOptions
 from .dispatch import MISS_POLICIES, Dispatcher, DispatchStats, edit_key, served_buckets
@@ -34,6 +34,7 @@ from .errors import BackendUnavailableError, ConfigError
 from .lora import LoraSpec, fuse_loras
 from .manifest import MANIFEST_NAME, Manifest, read_manifest, rebuild_command
 from .pipeline import EditResult, EncodedImage, KontextPipeline, check_edit_inputs, combine_results
+from .prompt_cache import PromptCache
 from .references import DEFAULT_PLACEMENT
 from .weights import Components, load_components
 
@@ -74,6 +75,7 @@ class KontextEngine:
         self.build_dir = build_dir
         self.manifest = manifest
         self.workers = workers
+        self.prompt_cache = PromptCache()  # a repeated prompt skips T5 and CLIP (keyed by their weights)
         if safety is None:
             from .safety import SafetyPolicy
 
@@ -168,7 +170,12 @@ class KontextEngine:
         try:
             waited = time.perf_counter() - t0
             pipe = KontextPipeline(
-                worker, denoiser, device=self.device, dtype=self.dtype, bucket_family=self.family
+                worker,
+                denoiser,
+                device=self.device,
+                dtype=self.dtype,
+                bucket_family=self.family,
+                prompt_cache=self.prompt_cache,
             )
             if batched:
                 result = pipe.edit(
@@ -310,22 +317,23 @@ def load(
     workers: int = 1,
     threads: int | None = None,
     torch_mode: str = "eager",
+    torch_options: TorchOptions | None = None,
     plan_memory_budget: int | None = None,
     safety: SafetyPolicy | str | None = None,
     signer: ProvenanceSigner | None = None,
     loras: Sequence[LoraSpec | str] = (),
 ) -> KontextEngine:
     """Load an engine from a build folder (its manifest decides the model and backend), or a preset
-       name / local weights path (the torch backend).
+    name / local weights path (the torch backend).
 
-       Either pass `options` (a LoadOptions), or its fields as keywords; config.LoadOptions documents them.
+    Either pass `options` (a LoadOptions), or its fields as keywords; config.LoadOptions documents them.
 
-       safety: a SafetyPolicy (engine.safety.build_policy), or "off" / "review"; None: off for the random
-       presets, review for the real model (its licence asks for filters or human review). signer: a
-       provenance.ProvenanceSigner; save() then C2PA-signs every output. Both are objects, not options,
-       so they are keywords beside `options`.
-    loras: LoRA files
-       (LoraSpec, or "PATH[:SCALE]"), fused into the transformer at load; they change weights_id.
+    safety: a SafetyPolicy (engine.safety.build_policy), or "off" / "review"; None: off for the random
+    presets, review for the real model (its licence asks for filters or human review). signer: a
+    provenance.ProvenanceSigner; save() then C2PA-signs every output. torch_options: the torch path's
+    levers (backends.torch.TorchOptions). These are objects, not options, so they are keywords beside
+    `options`. loras: LoRA files (LoraSpec, or "PATH[:SCALE]"), fused into the transformer at load;
+    they change weights_id.
     """
     keywords = LoadOptions(backend=backend, precision=precision, device=device, miss_policy=miss_policy,
                            workers=workers, threads=threads, torch_mode=torch_mode,
@@ -365,13 +373,15 @@ def load(
     components = load_components(model, dtype=dtype, device=dev)
     if loras:
         components = fuse_loras(components, [LoraSpec.parse(x) if isinstance(x, str) else x for x in loras])
+    if chosen == "torch" and torch_options is not None and torch_options.compile_vae:
+        from .backends.torch import compile_vae
+
+        components = replace(components, vae=compile_vae(components.vae))
     fallback = None
     if opts.miss_policy == "torch" and chosen != "torch":
         fallback = TorchDenoiser(components.transformer, name="torch-eager-fallback")
     if manifest is None or build_dir is None:
-        primary: Denoiser = torch_denoiser(
-            components.transformer, mode=opts.torch_mode, device=dev, dtype=dtype
-        )
+        primary: Denoiser = _torch_denoiser(components, opts.torch_mode, torch_options, dev, dtype)
         family, hint = components.preset.bucket_family, f"`kontext build --model {model}`"
     else:
         primary = load_artifacts(manifest, build_dir, weights_id=components.weights_id, options=opts)
@@ -391,6 +401,21 @@ def load(
         manifest=manifest,
         safety=policy,
         signer=signer,
+    )
+
+
+def _torch_denoiser(
+    components: Components, mode: str, options: TorchOptions | None, device: str, dtype: torch.dtype
+) -> Denoiser:
+    """The torch backend over the components' transformer (changed in place: FP8, fused QKV...); static
+    FP8 scales are calibrated first, on the build's calibration edits."""
+    amax = None
+    if mode == "fp8" and options is not None and options.fp8_scales == "static":
+        from .backends.fp8_static import calibrate_amax
+
+        amax = calibrate_amax(components, device=device, dtype=dtype)
+    return torch_denoiser(
+        components.transformer, mode=mode, device=device, dtype=dtype, options=options, amax=amax
     )
 
 

@@ -215,3 +215,69 @@ def test_engine_contestants_come_from_the_manifest(tiny, tiny_build, tmp_path):
         )
         assert r["quality"]["step_rel_l2"][0] < 0.2  # fp32 ~1e-6, int8 a few percent
     assert engines["onnxruntime-fp32"]["quality"]["step_rel_l2"][0] < 1e-4
+
+
+# ----------------------------------------------------------------------------- sequential schedule, goals
+
+
+def test_sequential_deadline_skips_whole_contestants_and_reports_progress(tiny):
+    """deadline 0: nothing fits, every contestant is skipped with the reason, and progress is reported
+    after each one and at the end (what lets a killed GPU run keep its results)."""
+    config = BenchConfig(
+        model="tiny", steps=1, repeats=1, warmup=0, buckets=(BUCKET,), progress=False,
+        schedule="sequential", deadline_s=0.0,
+    )  # fmt: skip
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    contestants = [
+        Contestant(BASELINE, "diffusers", "fp32"),
+        torch_contestant("torch-eager+qkv", tiny, cpu, fp32),
+    ]
+    seen: list[int] = []
+    run = run_bench(config, tiny, contestants, on_progress=lambda r: seen.append(len(r.entries)))
+    assert seen == [1, 2, 2] and run.finished
+    assert all(e.skipped and e.skipped.startswith("deadline") for e in run.entries)
+    with pytest.raises(ConfigError, match="sequential"):
+        BenchConfig(deadline_s=10.0)
+
+
+def test_cold_start_column_is_load_plus_first_edit_minus_median(bench_out):
+    results = _results(bench_out[3])
+    for r in results.values():
+        if r["skipped"]:
+            continue
+        median = r["stages"]["total"]["median_s"]
+        assert r["cold_start_s"] == pytest.approx((r["load_s"] or 0.0) + r["first_edit_s"] - median)
+
+
+def _goal_records(total_s: float, base_s: float, psnr: float) -> tuple[dict, list[dict]]:
+    def rec(name: str, seconds: float, baseline: bool) -> dict:
+        quality = {"psnr_db": psnr, "psnr_identical": False}
+        return {"contestant": name, "bucket": "1024x1024", "baseline": baseline,
+                "stages": {"total": {"median_s": seconds}}, "ratio_total": base_s / seconds,
+                "quality": None if baseline else quality}  # fmt: skip
+
+    run = {"device_type": "cuda", "buckets": ["1024x1024"], "steps": 28}
+    return run, [
+        rec(BASELINE, base_s, True),
+        rec("torch-fp8", total_s, False),
+        rec("torch-eager", base_s, False),
+    ]
+
+
+def test_goals_pass_and_fall_short_on_known_numbers():
+    from engine.bench.goals import evaluate_goals, format_goals, goals_apply
+
+    run, records = _goal_records(total_s=4.5, base_s=12.0, psnr=31.0)
+    cold = {"peak_memory_gb": 28.0, "cold_start_s": 75.0, "contestant": "fp8+dynamic"}
+    goals = {g.name: g for g in evaluate_goals(run, records, cold)}
+    assert goals["end to end (must)"].passed is True and goals["end to end (aim)"].passed is False
+    assert goals["end to end (must)"].by.startswith("torch-fp8")  # the fastest of ours, not the baseline
+    assert goals["speed-up over diffusers eager"].measured == pytest.approx(12.0 / 4.5)
+    assert goals["speed-up over diffusers eager"].passed is True
+    assert goals["PSNR vs our bf16 eager"].passed is True
+    assert goals["FP8 path peak GPU memory"].passed is True
+    assert goals["9 keys from a fresh process (warm cache)"].passed is False
+    text = format_goals(list(goals.values()), goals_apply(run))
+    assert "SHORT" in text and "PASS" in text and "applies: no" not in text
+    no_cold = {g.name: g for g in evaluate_goals(run, records)}
+    assert no_cold["FP8 path peak GPU memory"].passed is None  # not measured: never a PASS

@@ -18,10 +18,18 @@ import torch
 from PIL import Image
 
 from ..backends import Denoiser
-from ..backends.torch import TorchDenoiser, device_capability, dtype_name, fp8_supported, torch_denoiser
+from ..backends.torch import (
+    TorchDenoiser,
+    compile_vae,
+    dtype_name,
+    parse_spec,
+    torch_denoiser,
+    weight_sharing_copy,
+)
 from ..config import EditSettings
-from ..errors import BackendUnavailableError, ConfigError
+from ..errors import ConfigError
 from ..pipeline import KontextPipeline
+from ..prompt_cache import PromptCache
 from ..weights import Components
 from .probes import TimedDenoiser, TimedTransformer, TimedVae
 from .timing import CallClock, synchronize, timed
@@ -29,7 +37,8 @@ from .timing import CallClock, synchronize, timed
 log = logging.getLogger(__name__)
 
 BASELINE = "diffusers"
-TORCH_VARIANTS = ("torch-eager", "torch-compile", "torch-fp8")
+TORCH_PREFIX = "torch-"  # torch-{eager|compile|fp8}[+lever...][+cache], see backends.torch.LEVERS
+CACHE_LEVER = "cache"  # bench-side lever: prompt embeddings cached across the contestant's edits
 ENGINES = "engines"  # every artifact of the manifest
 STAGES = ("text_encode", "vae_encode", "step", "denoise", "vae_decode", "total")
 
@@ -44,6 +53,8 @@ class Contestant:
     backend: str  # "diffusers" | "torch" | "onnxruntime" | "tensorrt"
     precision: str  # "fp32" | "bf16" | "fp8" | "int8" ...
     make_denoiser: DenoiserFactory | None = None
+    compile_vae: bool = False  # run its edits with the VAE's encoder and decoder compiled
+    prompt_cache: bool = False  # keep prompt embeddings across its edits (a repeated prompt skips T5, CLIP)
 
     @property
     def is_baseline(self) -> bool:
@@ -65,8 +76,13 @@ class EditRunner(Protocol):
 
     contestant: Contestant
     replay_denoiser: Denoiser  # its transformer alone, for the per-step quality check
+    replay_is_reference: (
+        bool  # True: the reference's own module, eager (its per-step error is 0 by construction)
+    )
 
     def run(self, image: Image.Image, prompt: str, settings: EditSettings) -> RunSample: ...
+
+    def close(self) -> None: ...
 
 
 # --------------------------------------------------------------------------- runners
@@ -85,9 +101,16 @@ class PipelineRunner:
     ) -> None:
         self.contestant = contestant
         self.replay_denoiser: Denoiser = denoiser
+        self.replay_is_reference = False
         self.clock = CallClock(device)
+        if contestant.compile_vae:
+            components = dataclasses.replace(components, vae=compile_vae(components.vae))
         self.pipe = KontextPipeline(
-            components, TimedDenoiser(denoiser, self.clock), device=str(device), dtype=dtype
+            components,
+            TimedDenoiser(denoiser, self.clock),
+            device=str(device),
+            dtype=dtype,
+            prompt_cache=PromptCache() if contestant.prompt_cache else None,
         )
 
     def run(self, image: Image.Image, prompt: str, settings: EditSettings) -> RunSample:
@@ -95,6 +118,11 @@ class PipelineRunner:
         result = self.pipe.edit(image, prompt, settings, progress=False)
         stages = {k: v for k, v in result.timings.items() if k in STAGES}
         return RunSample(stages=stages, step_times=self.clock.drain(), image=result.image)
+
+    def close(self) -> None:
+        close = getattr(self.replay_denoiser, "close", None)
+        if close is not None:
+            close()
 
 
 class DiffusersRunner:
@@ -123,6 +151,9 @@ class DiffusersRunner:
         self.replay_denoiser: Denoiser = TorchDenoiser(
             components.transformer, name=f"diffusers-{dtype_name(dtype)}"
         )
+        # The same transformer module as the reference, run eagerly: replaying it would only spend time
+        # (11 s at 1024², 28 steps on an H100) to measure a difference of 0.
+        self.replay_is_reference = True
 
     def run(self, image: Image.Image, prompt: str, settings: EditSettings) -> RunSample:
         if settings.size is None:
@@ -159,6 +190,9 @@ class DiffusersRunner:
             notes={"text_encode": self.TEXT_NOTE},
         )
 
+    def close(self) -> None:
+        """Nothing to free: the baseline runs the shared components."""
+
 
 def open_runner(
     contestant: Contestant, components: Components, device: torch.device, dtype: torch.dtype
@@ -173,38 +207,33 @@ def open_runner(
 
 
 def torch_contestant(
-    variant: str, components: Components, device: torch.device, dtype: torch.dtype
+    spec: str, components: Components, device: torch.device, dtype: torch.dtype
 ) -> Contestant:
-    """torch-eager (the reference's backend), torch-compile, or torch-fp8 (torchao float8, CUDA cc >= 8.9)."""
-    precision = dtype_name(dtype)
-    if variant == "torch-eager":
-        return Contestant(
-            f"torch-eager-{precision}",
-            "torch",
-            precision,
-            lambda: torch_denoiser(components.transformer, mode="eager", device=device, dtype=dtype),
-        )
-    if variant == "torch-compile":
-        return Contestant(
-            f"torch-compile-{precision}",
-            "torch",
-            precision,
-            lambda: torch_denoiser(components.transformer, mode="compile", device=device, dtype=dtype),
-        )
-    if variant == "torch-fp8":
-        if not fp8_supported(device_capability(device)):
-            raise BackendUnavailableError(
-                "torch-fp8 needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper+)"
-            )
-        return Contestant("torch-fp8", "torch", "fp8", lambda: _fp8_denoiser(components, device, dtype))
-    raise ConfigError(f"unknown torch contestant {variant!r}; choose from {', '.join(TORCH_VARIANTS)}")
+    """A torch contestant from its name: torch-{eager|compile|fp8}[+lever...][+cache], e.g.
+    torch-fp8+qkv+graphs (backends.torch.LEVERS; +cache is the benchmark's prompt cache).
 
+    Each contestant runs its own transformer: a weight-sharing copy of the components' one, so levers
+    that swap modules or weights (FP8, fused QKV, the attention kernel) change only that copy, and the
+    baseline and the reference keep their bf16 modules (the runner checks this with fingerprints). The
+    hardware is checked when it is opened: a contestant this machine cannot run is skipped with a reason.
+    """
+    tokens = spec.split("+")
+    cache = CACHE_LEVER in tokens[1:]
+    mode, options = parse_spec("+".join(t for t in tokens if t != CACHE_LEVER))
+    precision = "fp8" if mode == "fp8" else dtype_name(dtype)
+    base = "torch-fp8" if mode == "fp8" else f"torch-{mode}-{precision}"  # torch-eager-fp32, torch-fp8
+    name = "+".join((base, *options.levers, *([CACHE_LEVER] if cache else [])))
 
-def _fp8_denoiser(components: Components, device: torch.device, dtype: torch.dtype) -> Denoiser:
-    """torchao FP8 quantizes in place: it gets a COPY of the transformer; the others keep the original."""
-    import copy
+    def make() -> Denoiser:
+        amax = None
+        if options.fp8_scales == "static":
+            from ..backends.fp8_static import calibrate_amax
 
-    return torch_denoiser(copy.deepcopy(components.transformer), mode="fp8", device=device, dtype=dtype)
+            amax = calibrate_amax(components, device=device, dtype=dtype)
+        own = weight_sharing_copy(components.transformer)
+        return torch_denoiser(own, mode=mode, device=device, dtype=dtype, options=options, amax=amax)
+
+    return Contestant(name, "torch", precision, make, compile_vae=options.compile_vae, prompt_cache=cache)
 
 
 # --------------------------------------------------------------------------- engine contestants

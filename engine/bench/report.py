@@ -7,6 +7,7 @@ median transformer step. Stages a contestant does not measure are null in JSON a
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -14,15 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_bytes
 from ..flops import transformer_flops
 from .contestants import BASELINE, STAGES
+from .goals import evaluate_goals, format_goals, goals_apply
 from .machine import device_name, library_versions, peak_tflops, slug
-from .runner import BenchRun, Entry
+from .runner import BenchRun, Entry, median_total
 from .timing import summarize
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 QUALITY_METHOD = "per-step rel L2: contestant's transformer fed the reference trajectory's recorded inputs"
 
 
@@ -31,6 +34,7 @@ class ResultFiles:
     jsonl: Path
     table: Path
     chart: Path | None
+    profile: Path | None = None
 
 
 def _finite(x: float | None) -> float | None:
@@ -60,7 +64,11 @@ def run_record(run: BenchRun) -> dict[str, Any]:
         "seed": c.seed,
         "guidance": c.guidance,
         "memory_kind": run.memory_kind,
+        "schedule": c.schedule,
+        "deadline_s": c.deadline_s,
+        "finished": run.finished,
         "load_s": run.load_seconds,
+        "isolation": run.isolation,
         "versions": library_versions(),
         "notes": run.notes,
     }
@@ -101,6 +109,10 @@ def _entry_record(run: BenchRun, e: Entry, cfg: Any) -> dict[str, Any]:
     for s in e.samples:
         notes.update(s.notes)
     q = e.quality
+    median = median_total(e)
+    cold = None
+    if e.first_edit_s is not None and median is not None:
+        cold = (e.load_s or 0.0) + e.first_edit_s - median
     return {
         "record": "result",
         "run_id": run.started.strftime("%Y%m%d-%H%M%S"),
@@ -118,6 +130,9 @@ def _entry_record(run: BenchRun, e: Entry, cfg: Any) -> dict[str, Any]:
         "peak_tflops": peak,
         "pct_of_peak": 100.0 * tflops / peak if tflops and peak else None,
         "peak_memory_bytes": max(e.peak_memory) if e.peak_memory else None,
+        "load_s": e.load_s,
+        "first_edit_s": e.first_edit_s,
+        "cold_start_s": cold,
         "memory_kind": run.memory_kind,
         "quality": None
         if q is None
@@ -150,6 +165,7 @@ _COLUMNS = (
     ("TFLOP/s", 8),
     ("%peak", 6),
     ("peak MB", 8),
+    ("cold s", 7),
     ("PSNR dB", 8),
     ("relL2 max", 10),
 )
@@ -164,10 +180,9 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 def _row(r: dict[str, Any]) -> list[str]:
+    """The table cells of a measured record (see _COLUMNS)."""
     st, q = r["stages"], r["quality"]
     name = r["contestant"] + ("*" if r["stage_notes"] else "")
-    if r["skipped"] and not st["total"]:
-        return [name, r["bucket"], f"skipped: {r['skipped']}"]
     psnr = "-" if q is None else ("inf" if q["psnr_identical"] else _num(q["psnr_db"], ".2f"))
     mem = r["peak_memory_bytes"]
     return [
@@ -185,6 +200,7 @@ def _row(r: dict[str, Any]) -> list[str]:
         _num(r["tflops"], ".3g"),
         _num(r["pct_of_peak"], ".1f"),
         "-" if mem is None else f"{mem / 2**20:.0f}",
+        _num(r["cold_start_s"], ".1f"),
         psnr,
         "-" if q is None else _num(q["step_rel_l2_max"], ".2e"),
     ]
@@ -194,16 +210,16 @@ def format_table(run_rec: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """The human table: one row per contestant and bucket, then what each column means."""
     head = (
         f"kontext bench: {run_rec['model']} on {run_rec['device']}, {run_rec['dtype']}, "
-        f"{run_rec['steps']} steps, median of {run_rec['repeats']} interleaved rounds "
+        f"{run_rec['steps']} steps, median of {run_rec['repeats']} {run_rec['schedule']} rounds "
         f"(+{run_rec['warmup']} warm-up)"
     )
     lines = [head, ""]
     lines.append("  ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (h, w) in enumerate(_COLUMNS)))
     for r in records:
-        cells = _row(r)
-        if len(cells) == 3:
-            lines.append(f"{cells[0]:<22}  {cells[1]:<9}  {cells[2]}")
+        if r["skipped"] and not r["stages"]["total"]:
+            lines.append(f"{r['contestant']:<22}  {r['bucket']:<9}  skipped: {r['skipped']}")
             continue
+        cells = _row(r)
         lines.append(
             "  ".join(
                 c.rjust(w) if i > 1 else c.ljust(w)
@@ -218,7 +234,10 @@ def format_table(run_rec: dict[str, Any], records: list[dict[str, Any]]) -> str:
         f"step: one transformer forward. TFLOP/s: engine.flops (linear + attention) / median step. "
         f"peak MB: {run_rec['memory_kind']} (whole process on CPU).",
         f"PSNR: final image vs the reference ({ref}). relL2 max: worst step, the contestant's "
-        "transformer fed the reference trajectory's inputs.",
+        "transformer fed the reference trajectory's inputs ('-': the reference's own module).",
+        "cold s: opening the contestant (copy, quantize, calibrate; its first bucket only) + its first "
+        "edit - its median edit: compiles and graph captures. Within one run, graphs an earlier "
+        "contestant compiled hit inductor's on-disk cache.",
     ]
     noted = {n for r in records for n in r["stage_notes"].values()}
     if noted:
@@ -226,6 +245,16 @@ def format_table(run_rec: dict[str, Any], records: list[dict[str, Any]]) -> str:
             "*: " + "; ".join(f"text ms = {n}" for n in sorted(noted)) + " (outside its end-to-end time)."
         )
     lines += [f"note: {n}" for n in run_rec["notes"]]
+    broken = {k: v for k, v in run_rec["isolation"].items() if v != "ok"}
+    if run_rec["isolation"]:
+        lines.append(
+            "isolation: the baseline's transformer was unchanged after every contestant"
+            if not broken
+            else f"isolation BROKEN: {broken}"
+        )
+    if not run_rec["finished"]:
+        lines.append("run not finished: results so far")
+    lines += ["", format_goals(evaluate_goals(run_rec, records), goals_apply(run_rec))]
     return "\n".join(lines)
 
 
@@ -248,12 +277,21 @@ def write_results(run: BenchRun, out_root: Path, chart: bool = True) -> tuple[st
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{slug(Path(str(run.config.model)).name)}-{run.started.strftime('%H%M%S')}"
     jsonl = folder / f"{stem}.jsonl"
-    jsonl.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in [run_rec, *records]))
+    lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in [run_rec, *records])
+    atomic_write_bytes(jsonl, lines.encode())
     table_path = folder / f"{stem}.txt"
-    table_path.write_text(table + "\n")
+    atomic_write_bytes(table_path, (table + "\n").encode())
     png = None
     if chart:
         png = folder / f"{stem}.png"
-        draw_latency_chart(run_rec, records).save(png)
+        buf = io.BytesIO()
+        draw_latency_chart(run_rec, records).save(buf, format="PNG")
+        atomic_write_bytes(png, buf.getvalue())
+    profiles = [(e.contestant.name, e.profile) for e in run.entries if e.profile]
+    profile_path = None
+    if profiles:
+        profile_path = folder / f"{stem}-profile.txt"
+        text = "\n\n".join(f"== {name}: one transformer step ==\n{p}" for name, p in profiles)
+        atomic_write_bytes(profile_path, (text + "\n").encode())
     log.info("wrote %s", folder)
-    return table, ResultFiles(jsonl, table_path, png)
+    return table, ResultFiles(jsonl, table_path, png, profile_path)

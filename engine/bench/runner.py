@@ -1,14 +1,23 @@
-"""`kontext bench`: every contestant on the same weights, inputs and seeds, interleaved round by round.
+"""`kontext bench`: every contestant on the same weights, inputs and seeds.
 
-Per bucket: warm-up edits (discarded), then `repeats` rounds; each round runs every contestant once, in
-an order rotated by one per round, so drift and position effects (noise here is +-20-30% per run) fall
-on everyone alike. Then the quality pass: one recorded reference edit and each contestant's replay.
+Two schedules.
+- interleaved (default): per bucket, warm-up edits (discarded), then `repeats` rounds; each round runs
+  every contestant once, in an order rotated by one per round, so drift and position effects (noise on
+  our CPUs is +-20-30% per run) fall on everyone alike. Every contestant is loaded for the whole run.
+- sequential (GPU runs of the 12B model): one contestant at a time is loaded, warmed up, timed over
+  every bucket, checked for quality, then freed, so device memory holds the baseline and ONE contestant
+  (bf16 transformer 24 GB + T5 9.5 GB + an FP8 copy ~12 GB on an H100). A deadline skips the contestants
+  that no longer fit, in the order given (list the important ones first), and `on_progress` is called
+  after each contestant so a killed run still leaves results.
+Quality: one recorded reference edit per bucket (torch eager) and each contestant's replay of its steps.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +26,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from ..backends.torch import device_capability, dtype_name, fp8_supported
+from ..backends.torch import default_dtype, dtype_name
 from ..buckets import ShapeKey, buckets, shape_key
 from ..config import EditSettings
 from ..errors import ConfigError, KontextError
@@ -26,7 +35,7 @@ from ..weights import Components, load_components
 from .contestants import (
     BASELINE,
     ENGINES,
-    TORCH_VARIANTS,
+    TORCH_PREFIX,
     Contestant,
     EditRunner,
     RunSample,
@@ -34,12 +43,14 @@ from .contestants import (
     open_runner,
     torch_contestant,
 )
-from .quality import Quality, measure_quality, record_reference
-from .timing import PeakMemory
+from .isolation import changed, fingerprint
+from .quality import Quality, Reference, measure_quality, record_reference
+from .timing import PeakMemory, summarize
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "add a small red hat"
+SCHEDULES = ("interleaved", "sequential")
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,9 @@ class BenchConfig:
     seed: int = 0
     guidance: float = 2.5
     progress: bool = True
+    schedule: str = "interleaved"  # or "sequential" (see the module doc)
+    deadline_s: float | None = None  # sequential only: skip contestants that would end past it
+    profile: tuple[str, ...] = ()  # contestants whose one step is profiled (torch.profiler, CUDA)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -67,11 +81,15 @@ class BenchConfig:
             raise ConfigError(f"repeats must be >= 1, got {self.repeats}")
         if self.warmup < 0:
             raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.deadline_s is not None and self.schedule != "sequential":
+            raise ConfigError("a deadline needs the sequential schedule (contestants are skipped whole)")
 
     @property
     def dtype(self) -> torch.dtype:
         """fp32 on CPU (the reference precision), bf16 on a GPU."""
-        return torch.float32 if self.device == "cpu" else torch.bfloat16
+        return default_dtype(self.device)
 
 
 @dataclass
@@ -85,6 +103,11 @@ class Entry:
     peak_memory: list[int] = field(default_factory=list)
     quality: Quality | None = None
     skipped: str | None = None  # why nothing was measured
+    first_edit_s: float | None = (
+        None  # the first (warm-up) edit end to end: compiles and captures happen here
+    )
+    load_s: float | None = None  # opening the contestant (copy, quantize, calibrate); first bucket only
+    profile: str | None = None  # torch.profiler's top kernels of one step, when asked for
 
 
 @dataclass
@@ -101,6 +124,11 @@ class BenchRun:
     entries: list[Entry]
     memory_kind: str
     notes: list[str] = field(default_factory=list)
+    isolation: dict[str, str] = field(default_factory=dict)  # contestant -> "ok" or what it changed
+    finished: bool = False
+
+
+Progress = Callable[[BenchRun], None]
 
 
 def default_buckets(family: str) -> tuple[tuple[int, int], ...]:
@@ -127,18 +155,18 @@ def select_contestants(
     build_dir: Path,
     notes: list[str],
 ) -> list[Contestant]:
-    """Resolve contestant names: 'diffusers', 'torch-eager', 'torch-compile', 'torch-fp8', 'engines' (all
-    artifacts of the manifest) or one artifact's name such as 'onnxruntime-int8'."""
+    """Resolve contestant names: 'diffusers', torch-{eager|compile|fp8}[+lever...] (backends.torch.LEVERS),
+    'engines' (all artifacts of the manifest) or one artifact's name such as 'onnxruntime-int8'."""
     if names is None:
         names = (BASELINE, "torch-eager", ENGINES)
         if device.type == "cuda":
-            names += ("torch-compile",) + (("torch-fp8",) if fp8_supported(device_capability(device)) else ())
+            names += ("torch-compile", "torch-fp8")
     out: list[Contestant] = []
     engines: list[Contestant] | None = None
     for name in names:
         if name == BASELINE:
             out.append(Contestant(BASELINE, "diffusers", dtype_name(dtype)))
-        elif name in TORCH_VARIANTS:
+        elif name.startswith(TORCH_PREFIX):
             out.append(torch_contestant(name, components, device, dtype))
         else:
             if engines is None:
@@ -147,7 +175,7 @@ def select_contestants(
             if not chosen and name != ENGINES:
                 have = ", ".join(c.name for c in engines) or "none"
                 raise ConfigError(
-                    f"unknown contestant {name!r}: not diffusers, {', '.join(TORCH_VARIANTS)}, "
+                    f"unknown contestant {name!r}: not diffusers, torch-<mode>[+lever...], "
                     f"engines, nor an artifact of {build_dir} (have: {have})"
                 )
             out.extend(chosen)
@@ -163,7 +191,7 @@ def _engines_or_note(
     except KontextError as e:
         if required:
             raise ConfigError(
-                f"contestant {name!r} is not diffusers, {', '.join(TORCH_VARIANTS)} nor engines, and no "
+                f"contestant {name!r} is not diffusers, torch-<mode>[+lever...] nor engines, and no "
                 f"engine artifact can name it: {e}"
             ) from e
         notes.append(f"no engine contestants: {e}")
@@ -176,13 +204,27 @@ def bucket_image(source: Image.Image, bucket: tuple[int, int]) -> Image.Image:
     return ImageOps.fit(source, bucket, method=Image.Resampling.LANCZOS)
 
 
+@dataclass(frozen=True)
+class _Case:
+    """One bucket of the run: its input image, settings and shape key."""
+
+    bucket: tuple[int, int]
+    image: Image.Image
+    settings: EditSettings
+    key: ShapeKey
+
+
 def run_bench(
-    config: BenchConfig, components: Components | None = None, contestants: list[Contestant] | None = None
+    config: BenchConfig,
+    components: Components | None = None,
+    contestants: list[Contestant] | None = None,
+    on_progress: Progress | None = None,
 ) -> BenchRun:
     """Run the benchmark; measures only (writing results is report.write_results).
 
     components: already loaded ones (in the config's device and dtype), else loaded from config.model.
     contestants: explicit entrants (a name + a Denoiser factory each), else resolved from config.contestants.
+    on_progress: called with the run so far after each contestant (sequential) and at the end.
     """
     from .. import assets
 
@@ -198,68 +240,158 @@ def run_bench(
     notes: list[str] = []
     if contestants is None:
         contestants = select_contestants(config.contestants, components, device, dtype, build_dir, notes)
-    runners, load_seconds = _open_runners(contestants, components, device, dtype, notes, config.progress)
-    meter = PeakMemory(device)
     text_tokens = components.preset.max_sequence_length
-    reference_name = f"torch-eager-{dtype_name(dtype)}"
+    cases = [
+        _Case(
+            b,
+            bucket_image(source, b),
+            EditSettings(steps=config.steps, guidance=config.guidance, seed=config.seed, size=b),
+            shape_key(b, b, text_tokens),
+        )
+        for b in chosen
+    ]
+    run = BenchRun(
+        config, components, device, started, chosen, contestants, {}, [], PeakMemory(device).kind, notes
+    )
+    if config.schedule == "sequential":
+        _run_sequential(run, cases, on_progress)
+    else:
+        _run_interleaved(run, cases)
+    run.finished = True
+    if on_progress is not None:
+        on_progress(run)
+    return run
 
-    total = len(chosen) * (config.warmup + config.repeats) * len(runners)
+
+def _reference(run: BenchRun, case: _Case) -> Reference:
+    name = f"torch-eager-{dtype_name(run.config.dtype)}"
+    return record_reference(
+        run.components, run.device, run.config.dtype, case.image, run.config.prompt, case.settings, name
+    )
+
+
+def _run_interleaved(run: BenchRun, cases: list[_Case]) -> None:
+    config = run.config
+    baseline_print = fingerprint(run.components.transformer)
+    runners = _open_all(run)
+    meter = PeakMemory(run.device)
+    total = len(cases) * (config.warmup + config.repeats) * len(runners)
     bar = tqdm(total=total, desc="bench", unit="edit", disable=not config.progress)
-    entries: list[Entry] = []
-    for bucket in chosen:
-        image = bucket_image(source, bucket)
-        settings = EditSettings(steps=config.steps, guidance=config.guidance, seed=config.seed, size=bucket)
-        key = shape_key(bucket, bucket, text_tokens)
-        bucket_entries = {r.contestant.name: Entry(r.contestant, bucket, key) for r in runners}
-        live = [r for r in runners if _serves(r, key, bucket_entries[r.contestant.name])]
+    for i, case in enumerate(cases):
+        entries = {r.contestant.name: Entry(r.contestant, case.bucket, case.key) for r in runners}
+        if i == 0:
+            for name, entry in entries.items():
+                entry.load_s = run.load_seconds.get(name)
+        live = [r for r in runners if _serves(r, case.key, entries[r.contestant.name])]
         bar.total -= (config.warmup + config.repeats) * (len(runners) - len(live))
         for rnd in range(config.warmup + config.repeats):
             warm = rnd < config.warmup
             order = live[rnd % len(live) :] + live[: rnd % len(live)] if live else []
             for runner in order:
-                entry = bucket_entries[runner.contestant.name]
-                if entry.skipped:
-                    bar.update()
-                    continue
-                phase = "warm-up" if warm else f"round {rnd - config.warmup + 1}"
-                bar.set_postfix_str(f"{bucket[0]}x{bucket[1]} {phase} {runner.contestant.name}")
-                _timed_run(runner, image, config.prompt, settings, entry, meter, keep=not warm)
+                entry = entries[runner.contestant.name]
+                if not entry.skipped:
+                    phase = "warm-up" if warm else f"round {rnd - config.warmup + 1}"
+                    bar.set_postfix_str(f"{case.bucket[0]}x{case.bucket[1]} {phase} {runner.contestant.name}")
+                    _timed_run(runner, case, run.config.prompt, entry, meter, keep=not warm)
                 bar.update()
-        bar.set_postfix_str(f"{bucket[0]}x{bucket[1]} quality vs the reference")
-        reference = record_reference(
-            components, device, dtype, image, config.prompt, settings, reference_name
-        )
+        bar.set_postfix_str(f"{case.bucket[0]}x{case.bucket[1]} quality vs the reference")
+        reference = _reference(run, case)
         for runner in live:
-            entry = bucket_entries[runner.contestant.name]
-            if entry.samples and not entry.skipped:
-                entry.quality = measure_quality(runner.replay_denoiser, entry.samples[-1].image, reference)
-        entries.extend(bucket_entries.values())
+            _quality(entries[runner.contestant.name], runner, reference)
+        run.entries.extend(entries.values())
     bar.close()
-    return BenchRun(
-        config, components, device, started, chosen, contestants, load_seconds, entries, meter.kind, notes
-    )
+    for runner in runners:
+        runner.close()
+    _check_isolation(run, "all contestants", baseline_print)
 
 
-def _open_runners(
-    contestants: list[Contestant],
-    components: Components,
-    device: torch.device,
-    dtype: torch.dtype,
-    notes: list[str],
-    progress: bool,
-) -> tuple[list[EditRunner], dict[str, float]]:
-    runners: list[EditRunner] = []
-    seconds: dict[str, float] = {}
-    for c in tqdm(contestants, desc="load contestants", leave=False, disable=not progress):
-        t0 = time.perf_counter()
-        try:
-            runners.append(open_runner(c, components, device, dtype))
-        except KontextError as e:
-            notes.append(f"{c.name} not loaded: {e}")
-            log.warning("%s not loaded: %s", c.name, e)
+def _run_sequential(run: BenchRun, cases: list[_Case], on_progress: Progress | None) -> None:
+    """One contestant at a time: open, warm up and time every bucket, replay, close, free."""
+    config = run.config
+    t_start = time.monotonic()
+    references = {case.bucket: _reference(run, case) for case in cases}
+    baseline_print = fingerprint(run.components.transformer)
+    meter = PeakMemory(run.device)
+    last_cost: float | None = None
+    for contestant in tqdm(run.contestants, desc="bench", unit="contestant", disable=not config.progress):
+        entries = [Entry(contestant, case.bucket, case.key) for case in cases]
+        run.entries.extend(entries)
+        left = None if config.deadline_s is None else config.deadline_s - (time.monotonic() - t_start)
+        if left is not None and (left <= 0 or (last_cost is not None and last_cost > left)):
+            need = f", the last contestant took {last_cost:.0f} s" if last_cost is not None else ""
+            for e in entries:
+                e.skipped = f"deadline: {max(left, 0):.0f} s left{need}"
+            log.warning("%s skipped: %s", contestant.name, entries[0].skipped)
+            if on_progress is not None:
+                on_progress(run)
             continue
-        seconds[c.name] = time.perf_counter() - t0
-    return runners, seconds
+        t0 = time.monotonic()
+        runner = _open(run, contestant, entries)
+        if runner is not None:
+            for case, entry in zip(cases, entries, strict=True):
+                if not _serves(runner, case.key, entry):
+                    continue
+                for rnd in range(config.warmup + config.repeats):
+                    _timed_run(runner, case, config.prompt, entry, meter, keep=rnd >= config.warmup)
+                _quality(entry, runner, references[case.bucket])
+                if contestant.name in config.profile:
+                    entry.profile = _profile_step(runner, references[case.bucket])
+            runner.close()
+            del runner
+            _free(run.device)
+            _check_isolation(run, contestant.name, baseline_print)
+            if run.device.type == "cuda":
+                held = torch.cuda.memory_allocated(run.device) / 2**30
+                log.info("%s freed: %.1f GiB still allocated", contestant.name, held)
+        last_cost = time.monotonic() - t0
+        if on_progress is not None:
+            on_progress(run)
+
+
+def _open(run: BenchRun, contestant: Contestant, entries: list[Entry]) -> EditRunner | None:
+    """Open one contestant, timing it; on a KontextError its entries say why it was skipped."""
+    t0 = time.perf_counter()
+    try:
+        runner = open_runner(contestant, run.components, run.device, run.config.dtype)
+    except KontextError as e:
+        run.notes.append(f"{contestant.name} not loaded: {e}")
+        log.warning("%s not loaded: %s", contestant.name, e)
+        for entry in entries:
+            entry.skipped = f"not loaded: {e}"
+        return None
+    seconds = time.perf_counter() - t0
+    run.load_seconds[contestant.name] = seconds
+    if entries:
+        entries[0].load_s = seconds
+    return runner
+
+
+def _open_all(run: BenchRun) -> list[EditRunner]:
+    runners = []
+    for c in tqdm(run.contestants, desc="load contestants", leave=False, disable=not run.config.progress):
+        runner = _open(run, c, [])
+        if runner is not None:
+            runners.append(runner)
+    return runners
+
+
+def _free(device: torch.device) -> None:
+    """Drop a closed contestant's modules and compiled code, so the next one starts cold (inductor's
+    on-disk cache still turns graphs an earlier contestant compiled into hits: see the report's note)."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _check_isolation(run: BenchRun, after: str, before: dict[str, tuple[object, ...]]) -> None:
+    """The baseline's (and reference's) transformer must be exactly as it was before `after` ran."""
+    diff = changed(before, fingerprint(run.components.transformer))
+    verdict = "ok" if not diff else f"changed {len(diff)} tensors of the baseline, first {diff[0]}"
+    run.isolation[after] = verdict
+    if diff:
+        run.notes.append(f"ISOLATION BROKEN after {after}: {verdict}")
+        log.error("isolation broken after %s: %s", after, verdict)
 
 
 def _serves(runner: EditRunner, key: ShapeKey, entry: Entry) -> bool:
@@ -270,23 +402,46 @@ def _serves(runner: EditRunner, key: ShapeKey, entry: Entry) -> bool:
     return True
 
 
+def _quality(entry: Entry, runner: EditRunner, reference: Reference) -> None:
+    if entry.samples and not entry.skipped:
+        replay = None if runner.replay_is_reference else runner.replay_denoiser
+        entry.quality = measure_quality(replay, entry.samples[-1].image, reference)
+
+
 def _timed_run(
-    runner: EditRunner,
-    image: Image.Image,
-    prompt: str,
-    settings: EditSettings,
-    entry: Entry,
-    meter: PeakMemory,
-    keep: bool,
+    runner: EditRunner, case: _Case, prompt: str, entry: Entry, meter: PeakMemory, keep: bool
 ) -> None:
     peaks: list[int] = []
+    t0 = time.perf_counter()
     try:
         with meter.measure(peaks):
-            sample = runner.run(image, prompt, settings)
+            sample = runner.run(case.image, prompt, case.settings)
     except KontextError as e:
         entry.skipped = f"failed: {e}"
         log.warning("%s failed on %dx%d: %s", runner.contestant.name, *entry.bucket, e)
         return
+    if entry.first_edit_s is None:
+        entry.first_edit_s = time.perf_counter() - t0
     if keep:
         entry.samples.append(sample)
         entry.peak_memory.extend(peaks)
+
+
+def _profile_step(runner: EditRunner, reference: Reference, top: int = 25) -> str:
+    """torch.profiler over one transformer step (the reference's middle step): the top kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call = reference.calls[len(reference.calls) // 2]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.inference_mode(), profile(activities=activities) as prof:
+        runner.replay_denoiser(**call.inputs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return str(prof.key_averages().table(sort_by=sort, row_limit=top))
+
+
+def median_total(entry: Entry) -> float | None:
+    """The median end-to-end seconds of an entry's timed edits."""
+    stats = summarize([s.stages["total"] for s in entry.samples if "total" in s.stages])
+    return stats.median if stats else None

@@ -1,0 +1,173 @@
+"""Cold start: the time to serve every shape key of the model's family from a fresh process, without and
+with the persistent compile cache, and the peak GPU memory of one edit on that path.
+
+Two child processes, each with empty private inductor and Triton caches (so nothing is inherited from
+this machine's earlier runs): the first compiles from scratch and saves the mega-cache into
+`--cache-dir`; the second loads it and warms the same keys up. The second then runs one edit at the
+family's square bucket and reports its end to end time and peak memory (torch.cuda.max_memory_allocated,
+reset before the edit). Both go through `engine.load`, the API a server embeds.
+
+    python -m benchmarks.cold_start --model full --device cuda --torch-mode fp8 --levers dynamic \\
+        --cache-dir build/full/compile-cache --out results/cold_start.json --deadline-s 200
+
+The JSON is rewritten after each child, so a deadline still leaves the first one's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from engine.files import atomic_write_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="full")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--torch-mode", default="fp8")
+    p.add_argument("--levers", default="dynamic", help="kontext edit --levers (default: dynamic)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="compile cache folder (default: a temp one)")
+    p.add_argument("--out", type=Path, required=True, help="JSON results")
+    p.add_argument("--deadline-s", type=float, default=300.0, help="for both children together")
+    p.add_argument("--steps", type=int, default=28, help="steps of the measured edit")
+    p.add_argument("--child", choices=("cold", "warm"), default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """In a fresh process: load, warm every key of the family up, (warm) one edit; seconds per phase."""
+    t_process = time.perf_counter()
+    import torch
+
+    import engine
+    from engine.backends.compile_cache import save_compile_cache
+    from engine.backends.torch import check_options, parse_levers
+    from engine.buckets import buckets
+
+    options = replace(parse_levers(args.levers), compile_cache=args.cache_dir)
+    check_options(args.torch_mode, options)
+    out: dict[str, Any] = {"phase": args.child, "import_s": time.perf_counter() - t_process}
+    t0 = time.perf_counter()
+    kontext = engine.load(args.model, device=args.device, torch_mode=args.torch_mode, torch_options=options)
+    out["load_s"] = time.perf_counter() - t0  # weights built or read, levers applied, compile cache loaded
+    t0 = time.perf_counter()
+    per_key = kontext.warmup()  # every shape key of the family: compiles (or cache hits), graph captures
+    out["warmup_s"] = time.perf_counter() - t0
+    out["keys"] = len(per_key)
+    out["per_key_s"] = per_key
+    out["serve_s"] = out["load_s"] + out["warmup_s"]
+    out["process_s"] = time.perf_counter() - t_process
+    if args.child == "cold":
+        saved = save_compile_cache(args.cache_dir)
+        out["cache_file"] = str(saved) if saved else None
+        out["cache_bytes"] = saved.stat().st_size if saved else 0
+    else:
+        fam = kontext.family
+        square = min(buckets(fam), key=lambda b: abs(b[0] / b[1] - 1.0))
+        from PIL import Image
+
+        image = Image.new("RGB", square, (90, 120, 200))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        result = kontext.edit(image, "add a small red hat", steps=args.steps, size=square)
+        out["edit_bucket"] = f"{square[0]}x{square[1]}"
+        out["edit_s"] = result.timings["total"]
+        out["edit_timings"] = result.timings
+        if torch.cuda.is_available():
+            out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    kontext.close()
+    return out
+
+
+def run_child(args: argparse.Namespace, phase: str, timeout: float) -> dict[str, Any]:
+    """One fresh process with empty private inductor and Triton caches."""
+    with tempfile.TemporaryDirectory() as scratch:
+        env = dict(os.environ)
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(scratch) / "inductor")
+        env["TRITON_CACHE_DIR"] = str(Path(scratch) / "triton")
+        result_path = Path(scratch) / "result.json"
+        cmd = [
+            sys.executable, "-m", "benchmarks.cold_start", "--child", phase, "--out", str(result_path),
+            "--model", args.model, "--device", args.device, "--torch-mode", args.torch_mode,
+            "--levers", args.levers, "--cache-dir", str(args.cache_dir), "--steps", str(args.steps),
+        ]  # fmt: skip
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                cmd, cwd=ROOT, env=env, timeout=max(timeout, 1.0), capture_output=True, text=True
+            )
+        except subprocess.TimeoutExpired:
+            return {"phase": phase, "status": f"deadline: killed after {timeout:.0f} s"}
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0 or not result_path.is_file():
+            return {
+                "phase": phase,
+                "status": f"failed (exit {proc.returncode})",
+                "stderr": proc.stderr[-3000:],
+            }
+        return {**json.loads(result_path.read_text()), "status": "ok", "wall_s": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child is not None:
+        atomic_write_bytes(args.out, json.dumps(child(args), indent=2).encode())
+        return 0
+    start = time.monotonic()
+    scratch = None
+    if args.cache_dir is None:
+        scratch = tempfile.TemporaryDirectory()
+        args.cache_dir = Path(scratch.name)
+    report: dict[str, Any] = {
+        "contestant": f"engine.load({args.model}, torch_mode={args.torch_mode}, levers={args.levers or '-'})",
+        "model": args.model,
+        "device": args.device,
+        "cache_dir": str(args.cache_dir),
+        "method": "fresh processes with empty private inductor/Triton caches; serve_s = engine.load + "
+        "warmup() of every shape key; cold_start_s = serve_s of the process that loaded the compile cache",
+    }
+
+    def save() -> None:
+        atomic_write_bytes(args.out, (json.dumps(report, indent=2) + "\n").encode())
+
+    for phase in ("cold", "warm"):
+        left = args.deadline_s - (time.monotonic() - start)
+        if left < 5:
+            report[phase] = {"phase": phase, "status": f"deadline: {max(left, 0):.0f} s left"}
+            save()
+            continue
+        report[phase] = run_child(args, phase, left)
+        save()
+    warm = report["warm"]
+    if warm.get("status") == "ok":
+        report["cold_start_s"] = warm["serve_s"]
+        report["peak_memory_gb"] = warm.get("peak_memory_gb")
+    save()
+    for phase in ("cold", "warm"):
+        r = report[phase]
+        if r.get("status") == "ok":
+            print(
+                f"{phase:>4}: load {r['load_s']:.1f} s + warm-up of {r['keys']} keys {r['warmup_s']:.1f} s "
+                f"= {r['serve_s']:.1f} s (process {r['process_s']:.1f} s)"
+            )
+        else:
+            print(f"{phase:>4}: {r.get('status')}\n{r.get('stderr', '')[-1500:]}")
+    if scratch is not None:
+        scratch.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

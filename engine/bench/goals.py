@@ -1,0 +1,102 @@
+"""The fast path's goals (issue 8), checked against a benchmark run's records: measured value, PASS/SHORT.
+
+They are defined for an H100, 1024², 28 steps, batch 1, no step skipping. On any other setup the same
+checks are printed with `applies: no`, so the CPU dry run exercises this code. Timed goals are checked
+here and never in a test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+GOAL_BUCKET = "1024x1024"
+GOAL_STEPS = 28
+E2E_MUST_S = 5.5
+E2E_AIM_S = 4.0
+SPEEDUP_MIN = 2.5
+PSNR_MIN_DB = 30.0
+FP8_PEAK_MAX_GB = 30.0
+COLD_START_MAX_S = 60.0
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    target: str
+    measured: float | None
+    unit: str
+    passed: bool | None  # None: not measured in this run
+    by: str  # which contestant or measurement gave the value
+
+    def line(self) -> str:
+        value = "-" if self.measured is None else f"{self.measured:.3g} {self.unit}"
+        status = "NOT MEASURED" if self.passed is None else ("PASS" if self.passed else "SHORT")
+        return f"  {status:<12} {self.name:<34} {self.target:<12} measured {value:<14} ({self.by})"
+
+
+def _fastest(records: list[dict[str, Any]], bucket: str) -> dict[str, Any] | None:
+    """Our fastest measured contestant on `bucket` (not the baseline, not prompt-cached ones)."""
+    ours = [
+        r
+        for r in records
+        if r["bucket"] == bucket
+        and not r["baseline"]
+        and r["stages"]["total"]
+        and "+cache" not in r["contestant"]
+    ]
+    return min(ours, key=lambda r: r["stages"]["total"]["median_s"], default=None)
+
+
+def evaluate_goals(
+    run_rec: dict[str, Any], records: list[dict[str, Any]], cold: dict[str, Any] | None = None
+) -> list[Goal]:
+    """The goals against this run's records; `cold` is benchmarks/cold_start.py's JSON, when it ran."""
+    bucket = (
+        GOAL_BUCKET if GOAL_BUCKET in run_rec["buckets"] or not run_rec["buckets"] else run_rec["buckets"][0]
+    )
+    best = _fastest(records, bucket)
+    name = f"{best['contestant']} at {bucket}" if best else f"no contestant measured at {bucket}"
+    total = best["stages"]["total"]["median_s"] if best else None
+    ratio = best["ratio_total"] if best else None
+    q = best["quality"] if best else None
+    psnr = (math.inf if q["psnr_identical"] else q["psnr_db"]) if q else None
+
+    def check(value: float | None, ok: bool) -> bool | None:
+        return None if value is None else ok
+
+    goals = [
+        Goal("end to end (must)", f"<= {E2E_MUST_S} s", total, "s",
+             check(total, (total or 0) <= E2E_MUST_S), name),
+        Goal("end to end (aim)", f"<= {E2E_AIM_S} s", total, "s",
+             check(total, (total or 0) <= E2E_AIM_S), name),
+        Goal("speed-up over diffusers eager", f">= {SPEEDUP_MIN}x", ratio, "x",
+             check(ratio, (ratio or 0) >= SPEEDUP_MIN), name),
+        Goal("PSNR vs our bf16 eager", f">= {PSNR_MIN_DB} dB", psnr, "dB",
+             check(psnr, (psnr or 0) >= PSNR_MIN_DB), name),
+    ]  # fmt: skip
+    peak = cold.get("peak_memory_gb") if cold else None
+    start = cold.get("cold_start_s") if cold else None
+    by = cold.get("contestant", "cold_start.py") if cold else "benchmarks/cold_start.py did not run"
+    goals += [
+        Goal("FP8 path peak GPU memory", f"<= {FP8_PEAK_MAX_GB:.0f} GB", peak, "GB",
+             check(peak, (peak or 0) <= FP8_PEAK_MAX_GB), by),
+        Goal("9 keys from a fresh process (warm cache)", f"<= {COLD_START_MAX_S:.0f} s", start, "s",
+             check(start, (start or 0) <= COLD_START_MAX_S), by),
+    ]  # fmt: skip
+    return goals
+
+
+def goals_apply(run_rec: dict[str, Any]) -> bool:
+    """True when the run is the goals' setup: a CUDA device, the goal bucket, 28 steps."""
+    return (
+        run_rec["device_type"] == "cuda"
+        and GOAL_BUCKET in run_rec["buckets"]
+        and run_rec["steps"] == GOAL_STEPS
+    )
+
+
+def format_goals(goals: list[Goal], applies: bool) -> str:
+    head = "goals (H100, 1024², 28 steps, batch 1)" + ("" if applies else " — applies: no, not that setup")
+    return "\n".join([head, *(g.line() for g in goals)])
