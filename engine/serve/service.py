@@ -54,12 +54,16 @@ class Service:
         self._waiters: dict[str, threading.Event] = {}
         self._waiters_lock = threading.Lock()
         self._notify: Callable[[J.Job], None] | None = None  # webhooks, set by the app
+        self._started = self._closed = False
 
     # ------------------------------------------------------------------ lifetime
 
     def start(self) -> None:
         """Queue the jobs a previous run accepted and did not finish, then load the engine in the
-        background (readiness follows it) and start the reaper."""
+        background (readiness follows it) and start the reaper. Idempotent."""
+        if self._started:
+            return
+        self._started = True
         for job in self.store.unfinished():
             self.store.requeue(job.id)
             self.queue.requeue(job.id, job.owner)
@@ -103,6 +107,9 @@ class Service:
         return done
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
         self.queue.stop()
         if self.queue.running:  # a drain timed out: the job stays `running` and runs again at restart
