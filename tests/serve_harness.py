@@ -89,7 +89,7 @@ def serve(
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # the first server of a process loads the engine (slow on a busy CPU)
     while True:
         try:
             r = httpx.get(f"{url}/readyz", timeout=2)

@@ -371,3 +371,42 @@ def test_keys_file_holds_only_hashes(tmp_path: Path) -> None:
     assert len(ring) == 2 and ring.find("kx_nope") is None
     line = text.splitlines()[0]
     assert digest("x") not in line
+
+
+# ---------------------------------------------------------------------------- webhooks, URLs
+
+
+def test_webhook_called_and_private_urls_refused(tmp_path: Path) -> None:
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[tuple[dict[str, object], str | None]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["content-length"]))
+            received.append((json.loads(body), self.headers.get("x-webhook-secret")))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        with serve(tmp_path, tiny_editor, allow_webhooks=True, allow_urls=True) as s, s.client() as c:
+            url = f"http://127.0.0.1:{hook.server_address[1]}/done"
+            job = submit(c, webhook_url=url, webhook_secret="s3cret").json()["id"]
+            assert poll(c, job)["status"] == "Ready"
+            deadline = time.monotonic() + 10
+            while not received and time.monotonic() < deadline:
+                time.sleep(0.05)
+            payload, secret = received[0]
+            assert payload["id"] == job and payload["status"] == "Ready" and secret == "s3cret"
+            r = submit(c, input_image=f"http://127.0.0.1:{hook.server_address[1]}/cat.png")
+            assert r.status_code == 422 and "non-public address" in r.json()["detail"]
+            assert submit(c, webhook_url="ftp://example.com/x").status_code == 422
+    finally:
+        hook.shutdown()
