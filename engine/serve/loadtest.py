@@ -218,6 +218,7 @@ def rss_trend(
 
 async def run_phases(config: LoadConfig) -> LoadReport:
     client = Client(config)
+    started = datetime.now().isoformat(timespec="seconds")
     phases: list[PhaseReport] = []
     seed = config.seed
     try:
