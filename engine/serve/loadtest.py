@@ -247,9 +247,7 @@ async def run_phases(config: LoadConfig) -> LoadReport:
         phases.append(soak)
     finally:
         await client.close()
-    return LoadReport(
-        config.url, datetime.now().isoformat(timespec="seconds"), config.steps, capacity, phases
-    )
+    return LoadReport(config.url, started, config.steps, capacity, phases)
 
 
 def run_loadtest(config: LoadConfig) -> LoadReport:
