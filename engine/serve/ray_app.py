@@ -136,11 +136,11 @@ def build_app(
     class Ingress:
         def __init__(self, engine_handle: Any) -> None:
             self.service = Service(ingress_settings, lambda: RayEditor(engine_handle))
-            self.app = create_app(self.service, keys)
+            self.asgi = create_app(self.service, keys)  # not `self.app`: a property of Ray's wrapper
             self.service.start()  # idempotent: also the app's lifespan, if Ray runs it
 
         def __serve_build_asgi_app__(self) -> Any:  # Ray calls this after __init__, on the replica
-            return self.app
+            return self.asgi
 
         def __del__(self) -> None:  # Ray Serve's graceful shutdown: drain, then close
             self.service.drain(ingress_settings.drain_timeout)
