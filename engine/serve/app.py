@@ -73,7 +73,7 @@ def create_app(service: Service, keys: KeyRing | None = None) -> FastAPI:
     """The ASGI app over `service`. keys None: no auth (the settings allow that on loopback only)."""
     settings = service.settings
     if settings.allow_webhooks:
-        service._notify = notify
+        service.on_end = notify
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

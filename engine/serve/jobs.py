@@ -9,6 +9,7 @@ engine.files (atomic) and deleted with their row when the result expires.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -176,8 +177,9 @@ class JobStore:
             self.input_path(job_id).unlink(missing_ok=True)
         for d in (self.inputs, self.results):
             for f in d.iterdir():  # orphans: a crash between a file write and its row's commit
-                if f.name not in known and not f.name.startswith(".") and f.stat().st_mtime < now - 60:
-                    f.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    if f.name not in known and not f.name.startswith(".") and f.stat().st_mtime < now - 60:
+                        f.unlink()
         if ids:
             log.info("reaped %d expired job(s)", len(ids))
         return len(ids)

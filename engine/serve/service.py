@@ -53,7 +53,7 @@ class Service:
         self._stop = threading.Event()
         self._waiters: dict[str, threading.Event] = {}
         self._waiters_lock = threading.Lock()
-        self._notify: Callable[[J.Job], None] | None = None  # webhooks, set by the app
+        self.on_end: Callable[[J.Job], None] | None = None  # called with each ended job (webhooks)
         self._started = self._closed = False
 
     # ------------------------------------------------------------------ lifetime
@@ -172,10 +172,10 @@ class Service:
         started = time.time()
         self.metrics.queue_wait.observe(max(0.0, started - job.created))
         p = job.params
-        size = tuple(p["size"]) if p.get("size") else None
+        size = (int(p["size"][0]), int(p["size"][1])) if p.get("size") else None
         try:
             image = self.store.input_path(job_id).read_bytes()
-            edit = EditJob(image, p["prompt"], p["seed"], p["steps"], p["guidance"], size, p["output_format"])  # type: ignore[arg-type]
+            edit = EditJob(image, p["prompt"], p["seed"], p["steps"], p["guidance"], size, p["output_format"])
             assert self.editor is not None  # workers start after the editor loads
             out = self.editor.edit(edit)
         except ModeratedError as e:
@@ -211,10 +211,10 @@ class Service:
             event = self._waiters.get(job.id)
         if event is not None:
             event.set()
-        if self._notify is not None and job.params.get("webhook_url"):
+        if self.on_end is not None:
             ended = self.store.get(job.id)
             if ended is not None:
-                self._notify(ended)
+                self.on_end(ended)
 
     # ------------------------------------------------------------------ answer
 
