@@ -50,7 +50,7 @@ class GatedEditor:
 
     def __init__(self, inner: Editor) -> None:
         self.inner = inner
-        self.family = inner.family
+        self.family, self.review = inner.family, inner.review
         self.gate = threading.Event()
 
     def edit(self, job: EditJob) -> EditOutput:

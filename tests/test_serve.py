@@ -288,7 +288,7 @@ class BlocklistEditor:
     prompt flags the output."""
 
     def __init__(self, inner: Editor) -> None:
-        self.inner, self.family = inner, inner.family
+        self.inner, self.family, self.review = inner, inner.family, inner.review
 
     def edit(self, job: EditJob) -> EditOutput:
         if "forbidden" in job.prompt:
@@ -410,3 +410,21 @@ def test_webhook_called_and_private_urls_refused(tmp_path: Path) -> None:
             assert submit(c, webhook_url="ftp://example.com/x").status_code == 422
     finally:
         hook.shutdown()
+
+
+def test_engine_review_policy_holds_results(tmp_path: Path) -> None:
+    """An engine whose safety policy asks for review (SafetyPolicy.review) holds results even when the
+    server was not started with --review."""
+
+    def reviewed() -> Editor:
+        editor = tiny_editor()
+        editor.review = True  # as LocalEditor reads it from engine.safety.review
+        return editor
+
+    with serve(tmp_path, reviewed) as s, s.client() as c, s.client("admin") as admin:
+        job = submit(c).json()["id"]
+        deadline = time.monotonic() + 60
+        while not admin.get("/v1/review").json() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.get("/v1/get_result", params={"id": job}).json()["details"] == {"review": "awaiting review"}
+        assert admin.post(f"/v1/review/{job}/approve").json()["status"] == "Ready"

@@ -38,9 +38,11 @@ class EditOutput:
 
 
 class Editor(Protocol):
-    """Safe to call from several threads at once. `family`: the bucket family its outputs come in."""
+    """Safe to call from several threads at once. `family`: the bucket family its outputs come in.
+    `review`: the engine's safety policy asks a person to approve every output before it is shared."""
 
     family: str
+    review: bool
 
     def edit(self, job: EditJob) -> EditOutput: ...
 
@@ -66,6 +68,8 @@ class LocalEditor:
         self.engine = engine
         self.owned = owned
         self.family = engine.family
+        # The safety layer's policy (engine.safety.SafetyPolicy.review) holds every result for a person.
+        self.review = bool(getattr(getattr(engine, "safety", None), "review", False))
 
     def edit(self, job: EditJob) -> EditOutput:
         from ..images import load_image

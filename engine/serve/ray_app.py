@@ -61,6 +61,9 @@ class EngineReplica:
     def family(self) -> str:
         return self.editor.family
 
+    def review(self) -> bool:
+        return self.editor.review
+
     def stats(self) -> dict[str, int]:
         return self.editor.stats()
 
@@ -76,6 +79,7 @@ class RayEditor:
     def __init__(self, handle: Any) -> None:
         self.handle = handle
         self.family: str = handle.family.remote().result()
+        self.review: bool = handle.review.remote().result()
 
     def edit(self, job: EditJob) -> EditOutput:
         out: EditOutput = self.handle.edit.remote(job).result()

@@ -193,7 +193,7 @@ class Service:
         timings["queue_wait"] = max(0.0, started - job.created)
         timings["service"] = time.time() - started
         self.metrics.observe_timings(timings)
-        held = self.settings.review
+        held = self.settings.review or self.editor.review
         self._end(
             job,
             J.HELD if held else J.READY,
