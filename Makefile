@@ -13,7 +13,7 @@ EXTRAS ?= dev,quant,fp8,kernels,serve,ray,provenance,lora
 MODEL ?= tiny
 STAMP := $(VENV)/.installed-$(shell echo "$(TORCH) $(TORCH_INDEX) $(EXTRAS)" | cksum | cut -d' ' -f1)
 
-.PHONY: install test lint edit engine bench clean gpu-wheels
+.PHONY: install test lint edit engine bench serve clean gpu-wheels
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ engine: install
 
 bench: engine
 	$(BIN)/kontext bench --model $(MODEL)
+
+# BFL's API on 127.0.0.1:8000 without keys (loopback only); add KEYS=keys.jsonl for API keys.
+serve: install
+	$(BIN)/kontext serve --model $(MODEL) $(if $(KEYS),--keys $(KEYS),--no-auth)
 
 clean:
 	rm -rf build

@@ -1,4 +1,5 @@
-"""`kontext build | edit | bench | info`: the only place argv and the environment are read.
+"""`kontext build | edit | bench | info | serve | keys | loadtest`: the only place argv and the
+environment are read.
 
 Every failure the user can fix is one line on stderr and exit status 2, never a traceback. A request or
 output flagged by the content filters is one line and exit status 3, with nothing written.
@@ -156,11 +157,14 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="what this machine can run: torch, CUDA, TensorRT, ONNX Runtime, presets")
     i.add_argument("build_dir", nargs="?", type=Path, help="a build folder: show its manifest")
+
+    _serve_parsers(sub)
     return p
 
 
-def _safety_flags(e: argparse.ArgumentParser) -> None:
-    """The licence duties: content filters or review, C2PA provenance, AI disclosure (README)."""
+def _safety_flags(e: argparse.ArgumentParser, *, files: bool = True) -> None:
+    """The licence duties: content filters or review, C2PA provenance, AI disclosure (README).
+    files: the flags about written files (review folder, prompt in the file), which a server has not."""
     g = e.add_argument_group("safety and provenance")
     g.add_argument(
         "--safety",
@@ -171,14 +175,72 @@ def _safety_flags(e: argparse.ArgumentParser) -> None:
     g.add_argument("--safety-models", type=Path, default=None, help="folder of the filter models (README)")
     g.add_argument("--safety-device", default="cpu", help="where the filter models run (default cpu)")
     g.add_argument("--blocklist", type=Path, default=None, help="prompt terms to refuse, one per line")
-    g.add_argument("--review-dir", type=Path, default=None, help="held outputs (default: review/ beside -o)")
+    if files:
+        g.add_argument(
+            "--review-dir", type=Path, default=None, help="held outputs (default: review/ beside -o)"
+        )
     g.add_argument("--c2pa-cert", type=Path, default=None, help="PEM certificate chain: C2PA-sign the output")
     g.add_argument("--c2pa-key", type=Path, default=None, help="PEM private key of the certificate")
     g.add_argument(
         "--c2pa-alg", default="es256", choices=("es256", "ps256"), help="signature (default es256)"
     )
     g.add_argument("--c2pa-tsa", default=None, help="timestamp authority URL (default none: offline)")
-    g.add_argument("--no-prompt-metadata", action="store_true", help="leave the prompt out of the file")
+    if files:
+        g.add_argument("--no-prompt-metadata", action="store_true", help="leave the prompt out of the file")
+
+
+def _serve_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`kontext serve`, `kontext keys new`, `kontext loadtest`."""
+    s = sub.add_parser("serve", help="serve BFL's HTTP API (submit, poll, fetch) over the engine")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="preset (tiny, small) or a local path (default tiny)")
+    src.add_argument("--engine", type=Path, default=None, help="a build folder: serve its built artifacts")
+    s.add_argument("--precision", default=None, help="with --engine: fp32 | int8 | fp8 | bf16")
+    s.add_argument("--backend", default=None, help="with --engine: onnxruntime | tensorrt | torch")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--miss-policy", default="error", choices=("error", "torch"), help="unbuilt shapes")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1, help="edits run at once (engine workers)")
+    s.add_argument("--queue", type=int, default=24, help="tasks in flight (queued + running) before 429")
+    s.add_argument("--per-key", type=int, default=None, help="tasks in flight per API key (default: --queue)")
+    auth = s.add_mutually_exclusive_group()
+    auth.add_argument("--keys", type=Path, default=None, help="API keys file (`kontext keys new --file`)")
+    auth.add_argument("--no-auth", action="store_true", help="no API keys (loopback hosts only)")
+    s.add_argument("--data", type=Path, default=Path("build/serve"), help="job store and results")
+    s.add_argument("--result-ttl", type=float, default=600.0, help="seconds results and sample URLs live")
+    s.add_argument("--steps", type=int, default=None, help="default steps (28; 8 on synthetic presets)")
+    s.add_argument("--max-body-mb", type=float, default=48.0, help="request body limit in MiB")
+    s.add_argument("--drain-timeout", type=float, default=60.0, help="SIGTERM: seconds to finish jobs")
+    s.add_argument("--public-url", default=None, help="base of polling/sample URLs (behind a proxy)")
+    s.add_argument("--allow-urls", action="store_true", help="fetch http(s) input_image URLs")
+    s.add_argument("--allow-webhooks", action="store_true", help="call webhook_url when a task ends")
+    s.add_argument("--review", action="store_true", help="hold every result until an admin approves it")
+    _safety_flags(s, files=False)
+    s.add_argument("--ray", action="store_true", help="run as a Ray Serve application")
+    s.add_argument("--replicas", type=int, default=1, help="--ray: engine replicas")
+    s.add_argument("--max-replicas", type=int, default=None, help="--ray: autoscale from 1 up to this")
+    s.add_argument("--gpus-per-replica", type=float, default=None, help="--ray: default 1 with CUDA, else 0")
+    s.add_argument("--address", default=None, help="--ray: a Ray cluster (default: start a local one)")
+
+    k = sub.add_parser("keys", help="manage the server's API keys")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kn = ksub.add_parser("new", help="print a new key once; append only its hash to FILE")
+    kn.add_argument("--file", type=Path, required=True)
+    kn.add_argument("--name", default="", help="a label for the key (who holds it)")
+    kn.add_argument("--admin", action="store_true", help="may approve and reject held results")
+
+    lt = sub.add_parser("loadtest", help="load-test a running server; table + JSON under benchmarks/results")
+    lt.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8000")
+    lt.add_argument("--key", default=None, help="X-Key to send (default: the KONTEXT_KEY variable)")
+    lt.add_argument("--image", type=Path, default=None, help="input image (default: the bundled sample)")
+    lt.add_argument("--steps", type=int, default=2, help="steps per edit")
+    lt.add_argument("--queue", type=int, default=24, help="the server's --queue (sets the overload step)")
+    lt.add_argument("--requests", type=int, default=8, help="requests per closed-loop level")
+    lt.add_argument("--soak", type=int, default=200, help="requests in the soak")
+    lt.add_argument("--open-seconds", type=float, default=20.0, help="seconds per open-loop rate")
+    lt.add_argument("--pid", type=int, default=None, help="the server's process id, for its RSS slope")
+    lt.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results root folder")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,6 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _build(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "keys":
+            return _keys(args)
+        if args.command == "loadtest":
+            return _loadtest(args)
     except ModeratedError as e:
         print(f"kontext {args.command}: {e}; nothing was written", file=sys.stderr)
         return 3
@@ -424,6 +492,111 @@ def _bench(args: argparse.Namespace) -> int:
     print(table)
     written = [files.jsonl, files.table, files.chart, files.profile]
     print("\nwrote " + ", ".join(str(p) for p in written if p is not None))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """`kontext serve`: the engine loads (and warms up) in the background; /readyz turns 200 after."""
+    from .config import PRESETS
+    from .serve.keys import KeyRing
+    from .serve.settings import ServeSettings
+
+    if args.keys is None and not args.no_auth:
+        raise ConfigError(
+            "kontext serve needs --keys FILE (from `kontext keys new --file FILE`) or --no-auth"
+        )
+    source = args.engine if args.engine is not None else (args.model or "tiny")
+    synthetic = args.engine is None and str(source) in PRESETS and PRESETS[str(source)].synthetic
+    settings = ServeSettings(
+        data=args.data,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        queue=args.queue,
+        per_key=args.per_key,
+        keys_file=args.keys,
+        result_ttl=args.result_ttl,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        allow_urls=args.allow_urls,
+        allow_webhooks=args.allow_webhooks,
+        review=args.review,
+        drain_timeout=args.drain_timeout,
+        public_url=args.public_url,
+        default_steps=args.steps if args.steps is not None else (8 if synthetic else 28),
+    )
+    keys = KeyRing.load(args.keys) if args.keys is not None else None
+    device = _device(args.device)
+    policy, signer = _safety(args)
+    if args.verbose == 0:
+        logging.getLogger("engine.serve").setLevel(logging.INFO)  # recoveries, drains, reaps
+    load_kwargs = {"backend": args.backend, "precision": args.precision, "device": device,
+                   "miss_policy": args.miss_policy}  # fmt: skip
+    if args.ray:
+        from .serve.ray_app import RayOptions, run_ray
+
+        gpus = (
+            args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
+        )
+        options = RayOptions(replicas=args.replicas, max_replicas=args.max_replicas, gpus_per_replica=gpus,
+                             address=args.address)  # fmt: skip
+        if policy is not None and policy.names not in ((), ("off",), ("review",)):
+            raise ConfigError("kontext serve --ray takes --safety off or review; filters with models run in "
+                              "the local server (kontext serve without --ray) for now")  # fmt: skip
+        if signer is not None:
+            raise ConfigError("kontext serve --ray does not sign outputs yet; drop --c2pa-cert/--c2pa-key")
+        ray_kwargs = {
+            **load_kwargs,
+            "safety": policy.names[0] if policy is not None and policy.names else None,
+        }
+        return run_ray(settings, str(source), ray_kwargs, options, keys)
+
+    from .serve.editor import LocalEditor
+    from .serve.server import run
+
+    def editor() -> LocalEditor:
+        from .runtime import load
+
+        kontext = load(source, workers=settings.workers, safety=policy, signer=signer, **load_kwargs)
+        kontext.warmup()
+        return LocalEditor(kontext)
+
+    print(
+        f"kontext serve: http://{settings.host}:{settings.port} (engine loading; /readyz turns 200 when warm)"
+    )
+    return run(settings, editor, keys)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from .serve.keys import new_key
+
+    key = new_key(args.file, args.name, admin=args.admin)
+    print(key)
+    print(f"(shown once; its SHA-256 was appended to {args.file})", file=sys.stderr)
+    return 0
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    import os
+
+    from . import assets
+    from .serve.loadtest import LoadConfig, run_loadtest, write_report
+
+    image = args.image or assets.sample_image_path()
+    config = LoadConfig(
+        url=args.url,
+        key=args.key or os.environ.get("KONTEXT_KEY"),
+        image=image.read_bytes(),
+        steps=args.steps,
+        queue=args.queue,
+        requests=args.requests,
+        soak=args.soak,
+        open_seconds=args.open_seconds,
+        pid=args.pid,
+    )
+    report = run_loadtest(config)
+    table, files = write_report(report, args.out)
+    print(table)
+    print(f"\nwrote {', '.join(str(f) for f in files)}")
     return 0
 
 

@@ -40,6 +40,25 @@ def output_metadata(
     return meta
 
 
+def encode_output(
+    image: Image.Image,
+    fmt: str,
+    metadata: Mapping[str, str],
+    *,
+    parent: bytes | None = None,
+    signer: ProvenanceSigner | None = None,
+    title: str = "output",
+) -> bytes:
+    """`image` encoded as `fmt` (PNG or JPEG) with `metadata`, C2PA-signed when `signer` is given
+    (parent: the encoded input image). The bytes a file or an HTTP response carries."""
+    data = encode_image(image, fmt, metadata)
+    if signer is not None:
+        if parent is None:
+            raise ProvenanceError("C2PA signing of an edit needs its input image (the parent ingredient)")
+        data = signer.sign(data, parent=parent, model=metadata.get("model", ""), title=title)
+    return data
+
+
 def save_output(
     image: Image.Image,
     path: str | Path,
@@ -53,11 +72,9 @@ def save_output(
     is given (parent: the encoded input image), and write it to `path`, or into `review_dir` when given
     (the review hold). The file appears whole or not at all."""
     target = Path(path)
-    data = encode_image(image, output_format(target), metadata)
-    if signer is not None:
-        if parent is None:
-            raise ProvenanceError("C2PA signing of an edit needs its input image (the parent ingredient)")
-        data = signer.sign(data, parent=parent, model=metadata.get("model", ""), title=target.name)
+    data = encode_output(
+        image, output_format(target), metadata, parent=parent, signer=signer, title=target.name
+    )
     if review_dir is not None:
         return SavedOutput(review.hold(data, review_dir, target.name), held=True, signed=signer is not None)
     return SavedOutput(write_bytes(target, data), held=False, signed=signer is not None)

@@ -215,11 +215,57 @@ class KontextEngine:
         include_prompt: write the prompt into the file (prompts can be private). index: which of
         result.images (num_images > 1); seed defaults to its seed. extra: more text items (None: left out).
         """
-        from .outputs import output_metadata, save_output
+        from .outputs import save_output
         from .safety.review import default_review_dir
 
+        meta = self.output_metadata(
+            result, index=index, source=source, prompt=prompt, seed=seed, guidance=guidance,
+            include_prompt=include_prompt, extra=extra,
+        )  # fmt: skip
+        parent = _encoded(source) if self.signer is not None and source is not None else None
+        held = (review_dir or default_review_dir(path)) if self.safety.review else None
+        return save_output(
+            result.images[index], path, meta, parent=parent, signer=self.signer, review_dir=held
+        )
+
+    def encode(
+        self,
+        result: EditResult,
+        fmt: str = "PNG",
+        *,
+        index: int = 0,
+        source: bytes | None = None,
+        include_prompt: bool = False,
+        prompt: str | None = None,
+        guidance: float | None = None,
+    ) -> bytes:
+        """Image `index` of `result` as PNG or JPEG bytes with the same metadata, AI disclosure and C2PA
+        signature as save() (source: the input file's bytes, the parent ingredient), for callers that
+        send bytes rather than write files (the server). The prompt is left out unless asked for."""
+        from .outputs import encode_output
+
+        meta = self.output_metadata(result, index=index, prompt=prompt, guidance=guidance,
+                                    include_prompt=include_prompt)  # fmt: skip
+        parent = source if self.signer is not None else None
+        return encode_output(result.images[index], fmt, meta, parent=parent, signer=self.signer)
+
+    def output_metadata(
+        self,
+        result: EditResult,
+        *,
+        index: int = 0,
+        source: Image.Image | str | Path | bytes | None = None,
+        prompt: str | None = None,
+        seed: int | None = None,
+        guidance: float | None = None,
+        include_prompt: bool = True,
+        extra: Mapping[str, str | None] | None = None,
+    ) -> dict[str, str]:
+        """The text metadata of one output image: disclosure, model, weights, seed, steps, backend..."""
+        from .outputs import output_metadata
+
         c = self.components
-        meta = output_metadata(
+        return output_metadata(
             c.preset.name,  # "kontext-dev" for local weights: a file must not reveal a local path
             prompt=prompt,
             include_prompt=include_prompt,
@@ -232,11 +278,6 @@ class KontextEngine:
             engine=self.build_dir,
             source_image=Path(source).name if isinstance(source, (str, Path)) else None,
             **(extra or {}),
-        )
-        parent = _encoded(source) if self.signer is not None and source is not None else None
-        held = (review_dir or default_review_dir(path)) if self.safety.review else None
-        return save_output(
-            result.images[index], path, meta, parent=parent, signer=self.signer, review_dir=held
         )
 
     def session(self, image: ImageInput, *, reencode: bool = True) -> Session:

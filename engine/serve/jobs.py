@@ -1,0 +1,233 @@
+"""The job store: one SQLite database in WAL mode under --data, plus the input and result files
+beside it. A job is committed before its submit is answered, so a SIGKILL never loses one: at the
+next start every job still queued or running is queued again (`unfinished`).
+
+States: queued -> running -> ready | held (review) | error | request_moderated | content_moderated.
+A held job becomes ready (approved) or content_moderated (rejected). Files are written with
+engine.files (atomic) and deleted with their row when the result expires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, READY, HELD = "queued", "running", "ready", "held"
+ERROR, REQUEST_MODERATED, CONTENT_MODERATED = "error", "request_moderated", "content_moderated"
+UNFINISHED = (QUEUED, RUNNING)
+FINISHED = (READY, HELD, ERROR, REQUEST_MODERATED, CONTENT_MODERATED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    state TEXT NOT NULL,
+    params TEXT NOT NULL,          -- JSON: prompt, seed, steps, guidance, size, output_format, ...
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    expires REAL,                  -- finished + TTL; the reaper deletes the job after
+    sample_token TEXT UNIQUE,      -- the unguessable part of the sample URL
+    media_type TEXT,
+    details TEXT,                  -- JSON: error message, moderation verdict, review note
+    timings TEXT                   -- JSON: seconds per stage
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_expires ON jobs(expires);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    owner: str
+    state: str
+    params: dict[str, Any]
+    created: float
+    started: float | None
+    finished: float | None
+    expires: float | None
+    sample_token: str | None
+    media_type: str | None
+    details: dict[str, Any] | None
+    timings: dict[str, float] | None
+
+
+class JobStore:
+    """Thread-safe: one connection behind a lock (SQLite serializes writers anyway)."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.inputs = data / "inputs"
+        self.results = data / "results"
+        for d in (self.inputs, self.results):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(data / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a committed submit survives a power cut too
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ files
+
+    def input_path(self, job_id: str) -> Path:
+        return self.inputs / job_id
+
+    def result_path(self, job_id: str) -> Path:
+        return self.results / job_id
+
+    # ------------------------------------------------------------------ writes
+
+    def create(self, job_id: str, owner: str, params: dict[str, Any], image: bytes) -> None:
+        """Write the input image, then commit the job: a job row always has its input on disk."""
+        atomic_write_bytes(self.input_path(job_id), image)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs (id, owner, state, params, created) VALUES (?, ?, ?, ?, ?)",
+                (job_id, owner, QUEUED, json.dumps(params), time.time()),
+            )
+
+    def start(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET state=?, started=? WHERE id=?", (RUNNING, time.time(), job_id))
+
+    def finish(
+        self,
+        job_id: str,
+        state: str,
+        *,
+        ttl: float,
+        result: bytes | None = None,
+        media_type: str | None = None,
+        sample_token: str | None = None,
+        details: dict[str, Any] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> None:
+        """End a job: write its result file first (if any), then commit the state, then drop the input."""
+        if state not in FINISHED:
+            raise ValueError(f"not a finished state: {state}")
+        if result is not None:
+            atomic_write_bytes(self.result_path(job_id), result)
+        now = time.time()
+        expires = None if state == HELD else now + ttl  # a held result waits for its reviewer
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET state=?, finished=?, expires=?, media_type=?, sample_token=?, details=?, "
+                "timings=? WHERE id=?",
+                (
+                    state,
+                    now,
+                    expires,
+                    media_type,
+                    sample_token,
+                    None if details is None else json.dumps(details),
+                    None if timings is None else json.dumps(timings),
+                    job_id,
+                ),
+            )
+        self.input_path(job_id).unlink(missing_ok=True)
+
+    def review(self, job_id: str, approve: bool, *, ttl: float) -> bool:
+        """Approve (-> ready) or reject (-> content_moderated, file deleted) a held job. False if not held."""
+        now = time.time()
+        state = READY if approve else CONTENT_MODERATED
+        details = None if approve else json.dumps({"review": "rejected by a reviewer"})
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET state=?, expires=?, details=? WHERE id=? AND state=?",
+                (state, now + ttl, details, job_id, HELD),
+            )
+        if cur.rowcount and not approve:
+            self.result_path(job_id).unlink(missing_ok=True)
+        return cur.rowcount == 1
+
+    def requeue(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET state=?, started=NULL WHERE id=?", (QUEUED, job_id))
+
+    def reap(self, now: float | None = None) -> int:
+        """Delete expired jobs with their files, and input/result files no job owns. Returns jobs deleted."""
+        now = time.time() if now is None else now
+        with self._lock:
+            ids = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT id FROM jobs WHERE expires IS NOT NULL AND expires<?", (now,)
+                )
+            ]
+            self._db.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in ids])
+            known = {r[0] for r in self._db.execute("SELECT id FROM jobs")}
+        for job_id in ids:
+            self.result_path(job_id).unlink(missing_ok=True)
+            self.input_path(job_id).unlink(missing_ok=True)
+        for d in (self.inputs, self.results):
+            for f in d.iterdir():  # orphans: a crash between a file write and its row's commit
+                with contextlib.suppress(FileNotFoundError):
+                    if f.name not in known and not f.name.startswith(".") and f.stat().st_mtime < now - 60:
+                        f.unlink()
+        if ids:
+            log.info("reaped %d expired job(s)", len(ids))
+        return len(ids)
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return None if row is None else _job(row)
+
+    def by_sample_token(self, token: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE sample_token=?", (token,)).fetchone()
+        return None if row is None else _job(row)
+
+    def unfinished(self) -> list[Job]:
+        """Jobs accepted and not finished, oldest first (restart recovery)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY created", UNFINISHED
+            ).fetchall()
+        return [_job(r) for r in rows]
+
+    def held(self) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE state=? ORDER BY created", (HELD,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {state: n for state, n in rows}
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    (id_, owner, state, params, created, started, finished, expires, token, media, details, timings) = row
+    return Job(
+        id_,
+        owner,
+        state,
+        json.loads(params),
+        created,
+        started,
+        finished,
+        expires,
+        token,
+        media,
+        None if details is None else json.loads(details),
+        None if timings is None else json.loads(timings),
+    )

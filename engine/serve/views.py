@@ -1,0 +1,43 @@
+"""A stored job as BFL's ResultResponse, with the URLs of this server (polling and sample)."""
+
+from __future__ import annotations
+
+from . import jobs as J
+from .schemas import ResultResponse, Status
+from .service import STATUS
+
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg"}
+
+
+def polling_url(base: str, job_id: str) -> str:
+    return f"{base.rstrip('/')}/v1/get_result?id={job_id}"
+
+
+def sample_url(base: str, job: J.Job) -> str:
+    return f"{base.rstrip('/')}/v1/samples/{job.sample_token}.{EXTENSIONS.get(job.media_type or '', 'png')}"
+
+
+def not_found(job_id: str) -> ResultResponse:
+    return ResultResponse(id=job_id, status=Status.not_found)
+
+
+def result_response(job: J.Job, base: str) -> ResultResponse:
+    status = Status(STATUS[job.state])
+    if job.state == J.READY:
+        start = job.started or job.created
+        end = job.finished or start
+        result = {
+            "sample": sample_url(base, job),
+            "prompt": job.params["prompt"],
+            "seed": job.params["seed"],
+            "start_time": start,
+            "end_time": end,
+            "duration": end - start,
+            "expires_at": job.expires,
+            "timings": job.timings or {},
+        }
+        return ResultResponse(id=job.id, status=status, result=result, progress=1.0, details=job.details)
+    if job.state in J.UNFINISHED or job.state == J.HELD:
+        progress = 0.0 if job.state == J.QUEUED else None
+        return ResultResponse(id=job.id, status=status, progress=progress, details=job.details)
+    return ResultResponse(id=job.id, status=status, details=job.details)
