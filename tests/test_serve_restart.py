@@ -71,20 +71,23 @@ def test_sigkill_then_restart_runs_every_accepted_job_and_sigterm_drains(tmp_pat
     try:
         with httpx.Client(base_url=url, headers={"X-Key": key}, timeout=30) as c:
             assert [poll(c, i, timeout=120)["status"] for i in ids] == ["Ready"] * 6
+            long = {**body, "steps": 50}  # enough queued work (seconds, idle) that the drain can be watched
             more = [
-                c.post("/v1/flux-kontext-dev", json={**body, "seed": 10 + i}).json()["id"] for i in range(3)
+                c.post("/v1/flux-kontext-dev", json={**long, "seed": 10 + i}).json()["id"] for i in range(4)
             ]
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
+            deadline = time.monotonic() + 10
+            while c.get("/readyz").status_code != 503:  # the signal is handled within milliseconds
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
             r = c.post("/v1/flux-kontext-dev", json=body)
             assert r.status_code == 503 and "shutting down" in r.json()["detail"]
             assert c.get("/v1/get_result", params={"id": more[0]}).json()["status"] in ("Pending", "Ready")
-            assert c.get("/readyz").status_code == 503
         assert proc.wait(150) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
     after = states(data)
-    assert [after[i] for i in ids + more] == [J.READY] * 9
+    assert [after[i] for i in ids + more] == [J.READY] * 10
     assert list((data / "inputs").iterdir()) == []  # inputs are dropped once their job ends
