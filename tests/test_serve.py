@@ -38,6 +38,30 @@ def submit(client: httpx.Client, route: str = "/v1/flux-kontext-dev", **body: ob
 # ---------------------------------------------------------------------------- BFL's flow
 
 
+def test_samples_disclose_ai_generation_and_keep_the_prompt_private(server: Running) -> None:
+    with server.client() as c:
+        done = poll(c, submit(c, seed=4).json()["id"])
+        png = Image.open(io.BytesIO(c.get(done["result"]["sample"]).content))
+        text = dict(png.text)  # type: ignore[attr-defined]
+        assert "AI generated" in text["Software"] and text["model"] == "tiny"
+        assert text["seed"] == "4"
+        assert "prompt" not in text and "add a red hat" not in repr(text)
+
+
+def test_reference_images_are_edited_with(server: Running) -> None:
+    """input_image_2..3 reach the engine as references: a different result from the same seed without them."""
+    with server.client() as c:
+        plain = poll(c, submit(c, seed=3).json()["id"])
+        with_refs = poll(
+            c, submit(c, seed=3, input_image_2=SAMPLE_B64, input_image_3=SAMPLE_B64).json()["id"]
+        )
+        assert plain["status"] == with_refs["status"] == "Ready", (plain, with_refs)
+        a = c.get(plain["result"]["sample"]).content
+        b = c.get(with_refs["result"]["sample"]).content
+        assert Image.open(io.BytesIO(a)).size == Image.open(io.BytesIO(b)).size
+        assert a != b
+
+
 def test_submit_poll_fetch(server: Running) -> None:
     with server.client() as c:
         r = submit(c, seed=7)
@@ -181,7 +205,7 @@ def test_hostile_images_over_http(server: Running) -> None:
     ("body", "needle"),
     [
         ({"prompt_upsampling": True}, "prompt_upsampling"),
-        ({"input_image_2": SAMPLE_B64}, "input_image_2"),
+        ({"input_image_2": "bm90IGFuIGltYWdl"}, "input_image_2"),
         ({"webhook_url": "http://127.0.0.1:9/hook"}, "--allow-webhooks"),
         ({"input_image": None}, "input_image is required"),
         ({"aspect_ratio": "30:1"}, "aspect_ratio"),

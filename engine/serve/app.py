@@ -44,8 +44,6 @@ from .worker import KeyLimit, QueueFull
 
 log = logging.getLogger(__name__)
 
-# input_image_2..4 become EditJob.references once KontextEngine.edit takes `references=`: set True.
-REFERENCES_SUPPORTED = False
 SYNC_WAIT_S = 600.0  # POST /v1/edit waits this long, then answers 202 with a polling URL
 MAX_SEED = 2**63 - 1
 
@@ -145,9 +143,16 @@ def create_app(service: Service, keys: KeyRing | None = None) -> FastAPI:
                 service.queue.retry_after(),
             )
 
-    def accept(owner: str, params: dict[str, Any], image: bytes, *, wait: bool = False) -> str:
+    def accept(
+        owner: str,
+        params: dict[str, Any],
+        image: bytes,
+        *,
+        references: tuple[bytes, ...] = (),
+        wait: bool = False,
+    ) -> str:
         try:
-            return service.submit(owner, params, image, wait=wait)
+            return service.submit(owner, params, image, references=references, wait=wait)
         except QueueFull:
             raise refuse(
                 "queue_full",
@@ -181,11 +186,6 @@ def create_app(service: Service, keys: KeyRing | None = None) -> FastAPI:
                 )
             extra = {"input_image_2": body.input_image_2, "input_image_3": body.input_image_3,
                      "input_image_4": body.input_image_4}  # fmt: skip
-            refs = [name for name, value in extra.items() if value is not None]
-            if refs and not REFERENCES_SUPPORTED:
-                raise InputError(
-                    f"{refs[0]}: reference images are not supported by this engine yet; send input_image only"
-                )
             if body.input_image is None:
                 raise InputError(
                     "input_image is required: FLUX.1 Kontext [dev] edits an image "
@@ -199,6 +199,11 @@ def create_app(service: Service, keys: KeyRing | None = None) -> FastAPI:
                 if not body.webhook_url.lower().startswith(("http://", "https://")):
                     raise InputError("webhook_url must be an http(s) URL")
             image = image_bytes(body.input_image, "input_image", allow_urls=settings.allow_urls)
+            references = tuple(  # reference images (character, style, object) beside the input
+                image_bytes(value, name, allow_urls=settings.allow_urls)
+                for name, value in extra.items()
+                if value is not None
+            )
             size = output_size(body.aspect_ratio, family())
         except InputError as e:
             raise refuse("invalid", 422, str(e)) from None
@@ -216,7 +221,7 @@ def create_app(service: Service, keys: KeyRing | None = None) -> FastAPI:
             "webhook_secret": body.webhook_secret,
             "base": base,
         }
-        job_id = accept(user.owner, params, image)
+        job_id = accept(user.owner, params, image, references=references)
         return AsyncResponse(id=job_id, polling_url=polling_url(base, job_id))
 
     @app.post("/v1/flux-kontext-dev", response_model=AsyncResponse, tags=["Models"])

@@ -24,7 +24,7 @@ class EditJob:
     guidance: float
     size: tuple[int, int] | None  # output (w, h); None: the input's bucket
     output_format: str = "png"
-    references: tuple[bytes, ...] = ()  # input_image_2..4, once the engine takes references
+    references: tuple[bytes, ...] = ()  # input_image_2..4: KontextEngine.edit's references
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class LocalEditor:
 
         image = load_image(job.image)
         extra: dict[str, Any] = {}
-        if job.references:  # the engine's `references=` keyword (lands with multi-reference support)
+        if job.references:  # input_image_2..4
             extra["references"] = [load_image(r) for r in job.references]
         result = self.engine.edit(
             image, job.prompt, seed=job.seed, steps=job.steps, guidance=job.guidance, size=job.size, **extra

@@ -15,6 +15,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,13 +89,25 @@ class JobStore:
     def input_path(self, job_id: str) -> Path:
         return self.inputs / job_id
 
+    def reference_paths(self, job_id: str) -> list[Path]:
+        """input_image_2..4 of a job, in order: inputs/<id>.ref2, .ref3, .ref4."""
+        return sorted(self.inputs.glob(f"{job_id}.ref[2-4]"))
+
+    def _remove_inputs(self, job_id: str) -> None:
+        for path in (self.input_path(job_id), *self.reference_paths(job_id)):
+            path.unlink(missing_ok=True)
+
     def result_path(self, job_id: str) -> Path:
         return self.results / job_id
 
     # ------------------------------------------------------------------ writes
 
-    def create(self, job_id: str, owner: str, params: dict[str, Any], image: bytes) -> None:
-        """Write the input image, then commit the job: a job row always has its input on disk."""
+    def create(
+        self, job_id: str, owner: str, params: dict[str, Any], image: bytes, references: Sequence[bytes] = ()
+    ) -> None:
+        """Write the input images, then commit the job: a job row always has its inputs on disk."""
+        for k, data in enumerate(references, start=2):
+            atomic_write_bytes(self.inputs / f"{job_id}.ref{k}", data)
         atomic_write_bytes(self.input_path(job_id), image)
         with self._lock:
             self._db.execute(
@@ -140,7 +153,7 @@ class JobStore:
                     job_id,
                 ),
             )
-        self.input_path(job_id).unlink(missing_ok=True)
+        self._remove_inputs(job_id)
 
     def review(self, job_id: str, approve: bool, *, ttl: float) -> bool:
         """Approve (-> ready) or reject (-> content_moderated, file deleted) a held job. False if not held."""
@@ -174,11 +187,12 @@ class JobStore:
             known = {r[0] for r in self._db.execute("SELECT id FROM jobs")}
         for job_id in ids:
             self.result_path(job_id).unlink(missing_ok=True)
-            self.input_path(job_id).unlink(missing_ok=True)
+            self._remove_inputs(job_id)
         for d in (self.inputs, self.results):
             for f in d.iterdir():  # orphans: a crash between a file write and its row's commit
                 with contextlib.suppress(FileNotFoundError):
-                    if f.name not in known and not f.name.startswith(".") and f.stat().st_mtime < now - 60:
+                    owner_id = f.name.split(".", 1)[0]  # <id> or <id>.ref2
+                    if owner_id not in known and not f.name.startswith(".") and f.stat().st_mtime < now - 60:
                         f.unlink()
         if ids:
             log.info("reaped %d expired job(s)", len(ids))

@@ -131,7 +131,15 @@ class Service:
             return "the engine is warming up; retry shortly"
         return None
 
-    def submit(self, owner: str, params: dict[str, Any], image: bytes, *, wait: bool = False) -> str:
+    def submit(
+        self,
+        owner: str,
+        params: dict[str, Any],
+        image: bytes,
+        *,
+        references: tuple[bytes, ...] = (),
+        wait: bool = False,
+    ) -> str:
         """Accept a job (raises NotAccepting, worker.QueueFull, worker.KeyLimit). `wait`: `wait_for`
         may be called on it."""
         why = self.accepting()
@@ -143,7 +151,7 @@ class Service:
             if wait:
                 with self._waiters_lock:
                     self._waiters[job_id] = threading.Event()
-            self.store.create(job_id, owner, params, image)
+            self.store.create(job_id, owner, params, image, references)
         except BaseException:
             self.queue.release(job_id)
             with self._waiters_lock:
@@ -175,7 +183,9 @@ class Service:
         size = (int(p["size"][0]), int(p["size"][1])) if p.get("size") else None
         try:
             image = self.store.input_path(job_id).read_bytes()
-            edit = EditJob(image, p["prompt"], p["seed"], p["steps"], p["guidance"], size, p["output_format"])
+            refs = tuple(path.read_bytes() for path in self.store.reference_paths(job_id))
+            edit = EditJob(image, p["prompt"], p["seed"], p["steps"], p["guidance"], size, p["output_format"],
+                           references=refs)  # fmt: skip
             assert self.editor is not None  # workers start after the editor loads
             out = self.editor.edit(edit)
         except ModeratedError as e:
