@@ -48,6 +48,22 @@ def test_samples_disclose_ai_generation_and_keep_the_prompt_private(server: Runn
         assert "prompt" not in text and "add a red hat" not in repr(text)
 
 
+def test_a_result_is_the_next_edits_input_for_its_own_key_only(server: Running) -> None:
+    with server.client() as c:
+        first = poll(c, submit(c, seed=5).json()["id"])
+        assert first["status"] == "Ready"
+        r = submit(c, seed=6, input_image=f"result:{first['id']}")
+        assert r.status_code == 200, r.text
+        second = poll(c, r.json()["id"])
+        assert second["status"] == "Ready"
+        assert c.get(second["result"]["sample"]).content != c.get(first["result"]["sample"]).content
+        r = submit(c, input_image="result:no-such-task")
+        assert r.status_code == 422 and "no Ready result" in r.json()["detail"]
+    with server.client("bob") as other:
+        r = submit(other, input_image=f"result:{first['id']}")
+        assert r.status_code == 422, r.text  # another key's result is not found
+
+
 def test_reference_images_are_edited_with(server: Running) -> None:
     """input_image_2..3 reach the engine as references: a different result from the same seed without them."""
     with server.client() as c:

@@ -44,6 +44,7 @@ from .worker import KeyLimit, QueueFull
 
 log = logging.getLogger(__name__)
 
+RESULT_PREFIX = "result:"  # input_image: "result:<id>" edits a previous result of the same key
 SYNC_WAIT_S = 600.0  # POST /v1/edit waits this long, then answers 202 with a polling URL
 MAX_SEED = 2**63 - 1
 
@@ -176,6 +177,16 @@ def create_app(service: Service, keys: KeyRing | None = None) -> FastAPI:
 
     # ------------------------------------------------------------------ BFL's API
 
+    def input_file(value: str, field: str, owner: str) -> bytes:
+        """An image field: base64, a data: URL, an http(s) URL (--allow-urls), or `result:ID`, a Ready
+        result of the same key (successive edits without re-uploading)."""
+        if value.startswith(RESULT_PREFIX):
+            data = service.result_of(value[len(RESULT_PREFIX) :].strip(), owner)
+            if data is None:
+                raise InputError(f"{field}: {value[:80]!r} names no Ready result of this key (expired?)")
+            return data
+        return image_bytes(value, field, allow_urls=settings.allow_urls)
+
     def submit(body: KontextRequest, request: Request, user: Principal) -> AsyncResponse:
         check_accepting()
         try:
@@ -198,11 +209,9 @@ def create_app(service: Service, keys: KeyRing | None = None) -> FastAPI:
                     )
                 if not body.webhook_url.lower().startswith(("http://", "https://")):
                     raise InputError("webhook_url must be an http(s) URL")
-            image = image_bytes(body.input_image, "input_image", allow_urls=settings.allow_urls)
+            image = input_file(body.input_image, "input_image", user.owner)
             references = tuple(  # reference images (character, style, object) beside the input
-                image_bytes(value, name, allow_urls=settings.allow_urls)
-                for name, value in extra.items()
-                if value is not None
+                input_file(value, name, user.owner) for name, value in extra.items() if value is not None
             )
             size = output_size(body.aspect_ratio, family())
         except InputError as e:

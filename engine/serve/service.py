@@ -243,6 +243,16 @@ class Service:
         except OSError:
             return None
 
+    def result_of(self, job_id: str, owner: str) -> bytes | None:
+        """The image of `owner`'s Ready, unexpired job (for `input_image: result:ID`), else None."""
+        job = self.job(job_id, owner)
+        if job is None or job.state != J.READY or (job.expires or 0) < time.time():
+            return None
+        try:
+            return self.store.result_path(job.id).read_bytes()
+        except OSError:
+            return None
+
     def review(self, job_id: str, approve: bool) -> bool:
         ok = self.store.review(job_id, approve, ttl=self.settings.result_ttl)
         if ok:
