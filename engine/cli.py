@@ -153,6 +153,18 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--calib-steps", type=int, default=4, help="sampling steps per calibration edit")
     k.add_argument("--fp8-attention", action="store_true", help="fp8: quantize attention too (Hopper)")
     k.add_argument("--device", default="cpu", help="where calibration runs the torch transformer")
+    k.add_argument(
+        "--refs", type=_int_list, default=(0,), metavar="N[,N]",
+        help="reference-image counts to serve, e.g. 0,1 (default 0: the input image alone)",
+    )  # fmt: skip
+    k.add_argument(
+        "--batch", type=_int_list, default=(1,), metavar="B[,B]",
+        help="batch sizes to serve (images per denoiser call), e.g. 1,2,4 (default 1)",
+    )  # fmt: skip
+    k.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:SCALE]",
+        help="fuse a LoRA (safetensors) into the weights before export; repeatable; load with the same",
+    )  # fmt: skip
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     i = sub.add_parser("info", help="what this machine can run: torch, CUDA, TensorRT, ONNX Runtime, presets")
@@ -416,10 +428,19 @@ def _safety(args: argparse.Namespace) -> tuple[SafetyPolicy | None, ProvenanceSi
     return policy, signer
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """ "0,1" -> (0, 1), for --refs and --batch."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
 def _build(args: argparse.Namespace) -> int:
     from .build.builder import BuildOptions, build
     from .build.calibrate import CalibrationSpec
     from .build.tensorrt_build import TensorRTOptions
+    from .lora import LoraSpec
 
     if args.verbose == 0:
         logging.getLogger("engine.build").setLevel(logging.INFO)  # one line per stage
@@ -433,6 +454,9 @@ def _build(args: argparse.Namespace) -> int:
         fp8_attention=args.fp8_attention,
         device=args.device,
         progress=not args.no_progress,
+        refs=args.refs,
+        batches=args.batch,
+        loras=tuple(LoraSpec.parse(text) for text in args.lora),
     )
     m = build(args.model, out_dir=args.out, precisions=precisions, family=args.family, backend=args.backend,
               force=args.force, options=options)  # fmt: skip

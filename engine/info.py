@@ -10,7 +10,7 @@ from pathlib import Path
 from .buckets import FAMILIES, buckets, tokens
 from .config import PRESETS
 from .errors import BackendUnavailableError, ManifestError
-from .manifest import MachineFacts, Manifest, check_manifest, read_manifest
+from .manifest import MachineFacts, Manifest, check_manifest, lora_arg, read_manifest
 
 
 def _version(dist: str) -> str | None:
@@ -94,6 +94,14 @@ def describe(build_dir: Path) -> str:
     ]
     if m.gpu:
         lines.append(f"  built on {m.gpu} (compute capability {m.compute_capability})")
+    refs = ",".join(str(r) for r in m.refs)
+    batches = ",".join(str(b) for b in m.batches)
+    lines.append(
+        f"  serves {refs} reference image(s), batch {batches} (kontext build --refs {refs} --batch {batches})"
+    )
+    for x in m.loras:
+        lines.append(f"  LoRA {x['path']} at scale {x['scale']:g} (sha256 {x['sha256'][:12]}...): load with "
+                     f"--lora {lora_arg(x)}")  # fmt: skip
     for a in m.artifacts:
         worst = max((v.rel_l2 for v in a.verification.values()), default=float("nan"))
         mode = f" ({a.profile_mode} profiles)" if a.backend == "tensorrt" else ""

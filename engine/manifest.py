@@ -110,6 +110,10 @@ class Manifest:
     build_seconds: float  # wall time of the last build that ran a stage
     request: str  # hash of the build request and its sources' identity: the no-op fast path
     version: int = MANIFEST_VERSION
+    # Added within version 2, so a manifest without them means these defaults (see _check_fields):
+    refs: tuple[int, ...] = (0,)  # reference-image counts the keys serve (kontext build --refs)
+    batches: tuple[int, ...] = (1,)  # batch sizes the keys serve (kontext build --batch)
+    loras: tuple[dict[str, Any], ...] = ()  # fused LoRAs, in order: {"path", "sha256", "scale"}
 
     def artifact(self, precision: str) -> Artifact:
         """The artifact of `precision`, or a ManifestError naming those that exist (select_artifact adds
@@ -141,15 +145,21 @@ class Manifest:
             arts = tuple(_artifact(a) for a in d["artifacts"])
             pending = tuple(_artifact(a) for a in d["pending"])
             stages = {k: _stage(v) for k, v in d["stages"].items()}
-            return Manifest(**{**d, "artifacts": arts, "stages": stages, "pending": pending})
+            fields: dict[str, Any] = {**d, "artifacts": arts, "stages": stages, "pending": pending}
+            fields.update({k: tuple(d[k]) for k in OPTIONAL_FIELDS if k in d})
+            return Manifest(**fields)
         except (KeyError, TypeError, AttributeError) as e:
             raise ManifestError(f"manifest is malformed ({e}); rebuild with `kontext build --force`") from e
 
 
+# Fields added after their version was released: a manifest may lack them (they take their defaults).
+OPTIONAL_FIELDS = frozenset({"refs", "batches", "loras"})
+
+
 def _check_fields(cls: type, d: dict[str, Any]) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
-    if set(d) != names:
-        missing, unknown = sorted(names - set(d)), sorted(set(d) - names)
+    if not names - OPTIONAL_FIELDS <= set(d) <= names:
+        missing, unknown = sorted(names - OPTIONAL_FIELDS - set(d)), sorted(set(d) - names)
         raise TypeError(f"{cls.__name__} fields missing {missing}, unknown {unknown}")
 
 
@@ -200,7 +210,22 @@ def read_manifest(build_dir: Path) -> Manifest:
 def rebuild_command(manifest: Manifest, build_dir: Path, precision: str | None = None) -> str:
     """The command that rebuilds this build folder for this machine (what every refusal names)."""
     prec = f" --precision {precision}" if precision else ""
-    return f"kontext build --model {manifest.model}{prec} --out {build_dir} --force"
+    return f"kontext build --model {manifest.model}{prec}{build_flags(manifest)} --out {build_dir} --force"
+
+
+def build_flags(manifest: Manifest) -> str:
+    """The --refs, --batch and --lora flags of the build that wrote `manifest` ('' for the defaults)."""
+    flags = ""
+    if tuple(manifest.refs) != (0,):
+        flags += " --refs " + ",".join(str(r) for r in manifest.refs)
+    if tuple(manifest.batches) != (1,):
+        flags += " --batch " + ",".join(str(b) for b in manifest.batches)
+    return flags + "".join(f" --lora {lora_arg(x)}" for x in manifest.loras)
+
+
+def lora_arg(lora: dict[str, Any]) -> str:
+    """One recorded LoRA as the PATH:SCALE argument of --lora / loras=."""
+    return f"{lora['path']}:{lora['scale']:g}"
 
 
 @dataclass(frozen=True)
@@ -241,9 +266,17 @@ def check_manifest(manifest: Manifest, build_dir: Path, artifact: Artifact, mach
     if not manifest.complete:
         raise ManifestError(f"{build_dir} holds an unfinished or failed build; finish it with `{fix}`")
     if manifest.weights_id != machine.weights_id:
+        if manifest.loras:
+            named = ", ".join(f"{Path(x['path']).name} at scale {x['scale']:g} (sha256 {x['sha256'][:12]}...)"
+                              for x in manifest.loras)  # fmt: skip
+            args = " ".join(f"--lora {lora_arg(x)}" for x in manifest.loras)
+            loras = (f"; it was built with the LoRA(s) {named}: load it with those LoRAs, in that order "
+                     f"(`{args}`, or engine.load(..., loras=[...]))")  # fmt: skip
+        else:
+            loras = "; it was built without LoRAs: load it without loras=/--lora"
         raise ManifestError(
             f"{build_dir} was built from weights {manifest.weights_id}, but the loaded weights are "
-            f"{machine.weights_id}; rebuild with `{fix}`"
+            f"{machine.weights_id}{loras}, or rebuild with `{fix}`"
         )
     if manifest.backend_version != machine.backend_version:
         raise ManifestError(

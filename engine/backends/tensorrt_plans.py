@@ -111,23 +111,38 @@ def route_for(table: Mapping[Signature, Route], sig: Signature, keys: frozenset[
 # ----------------------------------------------------------------------------- profiles
 
 
+MAX_STATIC_PROFILES = 64  # more keys than this: --profiles dynamic (see family_profiles)
+
+
 def family_profiles(keys: Sequence[ShapeKey] | frozenset[ShapeKey], mode: str) -> dict[str, int]:
     """Shape key string -> profile index (the manifest's `profiles`).
 
-    static: one profile per key, in sorted key order. dynamic: one profile (0) for every key.
+    static: one profile per key, in sorted key order, refused beyond MAX_STATIC_PROFILES keys (each
+    profile is tuned and stored separately: build time and plan size grow with the count). dynamic: one
+    profile (0) for every key; profile_shapes spans min..max of every dimension over all of them, batch
+    and context tokens included.
     """
     if mode not in PROFILE_MODES:
         raise ConfigError(f"profiles must be one of {', '.join(PROFILE_MODES)}, got {mode!r}")
     ordered = sorted(keys)
+    if mode == "static" and len(ordered) > MAX_STATIC_PROFILES:
+        raise ConfigError(
+            f"{len(ordered)} shape keys would be {len(ordered)} static TensorRT profiles (at most "
+            f"{MAX_STATIC_PROFILES}: each is tuned and stored on its own); build them with --profiles "
+            "dynamic (one profile spans every key), or fewer --refs / --batch values"
+        )
     return {str(k): (i if mode == "static" else 0) for i, k in enumerate(ordered)}
 
 
 def opt_key(keys: Sequence[ShapeKey], family: str) -> ShapeKey:
     """The key TensorRT tunes a dynamic profile for: the family's 1024x1024 bucket (scaled), or the
-    key nearest to it in target tokens."""
+    key nearest to it in target tokens, then context tokens (no reference, where served), then the
+    smallest batch: the single edit most requests are."""
     side = max(MULTIPLE, round(1024 * family_scale(family) / MULTIPLE) * MULTIPLE)
     square = (side // MULTIPLE) ** 2
-    return min(sorted(keys), key=lambda k: (abs(k.target_tokens - square), abs(k.context_tokens - square)))
+    return min(
+        keys, key=lambda k: (abs(k.target_tokens - square), abs(k.context_tokens - square), k.batch, k)
+    )
 
 
 def profile_shapes(cfg: TransformerConfig, keys: Sequence[ShapeKey], family: str) -> ProfileShapes:

@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from ..backends import DENOISER_INPUTS
 from ..backends.tensorrt_plans import cuda_device, family_profiles, plan_name, require_tensorrt
-from ..buckets import ShapeKey, family_scale, family_shape_keys
+from ..buckets import MAX_REFERENCES, ShapeKey, family_scale, family_shape_keys
 from ..config import PRESETS
 from ..errors import BuildError, ManifestError
+from ..lora import LoraSpec, file_sha256, fuse_loras
 from ..manifest import MANIFEST_NAME, Artifact, Manifest, Stage, read_manifest, write_manifest
 from ..weights import Components, load_components, source_signature
 from . import calibrate, export, ort_compile, quantize, verify
@@ -54,6 +55,32 @@ class BuildOptions:
     recipes: Mapping[str, quantize.Recipe] | None = None  # overrides of quantize.RECIPES by name
     device: str = "cpu"  # where calibration and the reference run (torch)
     progress: bool = True
+    refs: tuple[int, ...] = (0,)  # reference-image counts served (kontext build --refs 0,1)
+    batches: tuple[int, ...] = (1,)  # batch sizes served (kontext build --batch 1,2,4)
+    loras: tuple[LoraSpec, ...] = ()  # fused into the weights before export (kontext build --lora)
+
+    def __post_init__(self) -> None:
+        if not self.refs or any(not 0 <= r <= MAX_REFERENCES for r in self.refs):
+            raise BuildError(f"--refs takes counts from 0 to {MAX_REFERENCES}, got {list(self.refs)}")
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise BuildError(f"--batch takes batch sizes >= 1, got {list(self.batches)}")
+        # one spelling per request: sorted, without duplicates (the request hash sees this)
+        object.__setattr__(self, "refs", tuple(sorted(set(self.refs))))
+        object.__setattr__(self, "batches", tuple(sorted(set(self.batches))))
+        object.__setattr__(self, "loras", tuple(self.loras))
+
+
+DEFAULT_REFS: tuple[int, ...] = (0,)
+DEFAULT_BATCHES: tuple[int, ...] = (1,)
+
+
+def build_keys(family: str, text_tokens: int, refs: Sequence[int], batches: Sequence[int]) -> list[ShapeKey]:
+    """The shape keys a build serves, sorted: the union over refs x batches of family_shape_keys."""
+    keys: set[ShapeKey] = set()
+    for r in refs:
+        for b in batches:
+            keys |= family_shape_keys(family, text_tokens, batch=b, refs=r)
+    return sorted(keys)
 
 
 @dataclass
@@ -137,6 +164,8 @@ def build(
         log.info("build %s: up to date (nothing to do)", root)
         return done
     comps = components or load_components(model, device=opts.device)
+    if opts.loras:
+        comps = fuse_loras(comps, opts.loras)  # a new weights_id: export .. verify run again
     fam = family or comps.preset.bucket_family
     family_scale(fam)  # validates the name
     with build_lock(root):
@@ -147,7 +176,7 @@ def build(
             options=opts,
             backend=chosen,
             family=fam,
-            keys=sorted(family_shape_keys(fam, comps.preset.max_sequence_length)),
+            keys=build_keys(fam, comps.preset.max_sequence_length, opts.refs, opts.batches),
             force=force,
             base=_manifest_base(comps, chosen, fam, recipes, versions, request, opts),
             stages=dict(previous.stages) if previous else {},
@@ -234,7 +263,8 @@ def _reference(ctx: BuildContext) -> Stage:
 
 
 def _write_reference(ctx: BuildContext) -> list[Path]:
-    reference = calibrate.capture_reference(ctx.components, ctx.family, REFERENCE_STEPS, ctx.options.device)
+    reference = calibrate.capture_reference(ctx.components, ctx.family, REFERENCE_STEPS, ctx.options.device,
+                                            keys=ctx.keys, refs=ctx.options.refs)  # fmt: skip
     calibrate.save_reference(ctx.root / REFERENCE_REL, reference)
     return [ctx.root / REFERENCE_REL]
 
@@ -413,6 +443,9 @@ def _manifest_base(
         "family": family,
         "calibration": dataclasses.asdict(opts.calibration),
         "request": request,
+        "refs": list(opts.refs),
+        "batches": list(opts.batches),
+        "loras": [_lora_record(spec) for spec in opts.loras],
         "gpu": device[0] if device else None,
         "compute_capability": f"{device[1][0]}.{device[1][1]}" if device else None,
     }
@@ -450,8 +483,21 @@ def _request_hash(
     recipes: Sequence[quantize.Recipe],
     opts: BuildOptions,
 ) -> str:
-    """Everything a build's result depends on, hashed without loading the model (see source_signature)."""
-    options = {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}
+    """Everything a build's result depends on, hashed without loading the model (see source_signature).
+
+    refs, batches and loras enter only when they differ from the defaults, so a default build's hash
+    (and the no-op fast path of every build made before they existed) is unchanged. A LoRA enters by
+    its file's sha256 and scale, as its weights_id does.
+    """
+    options = dataclasses.asdict(dataclasses.replace(opts, loras=()))
+    for name in ("progress", "refs", "batches", "loras"):
+        del options[name]
+    if opts.refs != DEFAULT_REFS:
+        options["refs"] = list(opts.refs)
+    if opts.batches != DEFAULT_BATCHES:
+        options["batches"] = list(opts.batches)
+    if opts.loras:
+        options["loras"] = [_lora_record(spec) for spec in opts.loras]
     return input_hash(
         {
             "model": str(model),
@@ -468,6 +514,13 @@ def _request_hash(
             "export": EXPORT_VERSION,
         }
     )
+
+
+def _lora_record(spec: LoraSpec) -> dict[str, Any]:
+    """What the manifest and the request hash record of one LoRA: the path given, its sha256, its scale."""
+    if not spec.path.is_file():
+        raise BuildError(f"LoRA {spec.path}: no such file")
+    return {"path": str(spec.path), "sha256": file_sha256(spec.path), "scale": spec.scale}
 
 
 def _default_family(model: str) -> str:

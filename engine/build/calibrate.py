@@ -3,29 +3,33 @@
 A recording Denoiser wraps the fp32 torch transformer and keeps every call's inputs (and its
 output, the reference velocity). Calibration edits pair the bundled images with the bundled
 instructions (round-robin over the five edit categories) at the buckets their aspect ratios pick;
-verification edits cover every shape key of a bucket family. Seeded: two builds record the same bytes.
+verification edits cover every shape key a build serves (one edit per key, with references and a
+batch where the key has them). Seeded: two builds record the same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..assets import calibration_image_paths, calibration_prompts
 from ..backends import DENOISER_INPUTS, DENOISER_OUTPUT
 from ..backends.recording import DenoiserCall, RecordingDenoiser
 from ..backends.torch import TorchDenoiser
-from ..buckets import ShapeKey, buckets, nearest_bucket
+from ..buckets import ShapeKey, buckets, nearest_bucket, reference_bucket, reference_buckets, tokens
 from ..config import EditSettings
 from ..errors import BuildError
 from ..files import atomic_write_bytes
@@ -103,13 +107,20 @@ def calibration_hash(spec: CalibrationSpec, family: str) -> str:
 
 
 def _run_edit(
-    pipe: KontextPipeline, rec: RecordingDenoiser, image: Any, prompt: str, settings: EditSettings
-) -> None:
-    p = pipe.prepare(image, prompt, settings)
+    pipe: KontextPipeline,
+    rec: RecordingDenoiser,
+    image: Any,
+    prompt: str,
+    settings: EditSettings,
+    references: Sequence[Any] = (),
+    num_images: int = 1,
+) -> ShapeKey:
+    p = pipe.prepare(image, prompt, settings, references=references, num_images=num_images)
     with torch.inference_mode():
         denoise(
             rec, p.img, p.img_ids, p.ctx, p.ctx_ids, p.txt, p.txt_ids, p.vec, p.schedule, settings.guidance
         )
+    return p.shape_key
 
 
 def capture_calibration(
@@ -128,9 +139,20 @@ def capture_calibration(
 
 
 def capture_reference(
-    components: Components, family: str, steps: int = 3, device: str = "cpu"
+    components: Components,
+    family: str,
+    steps: int = 3,
+    device: str = "cpu",
+    keys: Sequence[ShapeKey] | None = None,
+    refs: Sequence[int] = (0,),
 ) -> dict[ShapeKey, list[Sample]]:
-    """Inputs and fp32 torch outputs at the first and last step of one edit per shape key of `family`."""
+    """Inputs and fp32 torch outputs at the first and last step of one edit per shape key.
+
+    keys None: the family's single-image batch-1 keys. Those keys come first, from the same edits
+    (bucket order, images and seeds) as ever, so a default build records the same bytes. Every other
+    key (a batch > 1 or reference images: kontext build --batch/--refs) gets one edit of its own,
+    built by `reference_edit` from `refs` (the reference counts the build serves).
+    """
     rec = RecordingDenoiser(TorchDenoiser(components.transformer, name="torch-fp32"))
     pipe = KontextPipeline(components, rec, device=device, bucket_family=family)
     images = calibration_image_paths()
@@ -148,8 +170,54 @@ def capture_reference(
         rec.reset(keep={0, steps - 1})
         _run_edit(pipe, rec, image, prompts[i % len(prompts)][1], EditSettings(steps=steps, seed=i))
         samples = _samples(rec.calls, with_output=True)
-        out[ShapeKey(1, n, n, samples[0]["txt_ids"].shape[0])] = samples
+        key = ShapeKey(1, n, n, samples[0]["txt_ids"].shape[0])
+        if keys is None or key in keys:
+            out[key] = samples
+    others = [k for k in sorted(keys or ()) if k not in out]
+    for j, key in enumerate(tqdm(others, desc="reference (batch, refs)", unit="key", leave=False)):
+        image, references = reference_edit(key, family, refs, j)
+        rec.reset(keep={0, steps - 1})
+        prompt = prompts[j % len(prompts)][1]
+        got = _run_edit(pipe, rec, image, prompt, EditSettings(steps=steps, seed=j), references, key.batch)
+        if got != key:
+            raise BuildError(f"the reference edit for {key} ran at {got}; check reference_edit")
+        out[key] = _samples(rec.calls, with_output=True)
     return out
+
+
+def reference_edit(
+    key: ShapeKey, family: str, refs: Sequence[int], seed: int
+) -> tuple[Image.Image, list[Image.Image]]:
+    """An input image and reference images whose edit has shape key `key` (at batch key.batch).
+
+    The input image goes to the family's first bucket with key.target_tokens tokens; the references, to
+    the first combination (in reference_buckets order) of the smallest count r in `refs` whose token
+    sum is context - target. Each image is a bundled calibration image resized to exactly its bucket,
+    a bucket that reference_bucket (nearest_bucket for the input) maps to itself.
+    """
+    images = calibration_image_paths()
+    pick = partial(_image_at, images, seed)
+    target = [
+        b for b in buckets(family) if tokens(*b) == key.target_tokens and nearest_bucket(*b, family) == b
+    ]
+    if not target:
+        raise BuildError(f"no bucket of {family} has {key.target_tokens} tokens (shape key {key})")
+    extra = key.context_tokens - key.target_tokens
+    if extra == 0:
+        return pick(target[0], 0), []
+    for r in sorted(x for x in refs if x > 0):
+        own = [b for b in reference_buckets(family, r) if reference_bucket(*b, family, r) == b]
+        for combo in itertools.combinations_with_replacement(own, r):
+            if sum(tokens(*b) for b in combo) == extra:
+                return pick(target[0], 0), [pick(b, k + 1) for k, b in enumerate(combo)]
+    raise BuildError(
+        f"no combination of {list(refs)} reference(s) adds {extra} tokens in {family} (key {key})"
+    )
+
+
+def _image_at(images: Sequence[Path], seed: int, bucket: tuple[int, int], k: int) -> Image.Image:
+    """Calibration image number seed + k (cycled), resized to exactly `bucket` (w, h)."""
+    return resize_to(load_image(images[(seed + k) % len(images)]), bucket)
 
 
 # --------------------------------------------------------------------------- files
