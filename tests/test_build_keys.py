@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from engine.metrics import rel_l2
 from engine.runtime import load
 from engine.weights import Components
 
-from .conftest import gradient_image
+from .conftest import BUILD_TEST_CALIBRATION, gradient_image
 from .test_lora import diffusers_lora
 
 TEXT = 32  # the tiny preset's T5 tokens
@@ -122,9 +123,15 @@ def test_reference_edits_hit_their_keys_exactly():
 
 
 @pytest.fixture(scope="module")
-def keyed_build(tiny: Components, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def keyed_build(tiny: Components, tiny_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_build brought to refs 0,1 x batch 1,2 (fp32): its export and calibration are reused; the
+    reference stage captures the 52 new keys, and the fp32 artifact is verified on all 56."""
     out = tmp_path_factory.mktemp("keys") / "tiny"
-    _build(tiny, out, refs=(0, 1), batches=(1, 2))
+    shutil.copytree(tiny_build, out)
+    m = build("tiny", out_dir=out, precisions=("fp32",), backend="onnxruntime", components=tiny,
+              options=BuildOptions(calibration=CalibrationSpec(**BUILD_TEST_CALIBRATION), progress=False,
+                                   refs=(0, 1), batches=(1, 2)))  # fmt: skip
+    assert m.stages["export"] == read_manifest(tiny_build).stages["export"]  # the keys do not re-export
     return out
 
 
