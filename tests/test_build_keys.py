@@ -19,6 +19,7 @@ from engine.buckets import ShapeKey, family_shape_keys, reference_bucket, refere
 from engine.build import builder
 from engine.build.builder import BuildOptions, build, build_keys
 from engine.build.calibrate import CalibrationSpec, reference_edit
+from engine.cli import main
 from engine.errors import BuildError, ConfigError, ManifestError
 from engine.info import describe
 from engine.lora import LoraSpec
@@ -155,6 +156,20 @@ def test_an_edit_with_a_reference_at_batch_2_runs_on_the_engine(keyed_build, tin
     assert out.shape_key == ShapeKey(2, 64, 64 + 60, TEXT) and stats.misses == 0 and stats.hits >= 1
     torch_out = tiny_engine.edit(image, PROMPT, **kwargs)
     assert rel_l2(out.latents.numpy(), torch_out.latents.numpy()) <= 1e-4
+
+
+def test_cli_build_with_refs_and_batch_reuses_every_stage(keyed_build, tmp_path, capsys):
+    out = tmp_path / "tiny"
+    shutil.copytree(keyed_build, out)
+    before = read_manifest(out).stages
+    args = ["build", "--model", "tiny", "--out", str(out), "--precision", "fp32", "--backend", "onnxruntime",
+            "--refs", "1,0", "--batch", "2,1", "--calib-samples", "4", "--calib-steps", "2",
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert "fp32: onnxruntime/transformer_fp32.onnx (onnxruntime, 56 shape keys" in capsys.readouterr().out
+    assert read_manifest(out).stages == before  # the same request spelled otherwise: nothing re-ran
+    assert main(["info", str(out)]) == 0
+    assert "with 1 reference(s): " in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- LoRA
