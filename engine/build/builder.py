@@ -149,7 +149,8 @@ def build(
 
     precisions: recipe names (default fp32 + int8 for ONNX Runtime, fp8 for TensorRT);
     family: bucket family (default: the preset's); backend: auto | tensorrt | onnxruntime.
-    components: already loaded components (their weights_id keys the stages).
+    components: already loaded components (their weights_id keys the stages); options.loras are fused
+    into them in place (fuse_loras), so pass a copy to keep the base weights.
     """
     t_start = time.perf_counter()
     opts = options or BuildOptions()
