@@ -273,7 +273,7 @@ def check_manifest(manifest: Manifest, build_dir: Path, artifact: Artifact, mach
             loras = (f"; it was built with the LoRA(s) {named}: load it with those LoRAs, in that order "
                      f"(`{args}`, or engine.load(..., loras=[...]))")  # fmt: skip
         else:
-            loras = "; it was built without LoRAs: load it without loras=/--lora"
+            loras = "; it was built without LoRAs (drop loras=/--lora if you passed any)"
         raise ManifestError(
             f"{build_dir} was built from weights {manifest.weights_id}, but the loaded weights are "
             f"{machine.weights_id}{loras}, or rebuild with `{fix}`"

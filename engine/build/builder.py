@@ -189,6 +189,8 @@ def build(
                 disable=not opts.progress,
             ),
         )
+        if chosen == "tensorrt":
+            family_profiles(ctx.keys, opts.tensorrt.profiles)  # too many static profiles: refuse now
         ctx.base["onnx_sha256"] = _export(ctx).output_sha256[ONNX_REL]
         _calibrate(ctx)
         _reference(ctx)
