@@ -12,9 +12,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.backends.inputs import input_shapes
-from engine.backends.tensorrt_plans import MAX_STATIC_PROFILES, family_profiles, opt_key, profile_shapes
+from engine.backends.tensorrt_plans import (
+    MAX_STATIC_PROFILES,
+    family_profiles,
+    opt_key,
+    profile_shapes,
+    tensorrt_module,
+)
 from engine.buckets import ShapeKey, family_shape_keys, reference_bucket, reference_buckets, tokens
 from engine.build import builder
 from engine.build.builder import BuildOptions, build, build_keys
@@ -215,3 +222,22 @@ def test_manifest_without_the_new_fields_reads_as_defaults(tiny_build):
     m = Manifest.from_dict(data)
     assert (m.refs, m.batches, m.loras) == ((0,), (1,), ())
     assert dataclasses.replace(m, refs=(0,)) == m
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (tensorrt_module() is not None and torch.cuda.is_available()),
+    reason="needs TensorRT and a CUDA device",
+)
+def test_tensorrt_refs_and_batch_build(tmp_path: Path, tiny: Components) -> None:
+    """One dynamic profile over refs 0,1 x batch 1,2 (56 keys), every key verified through TrtDenoiser
+    with its CUDA graph, fp32 with TF32 cleared."""
+    options = BuildOptions(calibration=LIGHT, progress=False, refs=(0, 1), batches=(1, 2))
+    m = build(
+        "tiny", out_dir=tmp_path, precisions=("fp32",), backend="tensorrt", components=tiny, options=options
+    )
+    (art,) = m.artifacts
+    assert art.profile_mode == "dynamic" and set(art.profiles.values()) == {0} and len(art.profiles) == 56
+    assert set(art.verification) == set(art.profiles)
+    assert all(v.rel_l2 <= v.bound for v in art.verification.values())
