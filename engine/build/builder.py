@@ -262,6 +262,8 @@ def _reference(ctx: BuildContext) -> Stage:
         "steps": REFERENCE_STEPS,
         "keys": [str(k) for k in ctx.keys],
     }
+    if ctx.options.refs != DEFAULT_REFS:  # which reference count builds each key's edit
+        inputs["refs"] = list(ctx.options.refs)
     return _stage(ctx, "reference", inputs, partial(_write_reference, ctx))
 
 
