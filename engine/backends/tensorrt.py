@@ -234,18 +234,21 @@ class TrtDenoiser:
             if path not in self._plans and not self._budget.pinned(path):
                 self._budget.forget(path)  # admitted, never loaded (a failed deserialize)
 
-    def _free_plan(self, path: str) -> None:
-        """Drop a plan and the idle workers' contexts of it (caller holds the lock). Busy workers drop
-        theirs when they come back (`_return_worker`)."""
-        log.info("freeing %s (plan memory budget)", path)
-        self._plans.pop(path, None)
+    def _idle_workers(self) -> list[_Worker]:
+        """Take every idle worker out of the pool (the caller puts each back); busy ones stay out."""
         idle: list[_Worker] = []
         while True:
             try:
                 idle.append(self._pool.get_nowait())
             except queue.Empty:
-                break
-        for w in idle:
+                return idle
+
+    def _free_plan(self, path: str) -> None:
+        """Drop a plan and the idle workers' contexts of it (caller holds the lock). Busy workers drop
+        theirs when they come back (`_return_worker`)."""
+        log.info("freeing %s (plan memory budget)", path)
+        self._plans.pop(path, None)
+        for w in self._idle_workers():
             w.drop_stale(self._plans)
             self._pool.put(w)
 
@@ -406,13 +409,7 @@ class TrtDenoiser:
             for path in list(self._plans):
                 self._budget.forget(path)
             self._plans.clear()
-            idle: list[_Worker] = []
-            while True:
-                try:
-                    idle.append(self._pool.get_nowait())
-                except queue.Empty:
-                    break
-            for w in idle:
+            for w in self._idle_workers():
                 w.entries.clear()
                 w.block = None
                 self._pool.put(w)
