@@ -190,11 +190,3 @@ def family_shape_keys(family: str, text_tokens: int, batch: int = 1, refs: int =
         for b in buckets(family)
         for extra in reference_token_sums(family, refs)
     )
-
-
-def family_of(width: int, height: int) -> str | None:
-    """The family that contains this exact bucket, or None."""
-    for name in FAMILIES:
-        if (width, height) in buckets(name):
-            return name
-    return None

@@ -21,7 +21,7 @@ import torch
 from .config import PRESETS, ConfigError, ModelPreset, TransformerConfig
 from .errors import WeightsError
 from .files import atomic_write_bytes, move_into_place
-from .weights import DOWNLOAD_HINT, HF_REPO, Components, fingerprint_files
+from .weights import DOWNLOAD_HINT, HF_REPO, Components, assemble, fingerprint_files
 
 log = logging.getLogger(__name__)
 
@@ -246,17 +246,8 @@ def load_local(path: Path, *, dtype: torch.dtype, device: torch.device) -> Compo
         state_dict = from_bfl(state_dict)
     transformer = build_transformer(preset.transformer, state_dict, dtype)
     vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2 = _load_others(folder, dtype, device)
-    return Components(
-        preset=preset,
-        transformer=transformer,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        weights_id=fingerprint_files(files),
-        source=str(path.resolve()),
-    )
+    modules = (transformer, vae, text_encoder, text_encoder_2)
+    return assemble(preset, modules, tokenizer, tokenizer_2, fingerprint_files(files), str(path.resolve()))
 
 
 def local_preset(folder: Path) -> ModelPreset:

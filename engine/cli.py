@@ -521,7 +521,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """`kontext serve`: the engine loads (and warms up) in the background; /readyz turns 200 after."""
-    from .config import PRESETS
+    from .config import is_synthetic
     from .serve.keys import KeyRing
     from .serve.settings import ServeSettings
 
@@ -530,7 +530,7 @@ def _serve(args: argparse.Namespace) -> int:
             "kontext serve needs --keys FILE (from `kontext keys new --file FILE`) or --no-auth"
         )
     source = args.engine if args.engine is not None else (args.model or "tiny")
-    synthetic = args.engine is None and str(source) in PRESETS and PRESETS[str(source)].synthetic
+    synthetic = args.engine is None and is_synthetic(str(source))
     settings = ServeSettings(
         data=args.data,
         host=args.host,

@@ -204,6 +204,11 @@ PRESETS: dict[str, ModelPreset] = {
 }
 
 
+def is_synthetic(model: str) -> bool:
+    """A random-weight preset (tiny, small, full): no licence duties, so safety is off by default."""
+    return model in PRESETS and PRESETS[model].synthetic
+
+
 def get_preset(name: str) -> ModelPreset:
     """The preset called `name`, or a ConfigError listing the known ones."""
     try:

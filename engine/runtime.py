@@ -28,7 +28,7 @@ from .backends import BACKENDS, Denoiser, GraphCapturing
 from .backends.inputs import dummy_inputs
 from .backends.torch import TORCH_MODES, TorchDenoiser, TorchOptions, default_dtype, torch_denoiser
 from .buckets import ShapeKey, family_shape_keys
-from .config import EditSettings, LoadOptions
+from .config import EditSettings, LoadOptions, is_synthetic
 from .dispatch import MISS_POLICIES, Dispatcher, DispatchStats, edit_key, served_buckets
 from .errors import BackendUnavailableError, ConfigError
 from .lora import LoraSpec, fuse_loras
@@ -458,13 +458,6 @@ def _torch_denoiser(
     return torch_denoiser(
         components.transformer, mode=mode, device=device, dtype=dtype, options=options, amax=amax
     )
-
-
-def is_synthetic(model: str) -> bool:
-    """A random-weight preset (tiny, small, ...): no licence duties, safety off by default."""
-    from .config import PRESETS
-
-    return model in PRESETS and PRESETS[model].synthetic
 
 
 def _encoded(source: Image.Image | str | Path | bytes) -> bytes:

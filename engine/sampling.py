@@ -17,7 +17,6 @@ import torch
 from .buckets import MULTIPLE
 
 LATENT_CHANNELS = 16
-VAE_SCALE = 8  # pixels per latent pixel; packing adds 2x2 -> MULTIPLE = 16 pixels per token side
 
 # Same signature as the Denoiser protocol in backends/__init__.py.
 DenoiseFn = Callable[..., torch.Tensor]

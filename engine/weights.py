@@ -128,7 +128,7 @@ def build_synthetic(preset: ModelPreset) -> Components:
         modules = build_modules(preset, tokenizer, tokenizer_2, seed=preset.seed)
     for m in modules:
         m.eval().requires_grad_(False)
-    return _components(preset, modules, tokenizer, tokenizer_2, fingerprint_module(modules[0]))
+    return assemble(preset, modules, tokenizer, tokenizer_2, fingerprint_module(modules[0]))
 
 
 def build_on_device(
@@ -147,7 +147,7 @@ def build_on_device(
         scaled_init_(materialize_(m, dev, dtype), generator)
         m.eval().requires_grad_(False)
     log.info("built preset %s on %s in %s", preset.name, dev, dtype)
-    return _components(preset, modules, tokenizer, tokenizer_2, fingerprint_module(modules[0], sample=1024))
+    return assemble(preset, modules, tokenizer, tokenizer_2, fingerprint_module(modules[0], sample=1024))
 
 
 def _preset_tokenizers(preset: ModelPreset) -> tuple[Any, Any]:
@@ -226,13 +226,16 @@ def build_modules(
     return cast(tuple[torch.nn.Module, ...], (transformer, vae, text_encoder, text_encoder_2))
 
 
-def _components(
+def assemble(
     preset: ModelPreset,
     modules: tuple[torch.nn.Module, ...],
     tokenizer: Any,
     tokenizer_2: Any,
     weights_id: str,
+    source: str | None = None,
 ) -> Components:
+    """Components from (transformer, VAE, CLIP, T5) and the two tokenizers; source: the preset's name
+    unless given (a local path)."""
     transformer, vae, text_encoder, text_encoder_2 = modules
     return Components(
         preset=preset,
@@ -243,7 +246,7 @@ def _components(
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
         weights_id=weights_id,
-        source=preset.name,
+        source=source or preset.name,
     )
 
 

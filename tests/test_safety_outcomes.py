@@ -17,9 +17,9 @@ from PIL import Image
 import engine
 from engine import assets
 from engine.cli import main
+from engine.config import is_synthetic
 from engine.errors import ModeratedError
 from engine.images import load_image, read_png_metadata
-from engine.runtime import is_synthetic
 from engine.safety import SafetyPolicy, build_policy, resolve_policy
 from engine.safety.nsfw import NsfwChecker
 from engine.safety.policy import LICENCE_WARNING

@@ -26,7 +26,6 @@ from engine.backends.torch import (
     is_modulation,
     parse_levers,
     parse_spec,
-    spec_name,
     torch_denoiser,
     velocity,
     weight_sharing_copy,
@@ -65,11 +64,11 @@ def amax(tiny):
 def test_contestant_names_round_trip_and_refuse_nonsense():
     mode, opts = parse_spec("torch-fp8+graphs+qkv+all")
     assert mode == "fp8" and opts.cuda_graphs and opts.fused_qkv and opts.fp8_filter == "all"
-    assert spec_name(mode, opts) == "torch-fp8+all+qkv+graphs"  # canonical order: LEVERS'
+    assert opts.levers == ("all", "qkv", "graphs")  # canonical order: LEVERS'
     mode, opts = parse_spec("torch-fp8+attn-fp8-block")
-    assert opts.attention == "kernel-fp8-block" and spec_name(mode, opts) == "torch-fp8+attn-fp8-block"
+    assert opts.attention == "kernel-fp8-block" and opts.levers == ("attn-fp8-block",)
     for token in LEVERS:
-        assert token in spec_name("fp8", parse_levers(token))
+        assert token in parse_levers(token).levers
     with pytest.raises(ConfigError, match="unknown torch lever 'turbo'"):
         parse_spec("torch-fp8+turbo")
     with pytest.raises(ConfigError, match="torch-"):

@@ -125,11 +125,6 @@ def parse_spec(spec: str) -> tuple[str, TorchOptions]:
     return mode, options
 
 
-def spec_name(mode: str, options: TorchOptions) -> str:
-    """The inverse of parse_spec: 'torch-fp8+qkv+graphs'."""
-    return "+".join((f"torch-{mode}", *options.levers))
-
-
 def check_options(mode: str, options: TorchOptions) -> None:
     """Refuse combinations that would silently do nothing."""
     if mode not in TORCH_MODES:
