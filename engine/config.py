@@ -11,6 +11,12 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 
+# Each default of an edit, defined here once and used by the CLI, the server, the bench and engine.load.
+DEFAULT_STEPS = 28  # diffusers' FluxKontextPipeline (BFL's CLI uses 30)
+SYNTHETIC_STEPS = 8  # the random-weight presets gain nothing past 8
+DEFAULT_GUIDANCE = 2.5  # the model card and BFL's CLI (diffusers defaults to 3.5)
+DEFAULT_PROMPT = "add a small red hat"  # what `kontext edit` and `kontext bench` run when given none
+
 
 @dataclass(frozen=True)
 class TransformerConfig:

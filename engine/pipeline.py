@@ -24,27 +24,10 @@ from .errors import BucketError, ConfigError
 from .images import resize_to, to_pil, to_tensor
 from .prompt_cache import PromptCache, weights_fingerprint
 from .references import DEFAULT_PLACEMENT, check_placement, context_ids
+from .request import EncodedImage
 from .weights import CLIP_MAX_LENGTH, Components
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EncodedImage:
-    """An input image already in the context's space: packed VAE latents, shifted and scaled, at a
-    bucket of the pipeline's family. A previous edit's `EditResult.encoded()` is one; feeding it back
-    skips the VAE decode, the 8-bit rounding and the VAE encode of a re-encoded output."""
-
-    tokens: torch.Tensor  # [1, N, 64]
-    size: tuple[int, int]  # (w, h) in pixels
-
-    @property
-    def width(self) -> int:
-        return self.size[0]
-
-    @property
-    def height(self) -> int:
-        return self.size[1]
 
 
 @dataclass

@@ -1,0 +1,54 @@
+"""EditRequest: the one typed edit request refuses bad values where it is made."""
+
+import io
+
+import pytest
+from PIL import Image
+
+from engine.config import DEFAULT_GUIDANCE
+from engine.errors import ConfigError
+from engine.request import MAX_IMAGES, EditRequest
+
+
+def _img(w: int = 32, h: int = 32) -> Image.Image:
+    return Image.new("RGB", (w, h), (120, 30, 200))
+
+
+def test_defaults_and_resolution() -> None:
+    r = EditRequest(_img(), "add a hat")
+    assert (r.steps, r.guidance, r.seed, r.num_images) == (None, DEFAULT_GUIDANCE, 0, 1)
+    assert r.placement == "offset"
+    assert r.resolved(8).steps == 8
+    assert EditRequest(_img(), "x", steps=3).resolved(8).steps == 3  # an explicit value wins
+    assert EditRequest(_img(), "x", seed=5, num_images=3).seeds == (5, 6, 7)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("steps", 0, "steps must be between 1"),
+        ("guidance", float("nan"), "guidance must be between"),
+        ("guidance", -1.0, "guidance must be between"),
+        ("seed", -1, "seed must be between"),
+        ("size", (100, 64), "multiples of 16"),
+        ("num_images", MAX_IMAGES + 1, "num_images must be between"),
+        ("placement", "left", "placement must be one of"),
+        ("references", (_img(),) * 4, "at most 3 reference images"),
+        ("prompt", None, "prompt must be a string"),
+    ],
+)
+def test_refuses_bad_values(field: str, value: object, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        EditRequest(**{"image": _img(), "prompt": "x", field: value})  # type: ignore[arg-type]
+
+
+def test_of_decodes_bytes_and_paths(tmp_path) -> None:
+    buf = io.BytesIO()
+    _img(48, 32).save(buf, "PNG")
+    path = tmp_path / "in.png"
+    path.write_bytes(buf.getvalue())
+    r = EditRequest.of(buf.getvalue(), "x", references=[str(path)], size=(64, 48))
+    assert r.image.size == (48, 32) and r.references[0].size == (48, 32) and r.size == (64, 48)
+    assert len(r.input_images) == 2
+    with pytest.raises(ConfigError, match="PIL image or an EncodedImage"):
+        EditRequest("in.png", "x")  # type: ignore[arg-type]
