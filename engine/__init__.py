@@ -7,15 +7,12 @@ preset name or a local weights path.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
 __all__ = ["DenoiserTransformer", "KontextEngine", "kontext_pipeline", "load"]
-
-if TYPE_CHECKING:
-    from .adapters import DenoiserTransformer, kontext_pipeline
-    from .runtime import KontextEngine, load
 
 _LAZY = {
     "load": "runtime",
@@ -26,9 +23,9 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    """Import the public API on first use (torch and diffusers are heavy)."""
+    """Import the public API on first use (torch and diffusers are heavy). Its types are in __init__.pyi
+    (the lazy_loader convention), so the package imports none of its modules, not even for type checking:
+    every module may import the package without a cycle."""
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import ConfigError
-from . import Role, Verdict
+from .checker import Role, Verdict
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ..errors import FilterModelError
-from . import Role, Verdict
+from .checker import Role, Verdict
 from .models import NSFW_MODEL, model_folder
 
 log = logging.getLogger(__name__)

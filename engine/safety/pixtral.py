@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..errors import FilterModelError
-from . import Role, Verdict
+from .checker import Role, Verdict
 from .models import PIXTRAL_MODEL, model_folder
 from .nsfw import NsfwChecker
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import ConfigError, ModeratedError
-from . import Checker, Verdict
+from .checker import Checker, Verdict
 
 log = logging.getLogger(__name__)
 
