@@ -40,6 +40,7 @@ from ..errors import BackendUnavailableError, ConfigError
 from .rank import (
     DEFAULT_TIMEOUT_S,
     HOST,
+    RENDEZVOUS_TIMEOUT_S,
     STARTUP_TIMEOUT_S,
     RankRunner,
     RankSpec,
@@ -329,7 +330,7 @@ def context_parallel_denoiser(
         local = rank_denoiser(weight_sharing_copy(transformer), group, spec, devices[0])
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         _await(workers, "loaded", deadline)
-        group.backend = make_backend(spec, store, 0)
+        group.backend = make_backend(spec, store, 0, RENDEZVOUS_TIMEOUT_S)
         _await(workers, "ready", deadline)
     except BaseException:
         stop_workers(workers, grace=0.0)

@@ -25,6 +25,7 @@ from .sharding import Group, Layout, install_processors, shard_inputs
 HOST = "127.0.0.1"  # the store and the gloo pairs: ranks on this machine only
 DEFAULT_TIMEOUT_S = 600.0  # one collective; a 12B forward is seconds, its first compile minutes
 STARTUP_TIMEOUT_S = 600.0  # a worker importing torch and copying the transformer to its device
+RENDEZVOUS_TIMEOUT_S = 60.0  # rank 0 joining the group once every worker said it has loaded
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,15 @@ class RankSpec:
         return datetime.timedelta(seconds=self.timeout_s)
 
 
-def make_backend(spec: RankSpec, store: Any, rank: int) -> Any:
-    """This rank's c10d backend; blocks until every rank has made its own."""
+def make_backend(spec: RankSpec, store: Any, rank: int, rendezvous_s: float) -> Any:
+    """This rank's c10d backend. gloo connects every pair here, waiting up to `rendezvous_s` for the other
+    ranks; then each collective may wait spec.timeout_s. NCCL connects at the first collective."""
     if spec.backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, spec.world_size, spec.timeout())
+        backend = dist.ProcessGroupGloo(
+            store, rank, spec.world_size, datetime.timedelta(seconds=rendezvous_s)
+        )
+        backend.set_timeout(spec.timeout())
+        return backend
     options = dist.ProcessGroupNCCL.Options()  # type: ignore[attr-defined]  # absent from CPU builds
     options._timeout = spec.timeout()
     return dist.ProcessGroupNCCL(store, rank, spec.world_size, options)  # type: ignore[attr-defined]
@@ -108,13 +114,13 @@ def worker_main(rank: int, spec: RankSpec, transformer: torch.nn.Module, conn: A
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
         group = Group(None, rank, spec.world_size)
+        # CPU: the weights stay in the shared memory rank 0 put them in; CUDA: copied to this rank's GPU
         runner = RankRunner(rank_denoiser(transformer, group, spec, device), group)
-        del transformer  # the rank's denoiser holds its own copy on `device`
         conn.send(("loaded", rank))
         store = dist.TCPStore(
             HOST, spec.port, None, False, timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S)
         )
-        group.backend = make_backend(spec, store, rank)
+        group.backend = make_backend(spec, store, rank, STARTUP_TIMEOUT_S)  # rank 0 joins last
         conn.send(("ready", rank))
         while True:
             try:
