@@ -19,6 +19,7 @@ import copy
 import datetime
 import multiprocessing
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -51,6 +52,8 @@ CONTROL = 1e-3  # a broken split must miss by more than this (100x the parity bo
 QK_NORM_WEIGHT = 4.0  # raised query/key RMSNorm weights: logits 16x larger, position matters
 WORKER_FAULT_BATCH = 3  # a forward of this batch raises in a worker (rank > 0)
 RANK0_FAULT_BATCH = 5  # a forward of this batch raises in rank 0
+HANG_BATCH = 7  # a forward of this batch sleeps in a worker, far past HANG_TIMEOUT_S
+HANG_TIMEOUT_S = 3.0
 STEPS = 4
 
 
@@ -60,9 +63,12 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _fault(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
     """A forward pre-hook on proj_out: raises in a worker at WORKER_FAULT_BATCH, in rank 0 at
-    RANK0_FAULT_BATCH (the test process has no multiprocessing parent; spawned workers do)."""
+    RANK0_FAULT_BATCH, hangs in a worker at HANG_BATCH (the test process has no multiprocessing parent;
+    spawned workers do)."""
     worker = multiprocessing.parent_process() is not None
     batch = args[0].shape[0]  # [B, I_r, C]
+    if worker and batch == HANG_BATCH:
+        time.sleep(600)
     if (worker and batch == WORKER_FAULT_BATCH) or (not worker and batch == RANK0_FAULT_BATCH):
         raise RuntimeError(f"boom in the {'worker' if worker else 'rank 0'} forward")
 
@@ -87,10 +93,13 @@ class Launcher:
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.transformer = transformer
         self.current: ContextParallelDenoiser | None = None
+        self.timeout_s = 0.0
 
-    def get(self) -> ContextParallelDenoiser:
-        if self.current is None or self.current.closed:
-            self.current = context_parallel_denoiser(self.transformer, 2, threads=1, timeout_s=60)
+    def get(self, timeout_s: float = 60.0) -> ContextParallelDenoiser:
+        if self.current is None or self.current.closed or self.timeout_s != timeout_s:
+            self.close()
+            self.current = context_parallel_denoiser(self.transformer, 2, threads=1, timeout_s=timeout_s)
+            self.timeout_s = timeout_s
         return self.current
 
     def close(self) -> None:
@@ -330,3 +339,10 @@ def test_a_failing_rank_zero_fails_the_call_and_leaves_no_process(launcher: Laun
     ):
         cp(**inputs)
     assert cp.closed and _dead(cp)
+
+
+def test_a_hung_worker_fails_the_call_after_the_timeout_and_is_terminated(launcher: Launcher) -> None:
+    cp = launcher.get(timeout_s=HANG_TIMEOUT_S)
+    with pytest.raises(RankFailedError, match=r"rank\(s\) 1 of 2 did not answer .*Timed out"):
+        cp(**edit_inputs(HANG_BATCH, (112, 144), (128, 128)))
+    assert cp.closed and _dead(cp)  # the sleeping worker was terminated, not waited for

@@ -185,19 +185,28 @@ class ContextParallelDenoiser:
                 raise
 
     def _fail(self, error: BaseException) -> RankFailedError:
-        """Collect the workers' reports, stop every worker, and name the rank that failed first."""
-        grace = REPORT_GRACE_S if is_communication_error(error) else 0.5
+        """Collect the workers' reports, stop every worker, and name the rank that failed first (a rank
+        whose own error is not a failed collective), or the ranks that never answered."""
+        timed_out = "timed out" in str(error).lower()  # the others had timeout_s to report already
+        grace = REPORT_GRACE_S if is_communication_error(error) and not timed_out else 0.5
         reports = _collect_reports(self.workers, grace)
         self._shutdown(grace=0.0)
         own = (0, describe(error), is_communication_error(error))
-        causes = [r for r in [own, *reports] if not r[2]] or [*reports, own]
+        causes = [r for r in [own, *reports] if not r[2]] or reports
+        tail = "Every worker is stopped and this denoiser is closed: load the engine again"
+        if not causes:  # rank 0's collective failed and no worker said why: they hung or were too slow
+            silent = ", ".join(str(w.rank) for w in self.workers)
+            log.error("context-parallel call failed: %s; rank(s) %s silent", own[1], silent)
+            return RankFailedError(
+                f"context-parallel rank(s) {silent} of {self.world_size} did not answer (hung or slower than "
+                f"the timeout): rank 0 got {own[1]}. {tail}"
+            )
         rank, text, _ = causes[0]
         others = sorted({r[0] for r in [own, *reports]} - {rank})
         after = f"; rank(s) {', '.join(map(str, others))} failed after it" if others else ""
         log.error("context-parallel rank %d failed: %s", rank, text)
         return RankFailedError(
-            f"context-parallel rank {rank} of {self.world_size} failed: {text}{after}. Its workers are "
-            "stopped and this denoiser is closed: load the engine again"
+            f"context-parallel rank {rank} of {self.world_size} failed: {text}{after}. {tail}"
         )
 
     def close(self) -> None:
