@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import datetime
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -346,3 +347,29 @@ def test_a_hung_worker_fails_the_call_after_the_timeout_and_is_terminated(launch
     with pytest.raises(RankFailedError, match=r"rank\(s\) 1 of 2 did not answer .*Timed out"):
         cp(**edit_inputs(HANG_BATCH, (112, 144), (128, 128)))
     assert cp.closed and _dead(cp)  # the sleeping worker was terminated, not waited for
+
+
+def _explode_on_load(pickled_in: int) -> None:
+    if os.getpid() != pickled_in:  # a spawned worker unpickling the transformer (before its bootstrap)
+        raise RuntimeError("boom while a worker loads")
+
+
+class _Poison:
+    """An attribute that fails to unpickle in a worker (the spawn bootstrap, before any message)."""
+
+    def __reduce__(self) -> tuple[Callable[[int], None], tuple[int]]:
+        return (_explode_on_load, (os.getpid(),))
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _Poison:
+        return self
+
+
+def test_a_worker_that_fails_while_starting_fails_the_load_and_leaves_no_process(
+    positional: torch.nn.Module,
+) -> None:
+    poisoned = weight_sharing_copy(positional)
+    poisoned.poison = _Poison()  # type: ignore[assignment]
+    children = set(multiprocessing.active_children())
+    with pytest.raises(RankFailedError, match=r"rank 1 exited with code 1 while starting"):
+        context_parallel_denoiser(poisoned, 2, threads=1, timeout_s=60)
+    assert set(multiprocessing.active_children()) <= children  # the dead worker was joined
