@@ -227,19 +227,20 @@ class ContextParallelDenoiser:
 
 def _collect_reports(workers: list[_Worker], grace: float) -> list[tuple[int, str, bool]]:
     """('error', rank, text, is_communication) reports, waiting up to `grace` s for live workers to send
-    one or exit. A worker that died without a report is reported by its exit code."""
+    one or exit. A worker that died without a report is reported by its exit code, as a cause."""
     deadline = time.monotonic() + grace
     reports: dict[int, tuple[int, str, bool]] = {}
     pending = {w.rank: w for w in workers}
     while pending:
         for rank, w in list(pending.items()):
+            dead = not w.process.is_alive()  # before the poll: a report sent before dying is read
             message = _poll(w.conn)
             if message is not None and message[0] == "error":
                 reports[rank] = (rank, message[2], message[3])
                 del pending[rank]
-            elif not w.process.is_alive() and message is None:
+            elif dead:  # killed (signal, OOM) or crashed without a word: a cause, not a consequence
                 w.process.join(0.1)
-                reports[rank] = (rank, f"the process exited with code {w.process.exitcode}", True)
+                reports[rank] = (rank, f"the process exited with code {w.process.exitcode}", False)
                 del pending[rank]
         if time.monotonic() >= deadline:
             break
@@ -275,12 +276,14 @@ def _await(workers: list[_Worker], kind: str, deadline: float) -> None:
     pending = {w.rank: w for w in workers}
     while pending:
         for rank, w in list(pending.items()):
+            dead = not w.process.is_alive()  # before the poll: a report sent before dying is read
             message = _poll(w.conn)
             if message is not None and message[0] == kind:
                 del pending[rank]
             elif message is not None and message[0] == "error":
                 raise RankFailedError(f"context-parallel rank {rank} failed while starting: {message[2]}")
-            elif message is None and not w.process.is_alive():
+            elif message is None and dead:
+                w.process.join(0.1)
                 raise RankFailedError(
                     f"context-parallel rank {rank} exited with code {w.process.exitcode} while starting "
                     "(see its stderr)"
