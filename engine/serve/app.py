@@ -40,7 +40,7 @@ from .service import NotAccepting, Service
 from .settings import DEFAULT_GUIDANCE, GUIDANCE_RANGE, MAX_PROMPT_CHARS, STEPS_RANGE
 from .views import not_found, polling_url, result_response
 from .webhooks import notify
-from .worker import KeyLimit, QueueFull
+from .admission import KeyLimit, QueueFull
 
 log = logging.getLogger(__name__)
 

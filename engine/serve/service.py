@@ -17,7 +17,7 @@ from . import jobs as J
 from .editor import EditJob, Editor
 from .metrics import Live, ServeMetrics
 from .settings import ServeSettings
-from .worker import WorkQueue
+from .admission import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Service:
         references: tuple[bytes, ...] = (),
         wait: bool = False,
     ) -> str:
-        """Accept a job (raises NotAccepting, worker.QueueFull, worker.KeyLimit). `wait`: `wait_for`
+        """Accept a job (raises NotAccepting, admission.QueueFull, admission.KeyLimit). `wait`: `wait_for`
         may be called on it."""
         why = self.accepting()
         if why is not None:
