@@ -164,7 +164,7 @@ def test_no_auth_only_on_loopback() -> None:
 
     with pytest.raises(ConfigError, match="loopback"):
         ServeSettings(host="0.0.0.0", keys_file=None)
-    assert ServeSettings(host="::1", keys_file=None).auth is False
+    assert ServeSettings(host="::1", keys_file=None).keys_file is None  # allowed on loopback
 
 
 # ---------------------------------------------------------------------------- refusals
@@ -329,12 +329,13 @@ class BlocklistEditor:
 
     def __init__(self, inner: Editor) -> None:
         self.inner, self.family, self.review = inner, inner.family, inner.review
+        self.default_steps = inner.default_steps
 
     def edit(self, job: EditJob) -> EditOutput:
-        if "forbidden" in job.prompt:
+        if "forbidden" in job.params.prompt:
             raise ModeratedError("request", Verdict("blocklist", True, "blocked term 'forbidden'"))
         out = self.inner.edit(job)
-        if "hide" in job.prompt:
+        if "hide" in job.params.prompt:
             raise ModeratedError("content", Verdict("nsfw", True, "score 0.93 >= 0.85", {"nsfw": 0.93}))
         return out
 
