@@ -469,3 +469,47 @@ def test_engine_review_policy_holds_results(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert c.get("/v1/get_result", params={"id": job}).json()["details"] == {"review": "awaiting review"}
         assert admin.post(f"/v1/review/{job}/approve").json()["status"] == "Ready"
+
+
+# ---------------------------------------------------------------------------- no local paths
+
+
+def test_no_response_reveals_a_local_path(tmp_path: Path) -> None:
+    """Engine errors often name files (a plan, a manifest, a rebuild hint); clients get the last part only."""
+    from engine.errors import KontextError, ManifestError
+    from engine.serve.service import public
+
+    secret = "/home/ops/builds/kontext-h100"
+
+    class Failing:
+        family, review, default_steps = "tiny", False, 1
+
+        def edit(self, job: EditJob) -> EditOutput:
+            raise KontextError(
+                f"no plan for this shape in {secret}/plans/160x96.plan; rebuild with --out {secret}"
+            )
+
+        def stats(self) -> dict[str, int]:
+            return {}
+
+        def close(self) -> None:
+            pass
+
+    def broken() -> Editor:
+        raise ManifestError(f"{secret}/manifest.json: unreadable")
+
+    with serve(tmp_path / "a", Failing) as s, s.client() as c:
+        body = poll(c, submit(c).json()["id"])
+        assert body["status"] == "Error" and "/home/ops" not in str(body)
+        assert body["details"]["error"] == (
+            "no plan for this shape in .../160x96.plan; rebuild with --out .../kontext-h100"
+        )
+    with serve(tmp_path / "b", broken, wait_ready=False) as s, s.client() as c:
+        deadline = time.monotonic() + 10
+        while "failed" not in (c.get("/readyz").json()["detail"] or "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        detail = c.get("/readyz").json()["detail"]
+        assert detail == "the engine failed to load: ManifestError: .../manifest.json: unreadable"
+    # URLs, ratios and relative words are left alone
+    kept = "fetch http://example.com/a/b.png at 16:9, 1/2 of input/output"
+    assert public(kept) == kept and public("see ./build/x/manifest.json") == "see .../manifest.json"
