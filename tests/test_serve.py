@@ -513,3 +513,19 @@ def test_no_response_reveals_a_local_path(tmp_path: Path) -> None:
     # URLs, ratios and relative words are left alone
     kept = "fetch http://example.com/a/b.png at 16:9, 1/2 of input/output"
     assert public(kept) == kept and public("see ./build/x/manifest.json") == "see .../manifest.json"
+
+
+def test_job_params_round_trip_through_the_row() -> None:
+    """JobParams is stored as JSON and read back equal; a row written by an older server (a plain dict,
+    size as a list, keys this version dropped) still loads, with the defaults it lacked."""
+    import json
+
+    from engine.config import DEFAULT_GUIDANCE
+    from engine.serve.params import JobParams, job_params
+
+    made = job_params("snow", default_steps=8, size=(160, 96), num_images=3, base="http://x")
+    assert made.steps == 8 and made.guidance == DEFAULT_GUIDANCE and 0 <= made.seed < 2**31
+    assert JobParams.from_json(made.to_json()) == made
+    old = {"prompt": "hat", "seed": 3, "steps": 28, "guidance": 2.5, "size": [1024, 1024], "extra": 1}
+    loaded = JobParams.from_json(json.dumps(old))
+    assert loaded.size == (1024, 1024) and loaded.num_images == 1 and loaded.output_format == "png"
