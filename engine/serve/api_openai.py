@@ -54,6 +54,34 @@ class ImageData(BaseModel):
     url: str | None = None
 
 
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error shape, of every error on this route."""
+
+    error: OpenAIErrorBody
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIError, "description": text}
+    for code, text in {
+        400: "invalid field (param), or moderated (code moderation_blocked)",
+        401: "missing or unknown key (code invalid_api_key)",
+        403: "results on this server wait for review",
+        413: "request body over the limit",
+        422: "not used: invalid fields are 400",
+        429: "too many tasks in flight (Retry-After says when to retry)",
+        503: "warming up or shutting down",
+        504: "the edit outlasted the sync timeout (the task goes on)",
+    }.items()
+}
+
+
 class ImagesResponse(BaseModel):
     """OpenAI's ImagesResponse (`created`: Unix seconds)."""
 
@@ -149,6 +177,7 @@ async def _images(service: Service, form: FormData) -> list[bytes]:
 @router.post(
     "/v1/images/edits",
     response_model=ImagesResponse,
+    responses=ERRORS,
     openapi_extra={
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _FORM_SCHEMA}}}
     },
@@ -158,8 +187,9 @@ async def images_edits(request: Request, user: User, service: ServiceDep) -> JSO
     check_accepting(service)
     assert service.editor is not None  # check_accepting() passed: the editor is loaded
     if service.review_on:
-        raise Refused(403, "results on this server wait for a reviewer, which a synchronous answer cannot; "
-                      "use BFL's API (POST /v1/flux-kontext-dev, then poll /v1/get_result)")  # fmt: skip
+        raise refuse(service, "review", 403, "results on this server wait for a reviewer, which a "
+                     "synchronous answer cannot give; use BFL's API (POST /v1/flux-kontext-dev, then poll "
+                     "/v1/get_result)")  # fmt: skip
     async with request.form(max_files=2 * (1 + MAX_REFERENCES), max_fields=64) as form:
         if form.get("mask") is not None:
             raise _invalid(service, "mask", "mask is not supported: FLUX.1 Kontext edits by instruction; "
