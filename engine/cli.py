@@ -603,7 +603,7 @@ def _loadtest(args: argparse.Namespace) -> int:
     import os
 
     from . import assets
-    from .serve.loadtest import LoadConfig, run_loadtest, write_report
+    from .bench.loadtest import LoadConfig, run_loadtest, write_report
 
     image = args.image or assets.sample_image_path()
     config = LoadConfig(

@@ -50,7 +50,7 @@ class GatedEditor:
 
     def __init__(self, inner: Editor) -> None:
         self.inner = inner
-        self.family, self.review = inner.family, inner.review
+        self.family, self.review, self.default_steps = inner.family, inner.review, inner.default_steps
         self.gate = threading.Event()
 
     def edit(self, job: EditJob) -> EditOutput:

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from engine.serve.loadtest import LoadConfig, format_table, rss_trend, run_loadtest, write_report
+from engine.bench.loadtest import LoadConfig, format_table, rss_trend, run_loadtest, write_report
 from tests.serve_harness import SAMPLE, serve, tiny_editor
 
 

@@ -164,7 +164,7 @@ def test_no_auth_only_on_loopback() -> None:
 
     with pytest.raises(ConfigError, match="loopback"):
         ServeSettings(host="0.0.0.0", keys_file=None)
-    assert ServeSettings(host="::1", keys_file=None).auth is False
+    assert ServeSettings(host="::1", keys_file=None).keys_file is None  # allowed on loopback
 
 
 # ---------------------------------------------------------------------------- refusals
@@ -329,12 +329,13 @@ class BlocklistEditor:
 
     def __init__(self, inner: Editor) -> None:
         self.inner, self.family, self.review = inner, inner.family, inner.review
+        self.default_steps = inner.default_steps
 
     def edit(self, job: EditJob) -> EditOutput:
-        if "forbidden" in job.prompt:
+        if "forbidden" in job.params.prompt:
             raise ModeratedError("request", Verdict("blocklist", True, "blocked term 'forbidden'"))
         out = self.inner.edit(job)
-        if "hide" in job.prompt:
+        if "hide" in job.params.prompt:
             raise ModeratedError("content", Verdict("nsfw", True, "score 0.93 >= 0.85", {"nsfw": 0.93}))
         return out
 
@@ -468,3 +469,63 @@ def test_engine_review_policy_holds_results(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert c.get("/v1/get_result", params={"id": job}).json()["details"] == {"review": "awaiting review"}
         assert admin.post(f"/v1/review/{job}/approve").json()["status"] == "Ready"
+
+
+# ---------------------------------------------------------------------------- no local paths
+
+
+def test_no_response_reveals_a_local_path(tmp_path: Path) -> None:
+    """Engine errors often name files (a plan, a manifest, a rebuild hint); clients get the last part only."""
+    from engine.errors import KontextError, ManifestError
+    from engine.serve.service import public
+
+    secret = "/home/ops/builds/kontext-h100"
+
+    class Failing:
+        family, review, default_steps = "tiny", False, 1
+
+        def edit(self, job: EditJob) -> EditOutput:
+            raise KontextError(
+                f"no plan for this shape in {secret}/plans/160x96.plan; rebuild with --out {secret}"
+            )
+
+        def stats(self) -> dict[str, int]:
+            return {}
+
+        def close(self) -> None:
+            pass
+
+    def broken() -> Editor:
+        raise ManifestError(f"{secret}/manifest.json: unreadable")
+
+    with serve(tmp_path / "a", Failing) as s, s.client() as c:
+        body = poll(c, submit(c).json()["id"])
+        assert body["status"] == "Error" and "/home/ops" not in str(body)
+        assert body["details"]["error"] == (
+            "no plan for this shape in .../160x96.plan; rebuild with --out .../kontext-h100"
+        )
+    with serve(tmp_path / "b", broken, wait_ready=False) as s, s.client() as c:
+        deadline = time.monotonic() + 10
+        while "failed" not in (c.get("/readyz").json()["detail"] or "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        detail = c.get("/readyz").json()["detail"]
+        assert detail == "the engine failed to load: ManifestError: .../manifest.json: unreadable"
+    # URLs, ratios and relative words are left alone
+    kept = "fetch http://example.com/a/b.png at 16:9, 1/2 of input/output"
+    assert public(kept) == kept and public("see ./build/x/manifest.json") == "see .../manifest.json"
+
+
+def test_job_params_round_trip_through_the_row() -> None:
+    """JobParams is stored as JSON and read back equal; a row written by an older server (a plain dict,
+    size as a list, keys this version dropped) still loads, with the defaults it lacked."""
+    import json
+
+    from engine.config import DEFAULT_GUIDANCE
+    from engine.serve.params import JobParams, job_params
+
+    made = job_params("snow", default_steps=8, size=(160, 96), num_images=3, base="http://x")
+    assert made.steps == 8 and made.guidance == DEFAULT_GUIDANCE and 0 <= made.seed < 2**31
+    assert JobParams.from_json(made.to_json()) == made
+    old = {"prompt": "hat", "seed": 3, "steps": 28, "guidance": 2.5, "size": [1024, 1024], "extra": 1}
+    loaded = JobParams.from_json(json.dumps(old))
+    assert loaded.size == (1024, 1024) and loaded.num_images == 1 and loaded.output_format == "png"

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.ray
 def test_two_replicas_answer_eight_concurrent_requests(tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
+    from engine.config import LoadOptions
     from engine.serve.ray_app import RayOptions, build_app
     from engine.serve.settings import ServeSettings
 
@@ -26,7 +27,7 @@ def test_two_replicas_answer_eight_concurrent_requests(tmp_path: Path) -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app(settings, "tiny", {"device": "cpu", "workers": 1}, RayOptions(replicas=2), None)
+        app = build_app(settings, "tiny", LoadOptions(device="cpu"), RayOptions(replicas=2), None)
         serve.run(app, name="kontext")
         status = serve.status().applications["kontext"]
         assert status.deployments["kontext-engine"].status == "HEALTHY"

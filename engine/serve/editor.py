@@ -5,7 +5,10 @@ raise engine.errors.ModeratedError (safety) and KontextError (bad input) as the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Protocol
+
+from .params import JobParams
 
 if TYPE_CHECKING:
     from ..runtime import KontextEngine
@@ -17,19 +20,14 @@ MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 class EditJob:
     """One edit, serializable (it crosses process boundaries under Ray)."""
 
+    params: JobParams
     image: bytes  # the input file as the client sent it (PNG, JPEG or WebP)
-    prompt: str
-    seed: int
-    steps: int
-    guidance: float
-    size: tuple[int, int] | None  # output (w, h); None: the input's bucket
-    output_format: str = "png"
-    references: tuple[bytes, ...] = ()  # input_image_2..4: KontextEngine.edit's references
+    references: tuple[bytes, ...] = ()  # reference images beside the input (BFL's input_image_2..4)
 
 
 @dataclass(frozen=True)
 class EditOutput:
-    data: bytes  # the encoded image
+    images: tuple[bytes, ...]  # the encoded images, one per seed (params.num_images)
     media_type: str
     size: tuple[int, int]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (EditResult.timings)
@@ -38,10 +36,12 @@ class EditOutput:
 
 class Editor(Protocol):
     """Safe to call from several threads at once. `family`: the bucket family its outputs come in.
-    `review`: the engine's safety policy asks a person to approve every output before it is shared."""
+    `review`: the engine's safety policy asks a person to approve every output before it is shared.
+    `default_steps`: the model's default (ModelPreset.default_steps), for requests that leave it out."""
 
     family: str
     review: bool
+    default_steps: int
 
     def edit(self, job: EditJob) -> EditOutput: ...
 
@@ -57,25 +57,44 @@ class LocalEditor:
         self.engine = engine
         self.owned = owned
         self.family = engine.family
+        self.default_steps = engine.components.preset.default_steps
         # The safety layer's policy (engine.safety.SafetyPolicy.review) holds every result for a person.
         self.review = bool(getattr(getattr(engine, "safety", None), "review", False))
 
     def edit(self, job: EditJob) -> EditOutput:
-        from ..images import load_image
+        from ..outputs import encode_output
+        from ..request import EditRequest
 
-        image = load_image(job.image)
-        extra: dict[str, Any] = {}
-        if job.references:  # input_image_2..4
-            extra["references"] = [load_image(r) for r in job.references]
-        result = self.engine.edit(
-            image, job.prompt, seed=job.seed, steps=job.steps, guidance=job.guidance, size=job.size, **extra
+        p = job.params
+        request = EditRequest.of(
+            job.image,
+            p.prompt,
+            references=job.references,
+            steps=p.steps,
+            guidance=p.guidance,
+            seed=p.seed,
+            size=p.size,
+            num_images=p.num_images,
         )
+        r = request  # the keyword form of KontextEngine.edit, which takes the same fields
+        result = self.engine.edit(r.image, r.prompt, seed=r.seed, steps=r.steps, guidance=r.guidance,
+                                  size=r.size, references=r.references, placement=r.placement,
+                                  num_images=r.num_images)  # fmt: skip
         # The engine's output path: AI disclosure and model in the metadata (never the prompt: prompts
-        # can be private), C2PA-signed with the input as parent when the engine has a signer.
-        data = self.engine.encode(result, "JPEG" if job.output_format == "jpeg" else "PNG", source=job.image,
-                                  guidance=job.guidance)  # fmt: skip
+        # can be private), C2PA-signed with the input as parent when the engine has a signer. No
+        # response reveals a local path: the build folder is named, not located.
+        fmt = "JPEG" if p.output_format == "jpeg" else "PNG"
+        parent = job.image if self.engine.signer is not None else None
+        images = []
+        for index in range(len(result.images)):
+            meta = self.engine.output_metadata(result, index=index, guidance=p.guidance, include_prompt=False)
+            if meta.get("engine"):
+                meta["engine"] = PurePath(meta["engine"]).name
+            images.append(
+                encode_output(result.images[index], fmt, meta, parent=parent, signer=self.engine.signer)
+            )
         return EditOutput(
-            data, MEDIA_TYPES[job.output_format], result.size, dict(result.timings), result.backend
+            tuple(images), MEDIA_TYPES[p.output_format], result.size, dict(result.timings), result.backend
         )
 
     def stats(self) -> dict[str, int]:

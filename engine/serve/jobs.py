@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_bytes
+from .params import JobParams
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
     state TEXT NOT NULL,
-    params TEXT NOT NULL,          -- JSON: prompt, seed, steps, guidance, size, output_format, ...
+    params TEXT NOT NULL,          -- JSON of params.JobParams
     created REAL NOT NULL,
     started REAL,
     finished REAL,
@@ -54,7 +55,7 @@ class Job:
     id: str
     owner: str
     state: str
-    params: dict[str, Any]
+    params: JobParams
     created: float
     started: float | None
     finished: float | None
@@ -97,13 +98,23 @@ class JobStore:
         for path in (self.input_path(job_id), *self.reference_paths(job_id)):
             path.unlink(missing_ok=True)
 
-    def result_path(self, job_id: str) -> Path:
-        return self.results / job_id
+    def result_path(self, job_id: str, index: int = 0) -> Path:
+        """Image `index` of a job's result: results/<id>, then results/<id>.1, .2, ... (num_images > 1)."""
+        return self.results / (job_id if index == 0 else f"{job_id}.{index}")
+
+    def result_paths(self, job_id: str) -> list[Path]:
+        """Every image of a job's result, in order."""
+        extra = sorted(self.results.glob(f"{job_id}.*"), key=lambda p: int(p.suffix[1:] or 0))
+        return [self.result_path(job_id), *extra]
+
+    def _remove_results(self, job_id: str) -> None:
+        for path in self.result_paths(job_id):
+            path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ writes
 
     def create(
-        self, job_id: str, owner: str, params: dict[str, Any], image: bytes, references: Sequence[bytes] = ()
+        self, job_id: str, owner: str, params: JobParams, image: bytes, references: Sequence[bytes] = ()
     ) -> None:
         """Write the input images, then commit the job: a job row always has its inputs on disk."""
         for k, data in enumerate(references, start=2):
@@ -112,7 +123,7 @@ class JobStore:
         with self._lock:
             self._db.execute(
                 "INSERT INTO jobs (id, owner, state, params, created) VALUES (?, ?, ?, ?, ?)",
-                (job_id, owner, QUEUED, json.dumps(params), time.time()),
+                (job_id, owner, QUEUED, params.to_json(), time.time()),
             )
 
     def start(self, job_id: str) -> None:
@@ -125,17 +136,17 @@ class JobStore:
         state: str,
         *,
         ttl: float,
-        result: bytes | None = None,
+        results: Sequence[bytes] = (),
         media_type: str | None = None,
         sample_token: str | None = None,
         details: dict[str, Any] | None = None,
         timings: dict[str, float] | None = None,
     ) -> None:
-        """End a job: write its result file first (if any), then commit the state, then drop the input."""
+        """End a job: write its result files first (if any), then commit the state, then drop the inputs."""
         if state not in FINISHED:
             raise ValueError(f"not a finished state: {state}")
-        if result is not None:
-            atomic_write_bytes(self.result_path(job_id), result)
+        for index, data in enumerate(results):
+            atomic_write_bytes(self.result_path(job_id, index), data)
         now = time.time()
         expires = None if state == HELD else now + ttl  # a held result waits for its reviewer
         with self._lock:
@@ -166,7 +177,7 @@ class JobStore:
                 (state, now + ttl, details, job_id, HELD),
             )
         if cur.rowcount and not approve:
-            self.result_path(job_id).unlink(missing_ok=True)
+            self._remove_results(job_id)
         return cur.rowcount == 1
 
     def requeue(self, job_id: str) -> None:
@@ -186,12 +197,12 @@ class JobStore:
             self._db.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in ids])
             known = {r[0] for r in self._db.execute("SELECT id FROM jobs")}
         for job_id in ids:
-            self.result_path(job_id).unlink(missing_ok=True)
+            self._remove_results(job_id)
             self._remove_inputs(job_id)
         for d in (self.inputs, self.results):
             for f in d.iterdir():  # orphans: a crash between a file write and its row's commit
                 with contextlib.suppress(FileNotFoundError):
-                    owner_id = f.name.split(".", 1)[0]  # <id> or <id>.ref2
+                    owner_id = f.name.split(".", 1)[0]  # <id>, <id>.ref2 or <id>.1
                     if owner_id not in known and not f.name.startswith(".") and f.stat().st_mtime < now - 60:
                         f.unlink()
         if ids:
@@ -235,7 +246,7 @@ def _job(row: tuple[Any, ...]) -> Job:
         id_,
         owner,
         state,
-        json.loads(params),
+        JobParams.from_json(params),
         created,
         started,
         finished,

@@ -2,7 +2,7 @@
 
 Two deployments:
 - `kontext-api` (one replica): the ingress. It owns the job store (SQLite under --data on its node),
-  the bounded admission queue and every route of app.py; its worker threads send each EditJob to
+  the bounded admission queue and every route of create_app; its worker threads send each EditJob to
 - `kontext-engine` (N replicas, or autoscaled between 1 and --max-replicas): one KontextEngine each,
   `max_ongoing_requests=1` (one edit at a time per replica), `max_queued_requests` = --queue, and a
   `check_health` that reports its engine.
@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from ..config import LoadOptions
 from ..errors import ConfigError
 from .editor import EditJob, EditOutput, LocalEditor
 from .keys import KeyRing
@@ -46,12 +47,13 @@ class RayOptions:
 
 
 class EngineReplica:
-    """One engine in a Ray actor."""
+    """One engine in a Ray actor. safety: "off" or "review" (policies with filter models run in the
+    local server for now)."""
 
-    def __init__(self, source: str, load_kwargs: dict[str, Any]) -> None:
+    def __init__(self, source: str, options: LoadOptions, safety: str | None) -> None:
         from ..runtime import load
 
-        kontext = load(source, **load_kwargs)
+        kontext = load(source, options=options, safety=safety)
         kontext.warmup()
         self.editor = LocalEditor(kontext)
 
@@ -63,6 +65,9 @@ class EngineReplica:
 
     def review(self) -> bool:
         return self.editor.review
+
+    def default_steps(self) -> int:
+        return self.editor.default_steps
 
     def stats(self) -> dict[str, int]:
         return self.editor.stats()
@@ -80,6 +85,7 @@ class RayEditor:
         self.handle = handle
         self.family: str = handle.family.remote().result()
         self.review: bool = handle.review.remote().result()
+        self.default_steps: int = handle.default_steps.remote().result()
 
     def edit(self, job: EditJob) -> EditOutput:
         out: EditOutput = self.handle.edit.remote(job).result()
@@ -97,11 +103,14 @@ class RayEditor:
 def build_app(
     settings: ServeSettings,
     source: str,
-    load_kwargs: dict[str, Any],
+    load: LoadOptions,
     options: RayOptions,
     keys: KeyRing | None,
+    *,
+    safety: str | None = None,
 ) -> Any:
-    """The Ray Serve application (bind it with serve.run)."""
+    """The Ray Serve application (bind it with serve.run). Each engine replica loads `source` with
+    `load`, one edit at a time (its workers: 1)."""
     from ray import serve
 
     from .app import create_app
@@ -125,7 +134,7 @@ def build_app(
     else:
         engine_options["num_replicas"] = options.replicas
     engine_deployment: Any = serve.deployment(**engine_options)(EngineReplica)
-    engine = engine_deployment.bind(source, load_kwargs)
+    engine = engine_deployment.bind(source, replace(load, workers=1), safety)
 
     ingress_settings = ServeSettings(**{**settings.__dict__, "workers": options.most_replicas})
 
@@ -157,9 +166,11 @@ def build_app(
 def run_ray(
     settings: ServeSettings,
     source: str,
-    load_kwargs: dict[str, Any],
+    load: LoadOptions,
     options: RayOptions,
     keys: KeyRing | None,
+    *,
+    safety: str | None = None,
 ) -> int:
     """Start (or join) Ray, serve the app on settings.host:port, and block until SIGTERM/SIGINT."""
     import ray
@@ -167,7 +178,7 @@ def run_ray(
 
     ray.init(address=options.address, include_dashboard=False, ignore_reinit_error=True)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(settings, source, {**load_kwargs, "workers": 1}, options, keys), name="kontext")
+    serve.run(build_app(settings, source, load, options, keys, safety=safety), name="kontext")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -8,9 +8,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, GUIDANCE_RANGE, MAX_PROMPT_CHARS, STEPS_RANGE
+from ..config import DEFAULT_GUIDANCE
+from .params import MAX_SEED
+from .settings import GUIDANCE_RANGE, MAX_PROMPT_CHARS, STEPS_RANGE
 
-MAX_SEED = 2**63 - 1
+STEPS_DEFAULT = "Default: the model's default steps."  # create_app's OpenAPI names the loaded model's number
 
 
 class Status(str, Enum):
@@ -41,18 +43,25 @@ class KontextRequest(BaseModel):
         description="The image to edit: base64, or a data: URL (http(s) URLs only with --allow-urls). "
         "Required: this server edits images.",
     )
-    input_image_2: str | None = Field(default=None, description="Reference image (refused until supported).")
-    input_image_3: str | None = Field(default=None, description="Reference image (refused until supported).")
-    input_image_4: str | None = Field(default=None, description="Reference image (refused until supported).")
+    input_image_2: str | None = Field(
+        default=None,
+        description="A reference image (character, style, object) beside the input; as input_image.",
+    )
+    input_image_3: str | None = Field(
+        default=None,
+        description="A reference image (character, style, object) beside the input; as input_image.",
+    )
+    input_image_4: str | None = Field(
+        default=None,
+        description="A reference image (character, style, object) beside the input; as input_image.",
+    )
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Default: a random seed.")
     aspect_ratio: str | None = Field(
         default=None,
         max_length=16,
         description="'W:H' between 21:9 and 9:21 picks the output bucket; default: the input's.",
     )
-    steps: int | None = Field(
-        default=None, ge=STEPS_RANGE[0], le=STEPS_RANGE[1], description=f"Default {DEFAULT_STEPS}."
-    )
+    steps: int | None = Field(default=None, ge=STEPS_RANGE[0], le=STEPS_RANGE[1], description=STEPS_DEFAULT)
     guidance: float | None = Field(
         default=None, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1], description=f"Default {DEFAULT_GUIDANCE}."
     )

@@ -1,10 +1,12 @@
 """The job lifecycle, without HTTP: accept (admission, store, queue), run (editor, result file, final
 state), answer (a job as its owner sees it), review, expire, recover after a crash, drain on SIGTERM.
-app.py maps this onto BFL's routes; ray_app.py reuses it with a Ray editor."""
+The routers (api_*.py) map this onto HTTP; ray_app.py reuses it with a Ray editor. No message this
+service hands out carries a local path (`public`)."""
 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import threading
 import time
@@ -14,10 +16,11 @@ from typing import Any
 
 from ..errors import KontextError, ModeratedError
 from . import jobs as J
+from .admission import WorkQueue
 from .editor import EditJob, Editor
 from .metrics import Live, ServeMetrics
+from .params import JobParams
 from .settings import ServeSettings
-from .worker import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,15 @@ STATUS = {
     J.REQUEST_MODERATED: "Request Moderated",
     J.CONTENT_MODERATED: "Content Moderated",
 }
+
+
+# An absolute or relative path of two or more parts, not inside a URL (after ':', '/' or a word).
+_PATH = re.compile(r"(?<![\w:/.~])(?:~|\.{1,2})?/(?:[^\s/'\"]+/)+([^\s/'\",;)]+)")
+
+
+def public(message: str) -> str:
+    """`message` with each local path cut to its last part: errors reach clients, paths must not."""
+    return _PATH.sub(lambda m: f".../{m.group(1)}", message)
 
 
 class NotAccepting(Exception):
@@ -79,7 +91,7 @@ class Service:
             self.editor = self._factory()
             log.info("engine ready in %.1fs", time.perf_counter() - t0)
         except Exception as e:
-            self.load_error = f"{type(e).__name__}: {e}"
+            self.load_error = public(f"{type(e).__name__}: {e}")
             log.exception("the engine failed to load")
             return
         self.queue.start()
@@ -121,6 +133,19 @@ class Service:
 
     # ------------------------------------------------------------------ accept
 
+    @property
+    def default_steps(self) -> int | None:
+        """Steps of a request that leaves them out: --steps, else the loaded model's default (None
+        until the engine is loaded)."""
+        if self.settings.default_steps is not None:
+            return self.settings.default_steps
+        return self.editor.default_steps if self.editor is not None else None
+
+    @property
+    def review_on(self) -> bool:
+        """Every result waits for a reviewer (--review, or the engine's safety policy)."""
+        return self.settings.review or (self.editor is not None and self.editor.review)
+
     def accepting(self) -> str | None:
         """None when submits are accepted, else why not."""
         if self.load_error is not None:
@@ -134,13 +159,13 @@ class Service:
     def submit(
         self,
         owner: str,
-        params: dict[str, Any],
+        params: JobParams,
         image: bytes,
         *,
         references: tuple[bytes, ...] = (),
         wait: bool = False,
     ) -> str:
-        """Accept a job (raises NotAccepting, worker.QueueFull, worker.KeyLimit). `wait`: `wait_for`
+        """Accept a job (raises NotAccepting, admission.QueueFull, admission.KeyLimit). `wait`: `wait_for`
         may be called on it."""
         why = self.accepting()
         if why is not None:
@@ -179,13 +204,10 @@ class Service:
         self.store.start(job_id)
         started = time.time()
         self.metrics.queue_wait.observe(max(0.0, started - job.created))
-        p = job.params
-        size = (int(p["size"][0]), int(p["size"][1])) if p.get("size") else None
         try:
             image = self.store.input_path(job_id).read_bytes()
             refs = tuple(path.read_bytes() for path in self.store.reference_paths(job_id))
-            edit = EditJob(image, p["prompt"], p["seed"], p["steps"], p["guidance"], size, p["output_format"],
-                           references=refs)  # fmt: skip
+            edit = EditJob(job.params, image, refs)
             assert self.editor is not None  # workers start after the editor loads
             out = self.editor.edit(edit)
         except ModeratedError as e:
@@ -193,7 +215,7 @@ class Service:
             self._end(job, state, details=_verdict(e))
             return
         except KontextError as e:
-            self._end(job, J.ERROR, details={"error": str(e)})
+            self._end(job, J.ERROR, details={"error": public(str(e))})
             return
         except Exception as e:
             log.exception("job %s failed", job_id)
@@ -203,18 +225,18 @@ class Service:
         timings["queue_wait"] = max(0.0, started - job.created)
         timings["service"] = time.time() - started
         self.metrics.observe_timings(timings)
-        held = self.settings.review or self.editor.review
+        held = self.review_on
         self._end(
             job,
             J.HELD if held else J.READY,
-            result=out.data,
+            results=out.images,
             media_type=out.media_type,
             details={"review": "awaiting review"} if held else None,
             timings=timings,
         )
 
     def _end(self, job: J.Job, state: str, **kw: Any) -> None:
-        token = secrets.token_urlsafe(24) if kw.get("result") is not None else None
+        token = secrets.token_urlsafe(24) if kw.get("results") else None
         self.store.finish(job.id, state, ttl=self.settings.result_ttl, sample_token=token, **kw)
         self.metrics.finished.labels("Held" if state == J.HELD else STATUS[state]).inc()
         with self._waiters_lock:
@@ -233,25 +255,27 @@ class Service:
         job = self.store.get(job_id)
         return job if job is not None and job.owner == owner else None
 
-    def sample(self, token: str) -> tuple[J.Job, bytes] | None:
-        """A Ready, unexpired job's result by its sample token."""
+    def sample(self, token: str, index: int = 0) -> tuple[J.Job, bytes] | None:
+        """Image `index` of a Ready, unexpired job's result, by its sample token."""
         job = self.store.by_sample_token(token)
+        data = self.images(job)
+        if job is None or data is None or not 0 <= index < len(data):
+            return None
+        return job, data[index]
+
+    def images(self, job: J.Job | None) -> list[bytes] | None:
+        """Every image of a Ready, unexpired job's result (None otherwise)."""
         if job is None or job.state != J.READY or (job.expires or 0) < time.time():
             return None
         try:
-            return job, self.store.result_path(job.id).read_bytes()
+            return [path.read_bytes() for path in self.store.result_paths(job.id)]
         except OSError:
             return None
 
     def result_of(self, job_id: str, owner: str) -> bytes | None:
-        """The image of `owner`'s Ready, unexpired job (for `input_image: result:ID`), else None."""
-        job = self.job(job_id, owner)
-        if job is None or job.state != J.READY or (job.expires or 0) < time.time():
-            return None
-        try:
-            return self.store.result_path(job.id).read_bytes()
-        except OSError:
-            return None
+        """The (first) image of `owner`'s Ready, unexpired job (for `input_image: result:ID`), else None."""
+        data = self.images(self.job(job_id, owner))
+        return None if data is None else data[0]
 
     def review(self, job_id: str, approve: bool) -> bool:
         ok = self.store.review(job_id, approve, ttl=self.settings.result_ttl)

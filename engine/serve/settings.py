@@ -11,11 +11,10 @@ from ..errors import ConfigError
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
 
 # Ranges of the request fields (BFL's where BFL has one; steps and guidance as cog-flux-kontext).
+# Their defaults are the model's: ModelPreset.default_steps and config.DEFAULT_GUIDANCE.
 MAX_PROMPT_CHARS = 4096
 STEPS_RANGE = (1, 50)
 GUIDANCE_RANGE = (0.0, 10.0)
-DEFAULT_STEPS = 28
-DEFAULT_GUIDANCE = 2.5
 
 
 def is_loopback(host: str) -> bool:
@@ -46,7 +45,8 @@ class ServeSettings:
     review: bool = False  # hold every result until an admin approves it
     drain_timeout: float = 60.0  # SIGTERM: seconds to finish the jobs in flight
     public_url: str | None = None  # base of polling and sample URLs (default: the request's)
-    default_steps: int = DEFAULT_STEPS
+    default_steps: int | None = None  # steps of a request that leaves them out (None: the model's default)
+    sync_timeout: float = 600.0  # synchronous routes (/v1/edit, /v1/images/edits) wait this long at most
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -63,17 +63,15 @@ class ServeSettings:
             raise ConfigError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be 1-65535, got {self.port}")
-        if not STEPS_RANGE[0] <= self.default_steps <= STEPS_RANGE[1]:
+        if self.sync_timeout <= 0:
+            raise ConfigError(f"sync timeout must be positive, got {self.sync_timeout}")
+        if self.default_steps is not None and not STEPS_RANGE[0] <= self.default_steps <= STEPS_RANGE[1]:
             raise ConfigError(f"default steps must be in {STEPS_RANGE}, got {self.default_steps}")
         if self.keys_file is None and not is_loopback(self.host):
             raise ConfigError(
                 f"--no-auth serves anyone who can reach {self.host}: allowed only on a loopback host "
                 "(127.0.0.1, ::1, localhost); create keys with `kontext keys new --file keys.jsonl`"
             )
-
-    @property
-    def auth(self) -> bool:
-        return self.keys_file is not None
 
     @property
     def key_limit(self) -> int:

@@ -13,8 +13,10 @@ def polling_url(base: str, job_id: str) -> str:
     return f"{base.rstrip('/')}/v1/get_result?id={job_id}"
 
 
-def sample_url(base: str, job: J.Job) -> str:
-    return f"{base.rstrip('/')}/v1/samples/{job.sample_token}.{EXTENSIONS.get(job.media_type or '', 'png')}"
+def sample_url(base: str, job: J.Job, index: int = 0) -> str:
+    """The URL of image `index` of a Ready job's result (TOKEN.ext, then TOKEN.1.ext, ...)."""
+    name = job.sample_token if index == 0 else f"{job.sample_token}.{index}"
+    return f"{base.rstrip('/')}/v1/samples/{name}.{EXTENSIONS.get(job.media_type or '', 'png')}"
 
 
 def not_found(job_id: str) -> ResultResponse:
@@ -28,8 +30,8 @@ def result_response(job: J.Job, base: str) -> ResultResponse:
         end = job.finished or start
         result = {
             "sample": sample_url(base, job),
-            "prompt": job.params["prompt"],
-            "seed": job.params["seed"],
+            "prompt": job.params.prompt,
+            "seed": job.params.seed,
             "start_time": start,
             "end_time": end,
             "duration": end - start,

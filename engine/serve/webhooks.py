@@ -15,13 +15,13 @@ TIMEOUT_S = 10.0
 
 
 def notify(job: J.Job) -> None:
-    url = job.params.get("webhook_url")
+    url = job.params.webhook_url
     if not url:
         return
-    body = result_response(job, job.params.get("base", "")).model_dump_json()
+    body = result_response(job, job.params.base).model_dump_json()
     headers = {"Content-Type": "application/json"}
-    if job.params.get("webhook_secret"):
-        headers["X-Webhook-Secret"] = job.params["webhook_secret"]
+    if job.params.webhook_secret:
+        headers["X-Webhook-Secret"] = job.params.webhook_secret
     threading.Thread(target=_post, args=(url, body, headers, job.id), daemon=True).start()
 
 

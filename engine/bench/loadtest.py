@@ -285,8 +285,8 @@ def write_report(report: LoadReport, out_root: Path) -> tuple[str, list[Path]]:
     """Table and JSON under <out_root>/<machine>/<date>/load-<time>.{txt,json}."""
     import os
 
-    from ..bench.machine import cpu_name, slug
     from ..files import atomic_write_bytes
+    from .machine import cpu_name, slug
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     stamp = datetime.fromisoformat(report.started)

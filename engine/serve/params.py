@@ -1,0 +1,80 @@
+"""JobParams: what a job asks of the engine, typed and frozen, made in one place (`job_params`) from
+any API's request (BFL's JSON, the multipart /v1/edit, OpenAI's images/edits) and stored in the job's
+SQLite row as JSON. Defaults are filled in here, once: a random seed, the model's default steps,
+config.DEFAULT_GUIDANCE."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..config import DEFAULT_GUIDANCE
+from ..request import MAX_IMAGES
+from ..request import MAX_SEED as ENGINE_MAX_SEED
+
+RANDOM_SEEDS = 2**31  # a seed left out is drawn below this
+MAX_SEED = ENGINE_MAX_SEED - MAX_IMAGES  # the engine's seeds run seed .. seed + num_images - 1
+
+
+@dataclass(frozen=True)
+class JobParams:
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    size: tuple[int, int] | None = None  # output (w, h); None: the input's bucket
+    output_format: str = "png"  # png | jpeg
+    num_images: int = 1  # seeds seed .. seed + num_images - 1, one batch where the engine serves it
+    aspect_ratio: str | None = None  # BFL's field as sent (recorded)
+    safety_tolerance: int | None = None  # BFL's field (accepted and recorded)
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    base: str = ""  # the server's public base URL when accepted (URLs in webhook payloads)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> JobParams:
+        """A stored row's params; keys this version does not know are ignored, missing ones defaulted."""
+        raw: dict[str, Any] = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        if values.get("size") is not None:
+            values["size"] = (int(values["size"][0]), int(values["size"][1]))
+        return cls(**values)
+
+
+def job_params(
+    prompt: str,
+    *,
+    default_steps: int,
+    seed: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    size: tuple[int, int] | None = None,
+    output_format: str = "png",
+    num_images: int = 1,
+    aspect_ratio: str | None = None,
+    safety_tolerance: int | None = None,
+    webhook_url: str | None = None,
+    webhook_secret: str | None = None,
+    base: str = "",
+) -> JobParams:
+    """A job's parameters from a request's fields (None: not given, so the default)."""
+    return JobParams(
+        prompt=prompt,
+        seed=seed if seed is not None else secrets.randbelow(RANDOM_SEEDS),
+        steps=steps if steps is not None else default_steps,
+        guidance=guidance if guidance is not None else DEFAULT_GUIDANCE,
+        size=size,
+        output_format=output_format,
+        num_images=num_images,
+        aspect_ratio=aspect_ratio,
+        safety_tolerance=safety_tolerance,
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
+        base=base,
+    )
