@@ -65,7 +65,7 @@ gpu-wheels:
 	rm -rf .whl && mkdir -p .whl
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
 		$(GPU_WHEEL_PLATFORMS) -d .whl $(GPU_WHEELS)
-	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3 --implementation py \
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation py \
 		--abi none --platform any -d .whl $(GPU_PURE_WHEELS)
 	@bytes=$$(cat .whl/*.whl | wc -c); echo "gpu-wheels: $$(ls .whl | wc -l) wheels, $$((bytes / 1048576)) MiB in .whl/"; \
 	test $$bytes -lt 67108864 || { echo "gpu-wheels: over the 64 MiB the device carries" >&2; exit 1; }

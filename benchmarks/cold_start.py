@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{phase:>4}: {r.get('status')}\n{r.get('stderr', '')[-1500:]}")
     if scratch is not None:
         scratch.cleanup()
-    return 0
+    # 1 when a child failed (a deadline is the budget's call, not a failure)
+    return int(any(str(report[p].get("status", "")).startswith("failed") for p in ("cold", "warm")))
 
 
 if __name__ == "__main__":

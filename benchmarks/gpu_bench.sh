@@ -73,18 +73,22 @@ log() { echo "== gpu_bench [$((SECONDS - start)) s of ${budget} s] $*"; }
 # slot NAME -> sets $secs (0: skip) and logs the plan's reason
 slot() {
   local out
-  out=$("$py" -m benchmarks.phases "$budget" $((SECONDS - start)) "$1" "$phases") || out="0 planner failed"
+  # +1: SECONDS counts whole seconds, and the planner's own start-up comes out of the phase's time
+  out=$("$py" -m benchmarks.phases "$budget" $((SECONDS - start + 1)) "$1" "$phases") || out="0 planner failed"
   secs=${out%% *}
   log "$1: ${out#* }"
 }
 # run_phase SECONDS CMD...: asked to stop 5 s before its deadline, killed at it (phases.KILL_GRACE_S)
 run_phase() { local s=$1; shift; timeout -k 5 $((s > 6 ? s - 5 : 1)) "$@"; }
+failed=()  # phases whose process failed (a deadline stop, 124, is not a failure: the budget decided)
+check() { [[ $2 == 0 || $2 == 124 ]] || { failed+=("$1 (exit $2)"); log "$1 FAILED with exit status $2"; }; }
 
 # 0. wheels, then every import checked ---------------------------------------------------------------
 if "$py" -c "import diffusers, torchao" 2>/dev/null; then
   log "diffusers and torchao import: no wheels to install"
 elif compgen -G "$wheels/*.whl" >/dev/null; then
-  site=$(mktemp -d /tmp/kontext-site.XXXXXX)
+  site=$(mktemp -d "${TMPDIR:-/tmp}/kontext-site.XXXXXX")
+  trap 'rm -rf "$site"' EXIT
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
     "$wheels"/*.whl || { echo "gpu_bench.sh: installing $wheels failed" >&2; exit 2; }
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
@@ -120,6 +124,7 @@ bench_phase() {
       --steps "$steps" --buckets "$buckets" --repeats "$repeats" --warmup "$warmup" --schedule sequential \
       --deadline-s "$deadline" --contestants "$2" --profile "$profile" \
       --out "$results_root" --no-progress 2>&1 | tee -a "$results/bench-$1.log" | grep -v "^\(W\|I\)[0-9]"
+    check "$1" "${PIPESTATUS[0]}"
   fi
 }
 
@@ -134,6 +139,7 @@ if [[ $skip_cold == 0 ]]; then
       --torch-mode "$cold_mode" --levers "$cold_levers" --steps "$cold_steps" \
       --cache-dir "${COMPILE_CACHE:-build/$model/compile-cache}" --out "$results/cold_start.json" \
       --deadline-s $((secs - 10))
+    check cold $?
   fi
 fi
 
@@ -151,7 +157,10 @@ fi
 
 # 5. report ---------------------------------------------------------------------------------------------
 slot report
-[[ $secs -gt 0 ]] && run_phase "$secs" "$py" -m benchmarks.gpu_report "$results" --since "$since"
+if [[ $secs -gt 0 ]]; then
+  run_phase "$secs" "$py" -m benchmarks.gpu_report "$results" --since "$since"
+  check report $?
+fi
 
 # 6. pytest -m gpu, last --------------------------------------------------------------------------------
 if [[ $skip_pytest == 0 ]]; then
@@ -169,3 +178,7 @@ if [[ $skip_pytest == 0 ]]; then
 fi
 elapsed=$((SECONDS - start))
 log "done in ${elapsed} s of a ${budget} s budget ($([[ $elapsed -le $budget ]] && echo within || echo OVER))"
+if [[ ${#failed[@]} -gt 0 ]]; then
+  log "failed phases: ${failed[*]} (results so far are in $results)"
+  [[ $dry_run == 1 ]] && exit 1  # CI: the script must not rot; on a GPU the results still count
+fi

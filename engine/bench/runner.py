@@ -1,16 +1,9 @@
-"""`kontext bench`: every contestant on the same weights, inputs and seeds.
+"""`kontext bench`: every contestant on the same weights, inputs and seeds; the config, the entries,
+contestant selection and what each schedule shares (open, timed edit, quality, free, isolation).
 
-Two schedules.
-- interleaved (default): per bucket, warm-up edits (discarded), then `repeats` rounds; each round runs
-  every contestant once, in an order rotated by one per round, so drift and position effects (noise on
-  our CPUs is +-20-30% per run) fall on everyone alike. Every contestant is loaded for the whole run.
-- sequential (GPU runs of the 12B model): one contestant at a time is loaded, warmed up, timed over
-  every bucket, checked for quality, then freed, so device memory holds the baseline and ONE contestant
-  (bf16 transformer 24 GB + T5 9.5 GB + an FP8 copy ~12 GB on an H100). A deadline skips the contestants
-  that no longer fit, in the order given (list the important ones first), and `on_progress` is called
-  after each contestant so a killed run still leaves results. Its deadline counts from the start of
-  the process (imports and the model build included), so a script's budget holds. Any exception of one
-  contestant (capture, inductor, Triton, OOM, assert) is that contestant's result, never the run's end.
+Two schedules: interleaved (the default, interleaved.py: every contestant loaded, rounds rotated) and
+sequential (GPU runs of the 12B model, sequential.py: one contestant at a time, a deadline counted from
+the start of the process). In both, any exception of one contestant is its result, never the run's end.
 Quality: one recorded reference edit per bucket (torch eager) and each contestant's replay of its steps.
 Memory: a contestant's peak is what it used above what was in use before it opened (the shared weights
 and the reference are not its own); its own weights (an FP8 copy, a fused QKV) are reported apart.
@@ -28,7 +21,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
-from tqdm.auto import tqdm
 
 from ..backends.torch import default_dtype, dtype_name
 from ..buckets import ShapeKey, buckets, shape_key
@@ -276,7 +268,9 @@ def run_bench(
 
         run_sequential(run, cases, on_progress)
     else:
-        _run_interleaved(run, cases)
+        from .interleaved import run_interleaved
+
+        run_interleaved(run, cases)
     run.finished = True
     if on_progress is not None:
         on_progress(run)
@@ -288,50 +282,6 @@ def _reference(run: BenchRun, case: _Case) -> Reference:
     return record_reference(
         run.components, run.device, run.config.dtype, case.image, run.config.prompt, case.settings, name
     )
-
-
-def _run_interleaved(run: BenchRun, cases: list[_Case]) -> None:
-    config = run.config
-    baseline_print = fingerprint(run.components.transformer)
-    base = memory_in_use(run.device)  # the shared components: every contestant's weights count above it
-    runners, unopened = _open_all(run, cases)
-    meter = PeakMemory(run.device)
-    total = len(cases) * (config.warmup + config.repeats) * len(runners)
-    bar = tqdm(total=total, desc="bench", unit="edit", disable=not config.progress)
-    for i, case in enumerate(cases):
-        entries = {
-            r.contestant.name: Entry(r.contestant, case.bucket, case.key, memory_base=base) for r in runners
-        }
-        for name, entry in entries.items():
-            entry.weights_bytes = run.weights_bytes.get(name)
-        if i == 0:
-            for name, entry in entries.items():
-                entry.load_s = run.load_seconds.get(name)
-        live = [r for r in runners if _serves(r, case.key, entries[r.contestant.name])]
-        bar.total -= (config.warmup + config.repeats) * (len(runners) - len(live))
-        for rnd in range(config.warmup + config.repeats):
-            warm = rnd < config.warmup
-            order = live[rnd % len(live) :] + live[: rnd % len(live)] if live else []
-            for runner in order:
-                entry = entries[runner.contestant.name]
-                if not entry.skipped:
-                    phase = "warm-up" if warm else f"round {rnd - config.warmup + 1}"
-                    bar.set_postfix_str(f"{case.bucket[0]}x{case.bucket[1]} {phase} {runner.contestant.name}")
-                    _timed_run(runner, case, run.config.prompt, entry, meter, keep=not warm)
-                bar.update()
-        bar.set_postfix_str(f"{case.bucket[0]}x{case.bucket[1]} quality vs the reference")
-        reference = _reference(run, case)
-        for runner in live:
-            _quality(entries[runner.contestant.name], runner, reference, run)
-        run.entries.extend(entries.values())
-    run.entries.extend(unopened)
-    bar.close()
-    for runner in runners:
-        try:
-            runner.close()
-        except Exception as e:
-            run.notes.append(f"{runner.contestant.name}: close failed: {failure(e)}")
-    _check_isolation(run, "all contestants", baseline_print)
 
 
 def _open(run: BenchRun, contestant: Contestant, entries: list[Entry]) -> EditRunner | None:
@@ -363,19 +313,6 @@ def failure(e: BaseException, limit: int = 400) -> str:
     """'RuntimeError: what it said', one line, at most `limit` characters: an entry's reason."""
     text = " ".join(f"{type(e).__name__}: {e}".split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _open_all(run: BenchRun, cases: list[_Case]) -> tuple[list[EditRunner], list[Entry]]:
-    """Every contestant opened; those that could not be, as entries saying why."""
-    runners, unopened = [], []
-    for c in tqdm(run.contestants, desc="load contestants", leave=False, disable=not run.config.progress):
-        probes = [Entry(c, case.bucket, case.key) for case in cases]
-        runner = _open(run, c, probes)
-        if runner is None:
-            unopened.extend(probes)
-        else:
-            runners.append(runner)
-    return runners, unopened
 
 
 def _free(device: torch.device) -> None:
