@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from ..backends import Denoiser
+from ..backends import Denoiser, named_inputs
 from ..backends.torch import (
     TorchDenoiser,
     compile_vae,
@@ -230,7 +230,19 @@ class CastDenoiser:
         self.name = getattr(inner, "name", "cast")
         self.shape_keys = getattr(inner, "shape_keys", None)
 
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,  # [B, N + M, 64]
+        img_ids: torch.Tensor,  # [N + M, 3]
+        encoder_hidden_states: torch.Tensor,  # [B, L, D_txt]
+        txt_ids: torch.Tensor,  # [L, 3]
+        pooled_projections: torch.Tensor,  # [B, D_pooled]
+        timestep: torch.Tensor,  # [B]
+        guidance: torch.Tensor,  # [B]
+    ) -> torch.Tensor:  # [B, N + M, 64] in out_dtype
+        inputs = named_inputs(
+            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
+        )
         cast = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         return self.inner(**cast).to(self.out_dtype)
 
