@@ -33,7 +33,7 @@ contestants+=",torch-compile,torch-fp8+qkv+graphs+vae"
 profile="torch-fp8"
 cold_levers="dynamic" cold_mode="fp8" cold_steps=28
 # name:minimum:cap seconds, in priority order (see benchmarks/phases.py)
-phases="headline:150:0,cold:90:150,rest:90:0,attention:20:90,report:10:15,pytest:10:30"
+phases="headline:150:0,cold:90:160,rest:90:0,attention:20:90,report:10:15,pytest:10:30"
 skip_pytest=0 skip_cold=0 skip_attention=0 dry_run=0
 results_root="${OUT:+$OUT/results}"
 results_root="${results_root:-benchmarks/results}"
