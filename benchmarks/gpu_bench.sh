@@ -68,6 +68,7 @@ fi
 [[ $skip_cold == 1 ]] && phases=$(echo "$phases" | sed 's/cold:[0-9]*:[0-9]*,//')
 [[ $skip_attention == 1 ]] && phases=$(echo "$phases" | sed 's/attention:[0-9]*:[0-9]*,//')
 [[ $skip_pytest == 1 ]] && phases=$(echo "$phases" | sed 's/,pytest:[0-9]*:[0-9]*//')
+[[ -z $contestants ]] && phases=$(echo "$phases" | sed 's/rest:[0-9]*:[0-9]*,//')  # --contestants ""
 
 log() { echo "== gpu_bench [$((SECONDS - start)) s of ${budget} s] $*"; }
 # slot NAME -> sets $secs (0: skip) and logs the plan's reason

@@ -55,3 +55,18 @@ def test_the_script_calls_it_from_the_command_line():
     ).stdout  # fmt: skip
     assert out.split()[0] == "230" and "reserved 220 s" in out
     assert KILL_GRACE_S == 5  # gpu_bench.sh's run_phase asks a phase to stop 5 s before its deadline
+
+
+def test_the_scripts_own_plans_fit_their_budgets():
+    """gpu_bench.sh's phase lists (GPU, then dry run): every minimum fits the default budget, so a run
+    without overruns reaches every phase, and the slots add up to the budget."""
+    script = (ROOT / "benchmarks" / "gpu_bench.sh").read_text()
+    specs = [line.split('phases="', 1)[1].split('"', 1)[0] for line in script.splitlines()
+             if line.strip().startswith("phases=")]  # fmt: skip
+    assert len(specs) == 2
+    for spec, budget in zip(specs, (480, 240), strict=True):
+        phases = parse_phases(spec)
+        assert [p.name for p in phases] == ["headline", "cold", "rest", "attention", "report", "pytest"]
+        assert sum(p.min_s for p in phases) <= budget - 30  # 30 s for wheels, preflight and start-up
+        slots = plan(budget - 30, phases)
+        assert all(s.seconds > 0 for s in slots) and sum(s.seconds for s in slots) <= budget - 30
