@@ -13,7 +13,7 @@ EXTRAS ?= dev,quant,fp8,kernels,serve,ray,provenance,lora
 MODEL ?= tiny
 STAMP := $(VENV)/.installed-$(shell echo "$(TORCH) $(TORCH_INDEX) $(EXTRAS)" | cksum | cut -d' ' -f1)
 
-.PHONY: install test lint edit engine bench serve clean gpu-wheels
+.PHONY: install test lint edit engine bench serve clean gpu-wheels rehearse
 
 install: $(STAMP)
 
@@ -50,16 +50,48 @@ clean:
 	rm -rf build
 
 # What the GPU machine's image lacks (it has torch, triton, transformers, safetensors, huggingface-hub,
-# numpy, pillow...): exactly these two, pinned to versions that ran there with its torch 2.11. Their other
-# requirements are in the image (diffusers' importlib_metadata only on Python < 3.8). benchmarks/gpu_bench.sh
-# installs .whl/ on the device; the device tool carries at most 64 MiB, so the total is checked.
+# numpy, pillow, onnx, onnxruntime): diffusers and torchao, pinned to versions that ran there with its
+# torch 2.11, and what diffusers 0.42.1 imports that the image lacks (requests and its four requirements:
+# `make rehearse` proves the list). The pure ones come as py3-none-any wheels, which install on any
+# Python 3. benchmarks/gpu_bench.sh installs .whl/ on the device (pip --no-deps --target) and checks every
+# import before anything slow; the device tool carries at most 64 MiB, so the total is checked.
 GPU_WHEELS ?= diffusers==0.42.1 torchao==0.17.0
+GPU_PURE_WHEELS ?= requests==2.34.2 urllib3==2.8.0 idna==3.20 certifi==2026.10.19.post1 charset-normalizer==3.5.3
+GPU_PYTHON ?= 3.12
 GPU_WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
 	manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
 
 gpu-wheels:
 	rm -rf .whl && mkdir -p .whl
-	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
 		$(GPU_WHEEL_PLATFORMS) -d .whl $(GPU_WHEELS)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation py \
+		--abi none --platform any -d .whl $(GPU_PURE_WHEELS)
 	@bytes=$$(cat .whl/*.whl | wc -c); echo "gpu-wheels: $$(ls .whl | wc -l) wheels, $$((bytes / 1048576)) MiB in .whl/"; \
 	test $$bytes -lt 67108864 || { echo "gpu-wheels: over the 64 MiB the device carries" >&2; exit 1; }
+
+# The GPU run rehearsed on a CPU (CI runs it after `make test`): a venv built like the GPU image, holding
+# only what the image holds (torch 2.11 and triton 3.6 from PyPI: the CUDA build, imported on a CPU, as
+# no CPU build of 2.11 is on the index; transformers, huggingface-hub, safetensors, numpy, pillow, onnx,
+# onnxruntime), plus exactly the .whl/ of `make gpu-wheels`, installed by gpu_bench.sh as on the device.
+# Python: the image's is 3.12; REHEARSE_PYTHON is the first 3.12 found (on PATH or pyenv's), else python3.
+# Everything it writes (venv, caches, temp files, results) stays in build/rehearse/.
+REHEARSE := build/rehearse
+REHEARSE_PYTHON ?= $(firstword $(shell for p in python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12); do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && echo $$p; done) python3)
+IMAGE_PACKAGES ?= torch==2.11.0 triton==3.6.0 transformers~=5.0 huggingface-hub safetensors numpy pillow onnx onnxruntime
+REHEARSE_STAMP := $(REHEARSE)/venv/.image-$(shell echo "$(IMAGE_PACKAGES)" | cksum | cut -d' ' -f1)
+
+$(REHEARSE_STAMP):
+	rm -rf $(REHEARSE)/venv
+	$(REHEARSE_PYTHON) -m venv $(REHEARSE)/venv
+	$(REHEARSE)/venv/bin/python -m pip install -q --no-cache-dir $(IMAGE_PACKAGES)
+	@touch $@
+
+rehearse: $(REHEARSE_STAMP)
+	$(MAKE) gpu-wheels GPU_PYTHON=$$($(REHEARSE)/venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+	rm -rf $(REHEARSE)/results $(REHEARSE)/tmp && mkdir -p $(REHEARSE)/tmp
+	PYTHON=$(REHEARSE)/venv/bin/python TMPDIR=$(CURDIR)/$(REHEARSE)/tmp \
+		TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/$(REHEARSE)/inductor TRITON_CACHE_DIR=$(CURDIR)/$(REHEARSE)/triton \
+		COMPILE_CACHE=$(REHEARSE)/compile-cache HF_HOME=$(CURDIR)/$(REHEARSE)/hf \
+		bash benchmarks/gpu_bench.sh --dry-run --results-root $(REHEARSE)/results

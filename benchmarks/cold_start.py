@@ -2,10 +2,13 @@
 with the persistent compile cache, and the peak GPU memory of one edit on that path.
 
 Two child processes, each with empty private inductor and Triton caches (so nothing is inherited from
-this machine's earlier runs): the first compiles from scratch and saves the mega-cache into
-`--cache-dir`; the second loads it and warms the same keys up. The second then runs one edit at the
-family's square bucket and reports its end to end time and peak memory (torch.cuda.max_memory_allocated,
-reset before the edit). Both go through `engine.load`, the API a server embeds.
+this machine's earlier runs): the first compiles from scratch, never loading a cache (a rerun's existing
+blob is ignored), and saves the mega-cache into `--cache-dir`; the second loads it and warms the same
+keys up. Each then runs one edit at the family's square bucket and reports its end to end time and peak
+memory (torch.cuda.max_memory_allocated, reset before the edit). Times count from the start of the child
+process (interpreter, imports, weights, warm-up): `ready_s` is "a fresh process serves every key", and
+cold_start_s is the second child's. The first child gets at most COLD_SHARE of the deadline, so it cannot
+starve the second, whose numbers are the goal's. Both go through `engine.load`, the API a server embeds.
 
     python -m benchmarks.cold_start --model full --device cuda --torch-mode fp8 --levers dynamic \\
         --cache-dir build/full/compile-cache --out results/cold_start.json --deadline-s 200
@@ -45,19 +48,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+COLD_SHARE = 0.6  # of the time left, at most, for the cold child: the warm one gives the goal's numbers
+
+
 def child(args: argparse.Namespace) -> dict[str, Any]:
-    """In a fresh process: load, warm every key of the family up, (warm) one edit; seconds per phase."""
-    t_process = time.perf_counter()
+    """In a fresh process: load, warm every key of the family up, one edit; seconds per phase, and since
+    the process started (interpreter and imports included)."""
     import torch
 
     import engine
     from engine.backends.compile_cache import save_compile_cache
     from engine.backends.torch import check_options, parse_levers
+    from engine.bench.timing import process_age_s
     from engine.buckets import buckets
 
-    options = replace(parse_levers(args.levers), compile_cache=args.cache_dir)
+    # The cold child never loads a cache (a rerun would otherwise find the last run's): it only saves.
+    cache = args.cache_dir if args.child == "warm" else None
+    options = replace(parse_levers(args.levers), compile_cache=cache)
     check_options(args.torch_mode, options)
-    out: dict[str, Any] = {"phase": args.child, "import_s": time.perf_counter() - t_process}
+    out: dict[str, Any] = {"phase": args.child, "import_s": process_age_s()}
     t0 = time.perf_counter()
     kontext = engine.load(args.model, device=args.device, torch_mode=args.torch_mode, torch_options=options)
     out["load_s"] = time.perf_counter() - t0  # weights built or read, levers applied, compile cache loaded
@@ -67,26 +76,26 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     out["keys"] = len(per_key)
     out["per_key_s"] = per_key
     out["serve_s"] = out["load_s"] + out["warmup_s"]
-    out["process_s"] = time.perf_counter() - t_process
+    out["ready_s"] = process_age_s()  # process start -> every key served: the cold-start number
+    out["process_s"] = out["ready_s"]  # (kept for readers of the earlier files)
     if args.child == "cold":
         saved = save_compile_cache(args.cache_dir)
         out["cache_file"] = str(saved) if saved else None
         out["cache_bytes"] = saved.stat().st_size if saved else 0
-    else:
-        fam = kontext.family
-        square = min(buckets(fam), key=lambda b: abs(b[0] / b[1] - 1.0))
-        from PIL import Image
+    fam = kontext.family
+    square = min(buckets(fam), key=lambda b: abs(b[0] / b[1] - 1.0))
+    from PIL import Image
 
-        image = Image.new("RGB", square, (90, 120, 200))
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        result = kontext.edit(image, "add a small red hat", steps=args.steps, size=square)
-        out["edit_bucket"] = f"{square[0]}x{square[1]}"
-        out["edit_s"] = result.timings["total"]
-        out["edit_timings"] = result.timings
-        if torch.cuda.is_available():
-            out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    image = Image.new("RGB", square, (90, 120, 200))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    result = kontext.edit(image, "add a small red hat", steps=args.steps, size=square)
+    out["edit_bucket"] = f"{square[0]}x{square[1]}"
+    out["edit_s"] = result.timings["total"]
+    out["edit_timings"] = result.timings
+    if torch.cuda.is_available():
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     kontext.close()
     return out
 
@@ -120,6 +129,17 @@ def run_child(args: argparse.Namespace, phase: str, timeout: float) -> dict[str,
         return {**json.loads(result_path.read_text()), "status": "ok", "wall_s": wall}
 
 
+def headline(cold: dict[str, Any], warm: dict[str, Any]) -> dict[str, Any]:
+    """The goal's numbers: cold start from the warm-cache child; peak memory from it, else the cold one."""
+    out: dict[str, Any] = {}
+    if warm.get("status") == "ok":
+        out["cold_start_s"] = warm["ready_s"]
+    peaks = [r["peak_memory_gb"] for r in (warm, cold) if r.get("status") == "ok" and "peak_memory_gb" in r]
+    if peaks:
+        out["peak_memory_gb"] = peaks[0]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child is not None:
@@ -135,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "device": args.device,
         "cache_dir": str(args.cache_dir),
-        "method": "fresh processes with empty private inductor/Triton caches; serve_s = engine.load + "
-        "warmup() of every shape key; cold_start_s = serve_s of the process that loaded the compile cache",
+        "method": "fresh processes with empty private inductor/Triton caches; the cold one never loads the "
+        "compile cache, only saves it; ready_s = process start (interpreter, imports) to every shape key "
+        "warmed up; cold_start_s = ready_s of the process that loaded the compile cache; peak memory of "
+        "one edit at the square bucket in each",
     }
 
     def save() -> None:
@@ -148,25 +170,24 @@ def main(argv: list[str] | None = None) -> int:
             report[phase] = {"phase": phase, "status": f"deadline: {max(left, 0):.0f} s left"}
             save()
             continue
-        report[phase] = run_child(args, phase, left)
+        report[phase] = run_child(args, phase, COLD_SHARE * left if phase == "cold" else left)
         save()
-    warm = report["warm"]
-    if warm.get("status") == "ok":
-        report["cold_start_s"] = warm["serve_s"]
-        report["peak_memory_gb"] = warm.get("peak_memory_gb")
+    report.update(headline(report["cold"], report["warm"]))
     save()
     for phase in ("cold", "warm"):
         r = report[phase]
         if r.get("status") == "ok":
             print(
                 f"{phase:>4}: load {r['load_s']:.1f} s + warm-up of {r['keys']} keys {r['warmup_s']:.1f} s "
-                f"= {r['serve_s']:.1f} s (process {r['process_s']:.1f} s)"
+                f"= {r['serve_s']:.1f} s; ready {r['ready_s']:.1f} s after process start; one edit "
+                f"{r['edit_s']:.2f} s"
             )
         else:
             print(f"{phase:>4}: {r.get('status')}\n{r.get('stderr', '')[-1500:]}")
     if scratch is not None:
         scratch.cleanup()
-    return 0
+    # 1 when a child failed (a deadline is the budget's call, not a failure)
+    return int(any(str(report[p].get("status", "")).startswith("failed") for p in ("cold", "warm")))
 
 
 if __name__ == "__main__":

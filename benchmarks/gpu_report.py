@@ -1,8 +1,12 @@
-"""The last step of gpu_bench.sh: one summary of a results folder (the bench table, the goals with the
+"""The report step of gpu_bench.sh: one summary of a results folder (the bench tables, the goals with the
 cold-start numbers folded in, what the attention benchmark wrote), printed and saved as summary.txt and
 goals.json beside the results.
 
-    python -m benchmarks.gpu_report benchmarks/results/<gpu>/<date> [--stem full-123456]
+The script benches in two runs (the headline contestants, then the rest after the cold start): the goals
+read the records of every run since `--since`, and a run without the diffusers baseline gets its ratios
+from the baseline another run measured on the same bucket and steps.
+
+    python -m benchmarks.gpu_report benchmarks/results/<gpu>/<date> [--since EPOCH | --stem full-123456]
 """
 
 from __future__ import annotations
@@ -25,31 +29,57 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def summarize(folder: Path, stem: str | None = None) -> str:
+def merge_runs(runs: list[list[dict[str, Any]]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Several bench runs' lines -> the first run's record and every result, ratios filled in from a
+    baseline of another run where a run had none (same bucket and steps)."""
+    run_rec = dict(runs[0][0])
+    records: list[dict[str, Any]] = []
+    for lines in runs:
+        steps = lines[0]["steps"]
+        records += [{**r, "steps": steps} for r in lines[1:] if r.get("record") == "result"]
+    run_rec["contestants"] = [r["contestant"] for r in records]
+    base = {(r["bucket"], r["steps"]): r for r in records if r["baseline"] and r["stages"]["total"]}
+    for r in records:
+        b = base.get((r["bucket"], r["steps"]))
+        for key, stage in (("ratio_total", "total"), ("ratio_step", "step")):
+            if r.get(key) is None and b is not None and b["stages"][stage] and r["stages"][stage]:
+                r[key] = b["stages"][stage]["median_s"] / r["stages"][stage]["median_s"]
+    return run_rec, records
+
+
+def summarize(folder: Path, stem: str | None = None, since: float | None = None) -> str:
     """The summary text; writes summary.txt and goals.json into `folder`."""
     runs = sorted(folder.glob(f"{stem}.jsonl" if stem else "*.jsonl"), key=lambda p: p.stat().st_mtime)
+    if since is not None:
+        runs = [p for p in runs if p.stat().st_mtime >= since]
+    elif stem is None:
+        runs = runs[-1:]
     parts: list[str] = []
     goals_json: dict[str, Any] = {}
     cold = _read_json(folder / "cold_start.json")
     if runs:
-        lines = [json.loads(x) for x in runs[-1].read_text().splitlines() if x.strip()]
-        run_rec, records = lines[0], [r for r in lines[1:] if r.get("record") == "result"]
-        table = runs[-1].with_suffix(".txt")
-        if table.is_file():
-            parts.append(table.read_text().split("\n\ngoals (")[0].rstrip())
+        loaded = [[json.loads(x) for x in p.read_text().splitlines() if x.strip()] for p in runs]
+        run_rec, records = merge_runs(loaded)
+        for path in runs:
+            table = path.with_suffix(".txt")
+            if table.is_file():
+                parts.append(table.read_text().split("\n\ngoals (")[0].rstrip())
         goals = evaluate_goals(run_rec, records, cold)
         applies = goals_apply(run_rec)
         parts.append(format_goals(goals, applies))
-        goals_json = {"bench": runs[-1].name, "applies": applies, "goals": [asdict(g) for g in goals]}
+        names = [p.name for p in runs]
+        goals_json = {"bench": names, "applies": applies, "goals": [asdict(g) for g in goals]}
     else:
         parts.append(f"no benchmark results in {folder}")
     if cold is not None:
         for phase in ("cold", "warm"):
             r = cold.get(phase, {})
             if r.get("status") == "ok":
+                peak = f", peak {r['peak_memory_gb']:.1f} GB" if "peak_memory_gb" in r else ""
                 parts.append(
                     f"cold start, {phase} compile cache: load {r['load_s']:.1f} s + {r['keys']} keys "
-                    f"{r['warmup_s']:.1f} s = {r['serve_s']:.1f} s ({cold['contestant']})"
+                    f"{r['warmup_s']:.1f} s; ready {r.get('ready_s', r['serve_s']):.1f} s after process "
+                    f"start; one edit {r.get('edit_s', 0):.2f} s{peak} ({cold['contestant']})"
                 )
             else:
                 parts.append(f"cold start, {phase} compile cache: {r.get('status', 'not run')}")
@@ -67,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", type=Path)
     p.add_argument("--stem", default=None, help="the bench run's file stem (default: the newest)")
+    p.add_argument("--since", type=float, default=None, help="every bench run written since (Unix time)")
     args = p.parse_args(argv)
-    print(summarize(args.folder, args.stem))
+    print(summarize(args.folder, args.stem, args.since))
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 from .buckets import ShapeKey
 from .config import TransformerConfig
 
@@ -86,6 +88,48 @@ def attention_flops(cfg: TransformerConfig, shape: ShapeKey) -> int:
 def transformer_flops(cfg: TransformerConfig, shape: ShapeKey) -> ForwardFlops:
     """FLOPs of one FluxTransformer2DModel forward at `shape` (about 165 TFLOP for Kontext dev at 1024^2)."""
     return ForwardFlops(linear=linear_flops(cfg, shape), attention=attention_flops(cfg, shape))
+
+
+def linear_rows(fqn: str, shape: ShapeKey) -> int:
+    """The rows one Linear of the transformer multiplies, by its diffusers name: the batch for embedders
+    of the timestep and modulations, image, text or joint tokens for the rest (as linear_flops counts)."""
+    parts = fqn.split(".")
+    b = shape.batch
+    if parts[0] in ("time_text_embed", "norm_out") or any(p.startswith("norm") for p in parts[1:]):
+        return b  # timestep/guidance/pooled embedders, AdaLN modulations: act on temb [B, D]
+    if parts[0] in ("x_embedder", "proj_out"):
+        return b * shape.image_tokens
+    if parts[0] == "context_embedder":
+        return b * shape.text_tokens
+    if parts[0] == "single_transformer_blocks":
+        return b * shape.total_tokens
+    text = any(p in ("ff_context", "to_add_out") or p.startswith(("add_", "to_added")) for p in parts)
+    return b * (shape.text_tokens if text else shape.image_tokens)
+
+
+def linear_flops_by_name(transformer: nn.Module, shape: ShapeKey) -> dict[str, int]:
+    """FLOPs of each nn.Linear of a (diffusers) Flux transformer at `shape`, by qualified name: their sum is
+    linear_flops(cfg, shape); what a precision mix (FP8 on some Linears) divides the work by."""
+    return {
+        name: _mm(linear_rows(name, shape), m.in_features, m.out_features)
+        for name, m in transformer.named_modules()
+        if isinstance(m, nn.Linear)
+    }
+
+
+def mixed_peak_tflops(
+    bf16: float | None, fp8: float | None, fp8_flops: int, total_flops: int
+) -> float | None:
+    """The peak of a forward whose `fp8_flops` of `total_flops` run at the FP8 peak and the rest at bf16's:
+    total / (fp8_flops / fp8 + rest / bf16), the time-weighted (harmonic) mix; None when a peak is unknown."""
+    if bf16 is None or total_flops <= 0:
+        return None
+    if fp8_flops <= 0:
+        return bf16
+    if fp8 is None:
+        return None
+    seconds = fp8_flops / fp8 + (total_flops - fp8_flops) / bf16
+    return total_flops / seconds
 
 
 # Dense (no sparsity) datasheet peaks, TFLOP/s: (device-name fragment, lower case; bf16; fp8 or None).

@@ -13,7 +13,7 @@ from PIL import Image
 from engine.backends.torch import TorchDenoiser
 from engine.bench import BenchConfig, default_buckets, run_bench, write_results
 from engine.bench.contestants import BASELINE, Contestant, torch_contestant
-from engine.bench.machine import peak_for_gpu
+from engine.bench.machine import cpu_has_bf16, peak_for_gpu
 from engine.bench.runner import select_contestants
 from engine.bench.timing import summarize
 from engine.cli import main
@@ -98,7 +98,12 @@ def test_flops_and_tflops_follow_the_flop_model(bench_out):
     r = _results(lines)["torch-eager-fp32"]
     key = run.entries[0].shape_key
     flops = transformer_flops(run.components.preset.transformer, key)
-    assert r["flops_per_step"] == {"linear": flops.linear, "attention": flops.attention, "total": flops.total}
+    assert r["flops_per_step"] == {
+        "linear": flops.linear,
+        "attention": flops.attention,
+        "total": flops.total,
+        "fp8": 0,
+    }
     assert r["tflops"] == pytest.approx(flops.total / r["stages"]["step"]["median_s"] / 1e12)
     assert r["pct_of_peak"] is None  # no known peak on a CPU
 
@@ -152,7 +157,8 @@ def test_default_buckets_square_and_extremes():
 def test_contestant_names_resolve_without_a_build(tiny, tmp_path):
     notes: list[str] = []
     cs = select_contestants(None, tiny, torch.device("cpu"), torch.float32, tmp_path / "none", notes)
-    assert [c.name for c in cs] == [BASELINE, "torch-eager-fp32"]
+    bf16 = ["torch-eager-bf16"] if cpu_has_bf16() else []  # this CPU's flags decide (tested below)
+    assert [c.name for c in cs] == [BASELINE, "torch-eager-fp32", *bf16]
     assert notes and "manifest" in notes[0]
     with pytest.raises(ConfigError, match="unknown-thing"):
         select_contestants(("unknown-thing",), tiny, torch.device("cpu"), torch.float32, tmp_path, [])
@@ -249,9 +255,9 @@ def test_cold_start_column_is_load_plus_first_edit_minus_median(bench_out):
         assert r["cold_start_s"] == pytest.approx((r["load_s"] or 0.0) + r["first_edit_s"] - median)
 
 
-def _goal_records(total_s: float, base_s: float, psnr: float) -> tuple[dict, list[dict]]:
+def _goal_records(total_s: float, base_s: float, psnr: float, rel: float = 0.05) -> tuple[dict, list[dict]]:
     def rec(name: str, seconds: float, baseline: bool) -> dict:
-        quality = {"psnr_db": psnr, "psnr_identical": False}
+        quality = {"psnr_db": psnr, "psnr_identical": False, "step_rel_l2_max": rel}
         return {"contestant": name, "bucket": "1024x1024", "baseline": baseline,
                 "stages": {"total": {"median_s": seconds}}, "ratio_total": base_s / seconds,
                 "quality": None if baseline else quality}  # fmt: skip
@@ -274,10 +280,148 @@ def test_goals_pass_and_fall_short_on_known_numbers():
     assert goals["end to end (must)"].by.startswith("torch-fp8")  # the fastest of ours, not the baseline
     assert goals["speed-up over diffusers eager"].measured == pytest.approx(12.0 / 4.5)
     assert goals["speed-up over diffusers eager"].passed is True
-    assert goals["PSNR vs our bf16 eager"].passed is True
+    assert goals["per-step rel L2 vs our bf16 eager"].passed is True  # 0.05 <= 0.15
+    assert goals["PSNR vs our bf16 eager (not gated)"].passed is None  # printed, never a verdict
     assert goals["FP8 path peak GPU memory"].passed is True
     assert goals["9 keys from a fresh process (warm cache)"].passed is False
     text = format_goals(list(goals.values()), goals_apply(run))
     assert "SHORT" in text and "PASS" in text and "applies: no" not in text
     no_cold = {g.name: g for g in evaluate_goals(run, records)}
     assert no_cold["FP8 path peak GPU memory"].passed is None  # not measured: never a PASS
+    _, drifting = _goal_records(total_s=4.5, base_s=12.0, psnr=45.0, rel=0.2)
+    gate = {g.name: g for g in evaluate_goals(run, drifting)}["per-step rel L2 vs our bf16 eager"]
+    assert gate.passed is False  # high PSNR does not save a per-step error above the bound
+    cpu_run = {"device_type": "cpu", "buckets": ["1024x1024"], "steps": 28}
+    off = format_goals(evaluate_goals(cpu_run, records, cold), goals_apply(cpu_run))
+    assert "applies: no" in off and "PASS" not in off and "SHORT" not in off and "4.5 s" in off
+
+
+# ----------------------------------------------------------------------------- survival, memory, bf16
+
+
+class FailingDenoiser:
+    """A contestant that raises what a GPU run can raise mid-edit (not a KontextError)."""
+
+    name = "failing"
+    shape_keys = None
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA graph capture failed (injected)")
+
+
+class WeightyDenoiser:
+    """The reference transformer plus 64 MiB of its own 'weights', touched so they are resident."""
+
+    name = "weighty"
+    shape_keys = None
+
+    def __init__(self, inner: TorchDenoiser) -> None:
+        self.inner = inner
+        self.weights = torch.ones(16 * 2**20)  # 64 MiB of fp32
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.inner(**inputs)
+
+
+def _unopenable() -> TorchDenoiser:
+    raise AssertionError("torchao assert while quantizing (injected)")
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "interleaved"])
+def test_a_failing_contestant_is_recorded_and_the_next_one_runs(tiny, schedule):
+    """Failing contestants between good ones: each failure is its result, both good ones are measured."""
+    config = BenchConfig(
+        model="tiny", steps=1, repeats=1, warmup=0, buckets=(BUCKET,), progress=False, schedule=schedule
+    )
+    contestants = [
+        torch_contestant("torch-eager", tiny, torch.device("cpu"), torch.float32),
+        Contestant("fails-mid-edit", "torch", "fp32", FailingDenoiser),
+        Contestant("fails-to-open", "torch", "fp32", _unopenable),
+        Contestant("scaled", "torch", "fp32", lambda: ScaledDenoiser(TorchDenoiser(tiny.transformer))),
+    ]
+    run = run_bench(config, tiny, contestants)
+    entries = {e.contestant.name: e for e in run.entries}
+    assert run.finished
+    for good in ("torch-eager-fp32", "scaled"):
+        assert entries[good].skipped is None and len(entries[good].samples) == 1
+        assert entries[good].quality is not None
+    assert entries["fails-mid-edit"].skipped == "failed: RuntimeError: CUDA graph capture failed (injected)"
+    assert entries["fails-to-open"].skipped.startswith("failed to open: AssertionError: torchao assert")
+    assert any("fails-to-open" in n for n in run.notes)
+
+
+def test_peak_memory_excludes_shared_weights_and_reports_own_weights_apart(tiny, tmp_path):
+    config = BenchConfig(
+        model="tiny", steps=1, repeats=1, warmup=0, buckets=(BUCKET,), progress=False, schedule="sequential"
+    )
+    contestants = [
+        Contestant(BASELINE, "diffusers", "fp32"),
+        Contestant("weighty", "torch", "fp32", lambda: WeightyDenoiser(TorchDenoiser(tiny.transformer))),
+    ]
+    run = run_bench(config, tiny, contestants)
+    _, files = write_results(run, tmp_path, chart=False)
+    results = _results([json.loads(x) for x in files.jsonl.read_text().splitlines()])
+    weighty, base = results["weighty"], results[BASELINE]
+    assert weighty["weights_bytes"] >= 60 * 2**20  # its own 64 MiB
+    assert base["weights_bytes"] < 16 * 2**20  # the baseline runs the shared modules: nothing of its own
+    assert weighty["peak_memory_bytes"] >= weighty["weights_bytes"]  # its peak holds its own weights...
+    assert weighty["peak_memory_bytes"] < run.entries[0].memory_base  # ...and not the shared process
+
+
+def test_bf16_contestant_on_cpu_reports_its_error_against_fp32(tiny):
+    """torch-eager-bf16 runs a bf16 copy inside the fp32 pipeline; its per-step error is bf16's, the
+    shared fp32 transformer is left as it was (isolation)."""
+    config = BenchConfig(
+        model="tiny", steps=2, repeats=1, warmup=0, buckets=(BUCKET,), progress=False, schedule="sequential"
+    )
+    c = torch_contestant("torch-eager-bf16", tiny, torch.device("cpu"), torch.float32)
+    assert (c.name, c.precision) == ("torch-eager-bf16", "bf16")
+    run = run_bench(config, tiny, [c])
+    (entry,) = run.entries
+    assert entry.skipped is None and entry.quality is not None
+    assert len(entry.quality.step_rel_l2) == 2
+    # bf16 rounding on the random tiny model (measured ~0.1 at 128x128): not fp32's ~1e-7, not broken (~1)
+    assert 1e-3 < entry.quality.rel_l2_max < 0.3
+    assert run.isolation == {"torch-eager-bf16": "ok"}
+    assert next(tiny.transformer.parameters()).dtype == torch.float32
+    with pytest.raises(ConfigError, match="no dtype suffix"):
+        torch_contestant("torch-fp8-bf16", tiny, torch.device("cpu"), torch.float32)
+
+
+def test_cpu_bf16_hardware_from_cpuinfo_flags():
+    from engine.bench.machine import cpu_flags
+    from engine.bench.runner import default_contestants
+
+    amx = "processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n"
+    assert cpu_has_bf16(cpu_flags(amx)) and "amx_bf16" in cpu_flags(amx)
+    assert cpu_has_bf16(cpu_flags("flags\t: avx2 avx512_bf16\n"))
+    assert not cpu_has_bf16(cpu_flags("flags\t: fpu avx2 avx512f\n")) and cpu_flags("") == frozenset()
+    cpu = torch.device("cpu")
+    assert default_contestants(cpu, bf16_cpu=True)[-1] == "torch-eager-bf16"
+    assert "torch-eager-bf16" not in default_contestants(cpu, bf16_cpu=False)
+
+
+def test_dynamo_counters_count_graphs_and_breaks():
+    from engine.bench.sequential import dynamo_counters, reset_dynamo_counters
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        torch._dynamo.graph_break()
+        return y + 1
+
+    torch._dynamo.reset()
+    reset_dynamo_counters()
+    torch.compile(f, backend="eager")(torch.ones(3))
+    counts = dynamo_counters()
+    assert counts["graphs"] == 2 and counts["graph_breaks"] == 1  # one break splits it in two
+    reset_dynamo_counters()
+    assert dynamo_counters()["graphs"] == 0
+    torch._dynamo.reset()
+
+
+def test_quality_replays_spread_steps():
+    from engine.bench.quality import spread_steps
+
+    assert spread_steps(28, 7) == (0, 4, 9, 14, 18, 22, 27)
+    assert spread_steps(2, 7) == (0, 1) and spread_steps(5, None) == (0, 1, 2, 3, 4)
+    assert spread_steps(28, 1) == (27,)

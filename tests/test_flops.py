@@ -10,7 +10,14 @@ from torch import Tensor
 
 from engine.buckets import ShapeKey
 from engine.config import KONTEXT_DEV_TRANSFORMER, TransformerConfig
-from engine.flops import ForwardFlops, attention_flops, linear_flops, transformer_flops
+from engine.flops import (
+    ForwardFlops,
+    attention_flops,
+    linear_flops,
+    linear_flops_by_name,
+    mixed_peak_tflops,
+    transformer_flops,
+)
 
 # D = 8, one double and one single block: small enough to count by hand.
 HAND_CFG = TransformerConfig(
@@ -168,3 +175,43 @@ def test_linear_and_attention_flops_match_a_real_forward() -> None:
     assert counted["linear"] == linear_flops(CHECK_CFG, shape)
     # diffusers' native attention backend calls F.scaled_dot_product_attention by keyword, once per block
     assert counted["attention"] == attention_flops(CHECK_CFG, shape)
+
+
+def test_linear_flops_by_name_sum_to_the_model_and_match_each_layer_run() -> None:
+    """Per-Linear FLOPs (what %peak's FP8 mix divides): each equals what that layer multiplies in a
+    real forward, and together they are linear_flops."""
+    model = _tiny_model()
+    shape = CHECK_SHAPE
+    by_name = linear_flops_by_name(model, shape)
+    assert sum(by_name.values()) == linear_flops(CHECK_CFG, shape)
+    ran: dict[str, int] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(
+                lambda mod, args, _out, name=name: ran.__setitem__(
+                    name, 2 * (args[0].numel() // mod.in_features) * mod.in_features * mod.out_features
+                )
+            )
+    b, n_img, n_txt = shape.batch, shape.image_tokens, shape.text_tokens
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model(
+            hidden_states=torch.randn(b, n_img, CHECK_CFG.in_channels, generator=g),
+            encoder_hidden_states=torch.randn(b, n_txt, CHECK_CFG.joint_attention_dim, generator=g),
+            pooled_projections=torch.randn(b, CHECK_CFG.pooled_projection_dim, generator=g),
+            timestep=torch.full((b,), 0.5),
+            img_ids=torch.zeros(n_img, 3),
+            txt_ids=torch.zeros(n_txt, 3),
+            guidance=torch.full((b,), 2.5),
+        )
+    assert ran == by_name
+
+
+def test_mixed_peak_is_the_time_weighted_mix() -> None:
+    # H100: bf16 989, fp8 1979 TFLOP/s. Half the FLOPs in FP8: 1 / (0.5/1979 + 0.5/989).
+    assert mixed_peak_tflops(989.0, 1979.0, 50, 100) == pytest.approx(100 / (50 / 1979 + 50 / 989))
+    assert mixed_peak_tflops(989.0, 1979.0, 100, 100) == pytest.approx(1979.0)  # all FP8: the FP8 peak
+    assert mixed_peak_tflops(989.0, None, 0, 100) == 989.0  # nothing in FP8: bf16's, FP8 unknown or not
+    assert (
+        mixed_peak_tflops(989.0, None, 10, 100) is None and mixed_peak_tflops(None, 1979.0, 10, 100) is None
+    )

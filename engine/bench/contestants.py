@@ -7,6 +7,7 @@ diffusers' FluxKontextPipeline, which runs its own loop. Engine contestants come
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -17,11 +18,12 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from ..backends import Denoiser
+from ..backends import Denoiser, named_inputs
 from ..backends.torch import (
     TorchDenoiser,
     compile_vae,
     dtype_name,
+    fp8_linears,
     parse_spec,
     torch_denoiser,
     weight_sharing_copy,
@@ -37,7 +39,8 @@ from .timing import CallClock, synchronize, timed
 log = logging.getLogger(__name__)
 
 BASELINE = "diffusers"
-TORCH_PREFIX = "torch-"  # torch-{eager|compile|fp8}[+lever...][+cache], see backends.torch.LEVERS
+TORCH_PREFIX = "torch-"  # torch-{eager|compile}[-fp32|-bf16][+lever...][+cache] or torch-fp8[+lever...]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # torch-<mode>-<dtype>
 CACHE_LEVER = "cache"  # bench-side lever: prompt embeddings cached across the contestant's edits
 ENGINES = "engines"  # every artifact of the manifest
 STAGES = ("text_encode", "vae_encode", "step", "denoise", "vae_decode", "total")
@@ -55,6 +58,8 @@ class Contestant:
     make_denoiser: DenoiserFactory | None = None
     compile_vae: bool = False  # run its edits with the VAE's encoder and decoder compiled
     prompt_cache: bool = False  # keep prompt embeddings across its edits (a repeated prompt skips T5, CLIP)
+    fp8_linears: frozenset[str] = frozenset()  # the Linears it runs in FP8 (for %peak's FLOP mix)
+    fp8_attention: bool = False  # its attention matmuls run in FP8
 
     @property
     def is_baseline(self) -> bool:
@@ -206,21 +211,68 @@ def open_runner(
 # --------------------------------------------------------------------------- torch contestants
 
 
+def split_dtype(head: str) -> tuple[str, torch.dtype | None]:
+    """'torch-eager-bf16' -> ('torch-eager', torch.bfloat16); 'torch-fp8' -> ('torch-fp8', None)."""
+    base, _, suffix = head.rpartition("-")
+    if suffix in DTYPES and base.startswith(TORCH_PREFIX):
+        return base, DTYPES[suffix]
+    return head, None
+
+
+class CastDenoiser:
+    """A denoiser run in its own dtype inside a pipeline of another: inputs cast in, the output cast back
+    (torch-eager-bf16 on a CPU, where the pipeline and the reference are fp32)."""
+
+    def __init__(self, inner: Denoiser, dtype: torch.dtype, out_dtype: torch.dtype) -> None:
+        self.inner = inner
+        self.dtype = dtype
+        self.out_dtype = out_dtype
+        self.name = getattr(inner, "name", "cast")
+        self.shape_keys = getattr(inner, "shape_keys", None)
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,  # [B, N + M, 64]
+        img_ids: torch.Tensor,  # [N + M, 3]
+        encoder_hidden_states: torch.Tensor,  # [B, L, D_txt]
+        txt_ids: torch.Tensor,  # [L, 3]
+        pooled_projections: torch.Tensor,  # [B, D_pooled]
+        timestep: torch.Tensor,  # [B]
+        guidance: torch.Tensor,  # [B]
+    ) -> torch.Tensor:  # [B, N + M, 64] in out_dtype
+        inputs = named_inputs(
+            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
+        )
+        cast = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        return self.inner(**cast).to(self.out_dtype)
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
+
+
 def torch_contestant(
     spec: str, components: Components, device: torch.device, dtype: torch.dtype
 ) -> Contestant:
-    """A torch contestant from its name: torch-{eager|compile|fp8}[+lever...][+cache], e.g.
-    torch-fp8+qkv+graphs (backends.torch.LEVERS; +cache is the benchmark's prompt cache).
+    """A torch contestant from its name: torch-{eager|compile}[-fp32|-bf16][+lever...][+cache] or
+    torch-fp8[+lever...], e.g. torch-fp8+qkv+graphs, torch-eager-bf16 (backends.torch.LEVERS; +cache is
+    the benchmark's prompt cache). Without a dtype suffix a contestant runs in the bench's dtype.
 
     Each contestant runs its own transformer: a weight-sharing copy of the components' one, so levers
     that swap modules or weights (FP8, fused QKV, the attention kernel) change only that copy, and the
-    baseline and the reference keep their bf16 modules (the runner checks this with fingerprints). The
-    hardware is checked when it is opened: a contestant this machine cannot run is skipped with a reason.
+    baseline and the reference keep their bf16 modules (the runner checks this with fingerprints). A
+    dtype other than the bench's gets a converted copy (its own weights), fed and read through casts.
+    The hardware is checked when it is opened: a contestant this machine cannot run is skipped with a reason.
     """
     tokens = spec.split("+")
+    head, own_dtype = split_dtype(tokens[0])
     cache = CACHE_LEVER in tokens[1:]
-    mode, options = parse_spec("+".join(t for t in tokens if t != CACHE_LEVER))
-    precision = "fp8" if mode == "fp8" else dtype_name(dtype)
+    mode, options = parse_spec("+".join([head, *(t for t in tokens[1:] if t != CACHE_LEVER)]))
+    if own_dtype is not None and mode == "fp8":
+        raise ConfigError(f"{spec!r}: torch-fp8 takes no dtype suffix (its unquantized layers run in bf16)")
+    run_dtype = own_dtype or dtype
+    precision = "fp8" if mode == "fp8" else dtype_name(run_dtype)
     base = "torch-fp8" if mode == "fp8" else f"torch-{mode}-{precision}"  # torch-eager-fp32, torch-fp8
     name = "+".join((base, *options.levers, *([CACHE_LEVER] if cache else [])))
 
@@ -230,10 +282,24 @@ def torch_contestant(
             from ..backends.fp8_static import calibrate_amax
 
             amax = calibrate_amax(components, device=device, dtype=dtype)
+        if run_dtype != dtype:  # .to() on a weight-sharing copy would convert the shared weights too
+            own = copy.deepcopy(components.transformer).to(run_dtype)
+            inner = torch_denoiser(own, mode=mode, device=device, dtype=run_dtype, options=options)
+            return CastDenoiser(inner, run_dtype, dtype)
         own = weight_sharing_copy(components.transformer)
         return torch_denoiser(own, mode=mode, device=device, dtype=dtype, options=options, amax=amax)
 
-    return Contestant(name, "torch", precision, make, compile_vae=options.compile_vae, prompt_cache=cache)
+    fp8 = frozenset(fp8_linears(components.transformer, options.fp8_filter)) if mode == "fp8" else frozenset()
+    return Contestant(
+        name,
+        "torch",
+        precision,
+        make,
+        compile_vae=options.compile_vae,
+        prompt_cache=cache,
+        fp8_linears=fp8,
+        fp8_attention="fp8" in options.attention,
+    )
 
 
 # --------------------------------------------------------------------------- engine contestants

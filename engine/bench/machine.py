@@ -61,3 +61,24 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             continue
     return out
+
+
+CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})  # /proc/cpuinfo flags of bf16 matmul hardware
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The `flags` of the first CPU in /proc/cpuinfo (or of the given text); empty when unreadable."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_has_bf16(flags: frozenset[str] | None = None) -> bool:
+    """True when the CPU multiplies bf16 in hardware (AMX or AVX512-BF16): bf16 is then worth benching."""
+    return bool(CPU_BF16_FLAGS & (cpu_flags() if flags is None else flags))

@@ -2,7 +2,9 @@
 
 Every number derived here is computed from the measured samples: ratios are the baseline's median over
 the contestant's median on the same bucket in the same run; TFLOP/s is engine.flops' count over the
-median transformer step. Stages a contestant does not measure are null in JSON and "-" in the table.
+median transformer step, and %peak divides it by the peak of the precision mix the contestant really ran
+(FP8 Linears at the FP8 peak, the rest at bf16's). Stages a contestant does not measure are null in JSON
+and "-" in the table.
 """
 
 from __future__ import annotations
@@ -16,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_bytes
-from ..flops import transformer_flops
+from ..flops import ForwardFlops, gpu_peaks, linear_flops_by_name, mixed_peak_tflops, transformer_flops
 from .contestants import BASELINE, STAGES
 from .goals import evaluate_goals, format_goals, goals_apply
-from .machine import device_name, library_versions, peak_tflops, slug
+from .machine import FP8_PRECISIONS, device_name, library_versions, peak_tflops, slug
 from .runner import BenchRun, Entry, median_total
 from .timing import summarize
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: own peak memory and weights, FP8 FLOP mix, dynamo counters
 QUALITY_METHOD = "per-step rel L2: contestant's transformer fed the reference trajectory's recorded inputs"
 
 
@@ -83,7 +85,12 @@ def _stage_samples(entry: Entry, stage: str) -> list[float]:
 def result_records(run: BenchRun) -> list[dict[str, Any]]:
     """One record per (contestant, bucket), ratios filled in against the baseline of the same bucket."""
     cfg = run.components.preset.transformer
-    records = [_entry_record(run, e, cfg) for e in run.entries]
+    per_linear: dict[Any, dict[str, int]] = {}  # shape key -> FLOPs of each Linear, for FP8 contestants
+    records = []
+    for e in run.entries:
+        if e.contestant.fp8_linears and e.shape_key not in per_linear:
+            per_linear[e.shape_key] = linear_flops_by_name(run.components.transformer, e.shape_key)
+        records.append(_entry_record(run, e, cfg, per_linear.get(e.shape_key, {})))
     base = {r["bucket"]: r for r in records if r["contestant"] == BASELINE}
     for r in records:
         b = base.get(r["bucket"])
@@ -99,12 +106,32 @@ def _ratio(base: dict[str, Any] | None, rec: dict[str, Any], stage: str) -> floa
     return base["stages"][stage]["median_s"] / rec["stages"][stage]["median_s"]
 
 
-def _entry_record(run: BenchRun, e: Entry, cfg: Any) -> dict[str, Any]:
+def fp8_flops(e: Entry, flops: ForwardFlops, per_linear: dict[str, int]) -> int:
+    """FLOPs of one forward that the contestant runs in FP8: its FP8 Linears (+ attention when FP8)."""
+    linear = sum(per_linear.get(name, 0) for name in e.contestant.fp8_linears)
+    return linear + (flops.attention if e.contestant.fp8_attention else 0)
+
+
+def _peak(run: BenchRun, e: Entry, flops: ForwardFlops, f8: int) -> float | None:
+    """The contestant's peak TFLOP/s: the bf16/FP8 mix it runs for torch FP8 contestants (f8 known), the
+    precision's peak otherwise (an engine artifact's mix is not known here: its FP8 peak)."""
+    if run.device.type != "cuda":
+        return None
+    if e.contestant.precision in FP8_PRECISIONS and f8:
+        import torch
+
+        bf16, fp8 = gpu_peaks(torch.cuda.get_device_name(run.device))
+        return mixed_peak_tflops(bf16, fp8, f8, flops.total)
+    return peak_tflops(run.device, e.contestant.precision)
+
+
+def _entry_record(run: BenchRun, e: Entry, cfg: Any, per_linear: dict[str, int]) -> dict[str, Any]:
     stats = {s: summarize(_stage_samples(e, s)) for s in STAGES}
     flops = transformer_flops(cfg, e.shape_key)
     step = stats["step"]
     tflops = flops.total / step.median / 1e12 if step else None
-    peak = peak_tflops(run.device, e.contestant.precision)
+    f8 = fp8_flops(e, flops, per_linear)
+    peak = _peak(run, e, flops, f8)
     notes: dict[str, str] = {}
     for s in e.samples:
         notes.update(s.notes)
@@ -125,11 +152,18 @@ def _entry_record(run: BenchRun, e: Entry, cfg: Any) -> dict[str, Any]:
         "skipped": e.skipped,
         "stages": {s: (v.to_dict() if v else None) for s, v in stats.items()},
         "stage_notes": notes,
-        "flops_per_step": {"linear": flops.linear, "attention": flops.attention, "total": flops.total},
+        "flops_per_step": {
+            "linear": flops.linear,
+            "attention": flops.attention,
+            "total": flops.total,
+            "fp8": f8,
+        },
         "tflops": tflops,
         "peak_tflops": peak,
         "pct_of_peak": 100.0 * tflops / peak if tflops and peak else None,
-        "peak_memory_bytes": max(e.peak_memory) if e.peak_memory else None,
+        "peak_memory_bytes": max(e.peak_memory) if e.peak_memory else None,  # above the shared weights
+        "weights_bytes": e.weights_bytes,  # what opening it added: its own weights
+        "dynamo": e.dynamo,
         "load_s": e.load_s,
         "first_edit_s": e.first_edit_s,
         "cold_start_s": cold,
@@ -141,6 +175,7 @@ def _entry_record(run: BenchRun, e: Entry, cfg: Any) -> dict[str, Any]:
             "psnr_db": _finite(q.psnr_db),
             "psnr_identical": math.isinf(q.psnr_db),
             "step_rel_l2": [_finite(x) for x in q.step_rel_l2],
+            "steps": list(q.steps),
             "step_rel_l2_max": _finite(q.rel_l2_max),
             "step_rel_l2_mean": _finite(q.rel_l2_mean),
             "method": QUALITY_METHOD,
@@ -165,6 +200,7 @@ _COLUMNS = (
     ("TFLOP/s", 8),
     ("%peak", 6),
     ("peak MB", 8),
+    ("wts MB", 7),
     ("cold s", 7),
     ("PSNR dB", 8),
     ("relL2 max", 10),
@@ -200,6 +236,7 @@ def _row(r: dict[str, Any]) -> list[str]:
         _num(r["tflops"], ".3g"),
         _num(r["pct_of_peak"], ".1f"),
         "-" if mem is None else f"{mem / 2**20:.0f}",
+        "-" if r.get("weights_bytes") is None else f"{r['weights_bytes'] / 2**20:.0f}",
         _num(r["cold_start_s"], ".1f"),
         psnr,
         "-" if q is None else _num(q["step_rel_l2_max"], ".2e"),
@@ -227,14 +264,19 @@ def format_table(run_rec: dict[str, Any], records: list[dict[str, Any]]) -> str:
             )
         )
     ref = next((r["quality"]["reference"] for r in records if r["quality"]), "-")
+    loaded = "all contestants loaded" if run_rec["schedule"] == "interleaved" else "one at a time"
     lines += [
         "",
         f"x base / x step: {BASELINE} median / this contestant's median, end to end / per transformer "
         "step (> 1: faster), same bucket, same run.",
-        f"step: one transformer forward. TFLOP/s: engine.flops (linear + attention) / median step. "
-        f"peak MB: {run_rec['memory_kind']} (whole process on CPU).",
-        f"PSNR: final image vs the reference ({ref}). relL2 max: worst step, the contestant's "
-        "transformer fed the reference trajectory's inputs ('-': the reference's own module).",
+        "step: one transformer forward. TFLOP/s: engine.flops (linear + attention) / median step; %peak "
+        "against the peak of the precision mix run (FP8 Linears at the FP8 peak, the rest at bf16's).",
+        f"peak MB: {run_rec['memory_kind']} above what was in use before the contestant opened (shared "
+        f"weights excluded; {loaded}); "
+        "wts MB: what opening it added (its own weights).",
+        f"PSNR: final image vs the reference ({ref}), printed, not gated. relL2 max: worst replayed step, "
+        "the contestant's transformer fed the reference trajectory's inputs ('-': the reference's own "
+        "module); the quality gate.",
         "cold s: opening the contestant (copy, quantize, calibrate; its first bucket only) + its first "
         "edit - its median edit: compiles and graph captures. Within one run, graphs an earlier "
         "contestant compiled hit inductor's on-disk cache.",
@@ -244,6 +286,11 @@ def format_table(run_rec: dict[str, Any], records: list[dict[str, Any]]) -> str:
         lines.append(
             "*: " + "; ".join(f"text ms = {n}" for n in sorted(noted)) + " (outside its end-to-end time)."
         )
+    counted = [r for r in records if r.get("dynamo") and r["dynamo"]["graphs"]]
+    for r in {r["contestant"]: r for r in counted}.values():
+        d = r["dynamo"]
+        lines.append(f"dynamo {r['contestant']}: {d['graphs']} graphs, {d['graph_breaks']} graph breaks, "
+                     f"{d['recompiles']} recompiles")  # fmt: skip
     lines += [f"note: {n}" for n in run_rec["notes"]]
     broken = {k: v for k, v in run_rec["isolation"].items() if v != "ok"}
     if run_rec["isolation"]:

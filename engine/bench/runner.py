@@ -1,15 +1,12 @@
-"""`kontext bench`: every contestant on the same weights, inputs and seeds.
+"""`kontext bench`: every contestant on the same weights, inputs and seeds; the config, the entries,
+contestant selection and what each schedule shares (open, timed edit, quality, free, isolation).
 
-Two schedules.
-- interleaved (default): per bucket, warm-up edits (discarded), then `repeats` rounds; each round runs
-  every contestant once, in an order rotated by one per round, so drift and position effects (noise on
-  our CPUs is +-20-30% per run) fall on everyone alike. Every contestant is loaded for the whole run.
-- sequential (GPU runs of the 12B model): one contestant at a time is loaded, warmed up, timed over
-  every bucket, checked for quality, then freed, so device memory holds the baseline and ONE contestant
-  (bf16 transformer 24 GB + T5 9.5 GB + an FP8 copy ~12 GB on an H100). A deadline skips the contestants
-  that no longer fit, in the order given (list the important ones first), and `on_progress` is called
-  after each contestant so a killed run still leaves results.
+Two schedules: interleaved (the default, interleaved.py: every contestant loaded, rounds rotated) and
+sequential (GPU runs of the 12B model, sequential.py: one contestant at a time, a deadline counted from
+the start of the process). In both, any exception of one contestant is its result, never the run's end.
 Quality: one recorded reference edit per bucket (torch eager) and each contestant's replay of its steps.
+Memory: a contestant's peak is what it used above what was in use before it opened (the shared weights
+and the reference are not its own); its own weights (an FP8 copy, a fused QKV) are reported apart.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
-from tqdm.auto import tqdm
 
 from ..backends.torch import default_dtype, dtype_name
 from ..buckets import ShapeKey, buckets, shape_key
@@ -44,8 +40,9 @@ from .contestants import (
     torch_contestant,
 )
 from .isolation import changed, fingerprint
+from .machine import cpu_has_bf16
 from .quality import Quality, Reference, measure_quality, record_reference
-from .timing import PeakMemory, summarize
+from .timing import PeakMemory, memory_in_use, summarize
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +68,7 @@ class BenchConfig:
     guidance: float = 2.5
     progress: bool = True
     schedule: str = "interleaved"  # or "sequential" (see the module doc)
-    deadline_s: float | None = None  # sequential only: skip contestants that would end past it
+    deadline_s: float | None = None  # sequential only: seconds from PROCESS START; contestants past it skip
     profile: tuple[str, ...] = ()  # contestants whose one step is profiled (torch.profiler, CUDA)
 
     def __post_init__(self) -> None:
@@ -108,6 +105,9 @@ class Entry:
     )
     load_s: float | None = None  # opening the contestant (copy, quantize, calibrate); first bucket only
     profile: str | None = None  # torch.profiler's top kernels of one step, when asked for
+    memory_base: int = 0  # bytes in use before the contestant opened: subtracted from its peaks
+    weights_bytes: int | None = None  # what opening it added (its own weights: FP8 copy, fused QKV)
+    dynamo: dict[str, int] | None = None  # graphs, graph breaks, recompiles while it ran
 
 
 @dataclass
@@ -125,6 +125,7 @@ class BenchRun:
     memory_kind: str
     notes: list[str] = field(default_factory=list)
     isolation: dict[str, str] = field(default_factory=dict)  # contestant -> "ok" or what it changed
+    weights_bytes: dict[str, int] = field(default_factory=dict)  # contestant -> memory its opening added
     finished: bool = False
 
 
@@ -158,9 +159,7 @@ def select_contestants(
     """Resolve contestant names: 'diffusers', torch-{eager|compile|fp8}[+lever...] (backends.torch.LEVERS),
     'engines' (all artifacts of the manifest) or one artifact's name such as 'onnxruntime-int8'."""
     if names is None:
-        names = (BASELINE, "torch-eager", ENGINES)
-        if device.type == "cuda":
-            names += ("torch-compile", "torch-fp8")
+        names = default_contestants(device)
     out: list[Contestant] = []
     engines: list[Contestant] | None = None
     for name in names:
@@ -180,6 +179,17 @@ def select_contestants(
                 )
             out.extend(chosen)
     return list({c.name: c for c in out}.values())
+
+
+def default_contestants(device: torch.device, bf16_cpu: bool | None = None) -> tuple[str, ...]:
+    """diffusers, torch eager, the engines; on a GPU torch-compile and torch-fp8; on a CPU that multiplies
+    bf16 in hardware (AMX, AVX512-BF16: `bf16_cpu`, read from /proc/cpuinfo when None) torch-eager-bf16."""
+    names: tuple[str, ...] = (BASELINE, "torch-eager", ENGINES)
+    if device.type == "cuda":
+        return (*names, "torch-compile", "torch-fp8")
+    if cpu_has_bf16() if bf16_cpu is None else bf16_cpu:
+        return (*names, "torch-eager-bf16")
+    return names
 
 
 def _engines_or_note(
@@ -254,9 +264,13 @@ def run_bench(
         config, components, device, started, chosen, contestants, {}, [], PeakMemory(device).kind, notes
     )
     if config.schedule == "sequential":
-        _run_sequential(run, cases, on_progress)
+        from .sequential import run_sequential
+
+        run_sequential(run, cases, on_progress)
     else:
-        _run_interleaved(run, cases)
+        from .interleaved import run_interleaved
+
+        run_interleaved(run, cases)
     run.finished = True
     if on_progress is not None:
         on_progress(run)
@@ -270,109 +284,35 @@ def _reference(run: BenchRun, case: _Case) -> Reference:
     )
 
 
-def _run_interleaved(run: BenchRun, cases: list[_Case]) -> None:
-    config = run.config
-    baseline_print = fingerprint(run.components.transformer)
-    runners = _open_all(run)
-    meter = PeakMemory(run.device)
-    total = len(cases) * (config.warmup + config.repeats) * len(runners)
-    bar = tqdm(total=total, desc="bench", unit="edit", disable=not config.progress)
-    for i, case in enumerate(cases):
-        entries = {r.contestant.name: Entry(r.contestant, case.bucket, case.key) for r in runners}
-        if i == 0:
-            for name, entry in entries.items():
-                entry.load_s = run.load_seconds.get(name)
-        live = [r for r in runners if _serves(r, case.key, entries[r.contestant.name])]
-        bar.total -= (config.warmup + config.repeats) * (len(runners) - len(live))
-        for rnd in range(config.warmup + config.repeats):
-            warm = rnd < config.warmup
-            order = live[rnd % len(live) :] + live[: rnd % len(live)] if live else []
-            for runner in order:
-                entry = entries[runner.contestant.name]
-                if not entry.skipped:
-                    phase = "warm-up" if warm else f"round {rnd - config.warmup + 1}"
-                    bar.set_postfix_str(f"{case.bucket[0]}x{case.bucket[1]} {phase} {runner.contestant.name}")
-                    _timed_run(runner, case, run.config.prompt, entry, meter, keep=not warm)
-                bar.update()
-        bar.set_postfix_str(f"{case.bucket[0]}x{case.bucket[1]} quality vs the reference")
-        reference = _reference(run, case)
-        for runner in live:
-            _quality(entries[runner.contestant.name], runner, reference)
-        run.entries.extend(entries.values())
-    bar.close()
-    for runner in runners:
-        runner.close()
-    _check_isolation(run, "all contestants", baseline_print)
-
-
-def _run_sequential(run: BenchRun, cases: list[_Case], on_progress: Progress | None) -> None:
-    """One contestant at a time: open, warm up and time every bucket, replay, close, free."""
-    config = run.config
-    t_start = time.monotonic()
-    references = {case.bucket: _reference(run, case) for case in cases}
-    baseline_print = fingerprint(run.components.transformer)
-    meter = PeakMemory(run.device)
-    last_cost: float | None = None
-    for contestant in tqdm(run.contestants, desc="bench", unit="contestant", disable=not config.progress):
-        entries = [Entry(contestant, case.bucket, case.key) for case in cases]
-        run.entries.extend(entries)
-        left = None if config.deadline_s is None else config.deadline_s - (time.monotonic() - t_start)
-        if left is not None and (left <= 0 or (last_cost is not None and last_cost > left)):
-            need = f", the last contestant took {last_cost:.0f} s" if last_cost is not None else ""
-            for e in entries:
-                e.skipped = f"deadline: {max(left, 0):.0f} s left{need}"
-            log.warning("%s skipped: %s", contestant.name, entries[0].skipped)
-            if on_progress is not None:
-                on_progress(run)
-            continue
-        t0 = time.monotonic()
-        runner = _open(run, contestant, entries)
-        if runner is not None:
-            for case, entry in zip(cases, entries, strict=True):
-                if not _serves(runner, case.key, entry):
-                    continue
-                for rnd in range(config.warmup + config.repeats):
-                    _timed_run(runner, case, config.prompt, entry, meter, keep=rnd >= config.warmup)
-                _quality(entry, runner, references[case.bucket])
-                if contestant.name in config.profile:
-                    entry.profile = _profile_step(runner, references[case.bucket])
-            runner.close()
-            del runner
-            _free(run.device)
-            _check_isolation(run, contestant.name, baseline_print)
-            if run.device.type == "cuda":
-                held = torch.cuda.memory_allocated(run.device) / 2**30
-                log.info("%s freed: %.1f GiB still allocated", contestant.name, held)
-        last_cost = time.monotonic() - t0
-        if on_progress is not None:
-            on_progress(run)
-
-
 def _open(run: BenchRun, contestant: Contestant, entries: list[Entry]) -> EditRunner | None:
-    """Open one contestant, timing it; on a KontextError its entries say why it was skipped."""
+    """Open one contestant, timing it and what it added to memory; on any exception its entries say why
+    it was skipped and None is returned (a contestant that cannot open never ends the run)."""
     t0 = time.perf_counter()
+    before = memory_in_use(run.device)
     try:
         runner = open_runner(contestant, run.components, run.device, run.config.dtype)
-    except KontextError as e:
-        run.notes.append(f"{contestant.name} not loaded: {e}")
-        log.warning("%s not loaded: %s", contestant.name, e)
+    except Exception as e:
+        why = f"not loaded: {e}" if isinstance(e, KontextError) else f"failed to open: {failure(e)}"
+        run.notes.append(f"{contestant.name} {why}")
+        log.warning("%s %s", contestant.name, why, exc_info=not isinstance(e, KontextError))
         for entry in entries:
-            entry.skipped = f"not loaded: {e}"
+            entry.skipped = why
+        _free(run.device)
         return None
     seconds = time.perf_counter() - t0
     run.load_seconds[contestant.name] = seconds
+    run.weights_bytes[contestant.name] = max(memory_in_use(run.device) - before, 0)
     if entries:
         entries[0].load_s = seconds
+    for entry in entries:
+        entry.weights_bytes = run.weights_bytes[contestant.name]
     return runner
 
 
-def _open_all(run: BenchRun) -> list[EditRunner]:
-    runners = []
-    for c in tqdm(run.contestants, desc="load contestants", leave=False, disable=not run.config.progress):
-        runner = _open(run, c, [])
-        if runner is not None:
-            runners.append(runner)
-    return runners
+def failure(e: BaseException, limit: int = 400) -> str:
+    """'RuntimeError: what it said', one line, at most `limit` characters: an entry's reason."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _free(device: torch.device) -> None:
@@ -402,29 +342,42 @@ def _serves(runner: EditRunner, key: ShapeKey, entry: Entry) -> bool:
     return True
 
 
-def _quality(entry: Entry, runner: EditRunner, reference: Reference) -> None:
-    if entry.samples and not entry.skipped:
-        replay = None if runner.replay_is_reference else runner.replay_denoiser
-        entry.quality = measure_quality(replay, entry.samples[-1].image, reference)
+def _quality(
+    entry: Entry, runner: EditRunner, reference: Reference, run: BenchRun, steps: int | None = None
+) -> None:
+    """The entry's quality against the reference; a replay that raises is noted, never fatal."""
+    if not entry.samples or entry.skipped:
+        return
+    replay = None if runner.replay_is_reference else runner.replay_denoiser
+    try:
+        entry.quality = measure_quality(replay, entry.samples[-1].image, reference, steps)
+    except Exception as e:
+        run.notes.append(f"{entry.contestant.name}: quality replay failed: {failure(e)}")
+        log.warning("%s: quality replay failed", entry.contestant.name, exc_info=True)
 
 
 def _timed_run(
     runner: EditRunner, case: _Case, prompt: str, entry: Entry, meter: PeakMemory, keep: bool
-) -> None:
+) -> float | None:
+    """One edit: its sample and peak (above entry.memory_base) kept when `keep`; its wall seconds, or None
+    when it raised (the entry then says why: any exception, a contestant's failure is its own result)."""
     peaks: list[int] = []
     t0 = time.perf_counter()
     try:
         with meter.measure(peaks):
             sample = runner.run(case.image, prompt, case.settings)
-    except KontextError as e:
-        entry.skipped = f"failed: {e}"
-        log.warning("%s failed on %dx%d: %s", runner.contestant.name, *entry.bucket, e)
-        return
+    except Exception as e:
+        entry.skipped = f"failed: {failure(e)}"
+        log.warning("%s failed on %dx%d: %s", runner.contestant.name, *entry.bucket, entry.skipped,
+                    exc_info=not isinstance(e, KontextError))  # fmt: skip
+        return None
+    seconds = time.perf_counter() - t0
     if entry.first_edit_s is None:
-        entry.first_edit_s = time.perf_counter() - t0
+        entry.first_edit_s = seconds
     if keep:
         entry.samples.append(sample)
-        entry.peak_memory.extend(peaks)
+        entry.peak_memory.extend(max(p - entry.memory_base, 0) for p in peaks)
+    return seconds
 
 
 def _profile_step(runner: EditRunner, reference: Reference, top: int = 25) -> str:

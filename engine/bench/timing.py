@@ -1,13 +1,16 @@
 """Clocks and meters of the benchmark: per-call timing (CUDA events on a GPU), stage timing,
-peak memory (process RSS on CPU, torch.cuda.max_memory_allocated on GPU), median and p90."""
+peak memory (process RSS on CPU, torch.cuda.max_memory_allocated on GPU), the memory in use now,
+the age of this process (deadlines count its imports and the model build), median and p90."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -87,9 +90,39 @@ def timed(device: torch.device, into: dict[str, float], stage: str) -> Iterator[
     into[stage] = into.get(stage, 0.0) + time.perf_counter() - t0
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc; 0.0 where that cannot be read): a deadline given
+    to a fresh process then counts its interpreter start, imports and model build too."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])  # field 22 of stat(5), counted after the ")" that ends the name
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (Linux /proc/self/statm; no psutil, which the GPU image lacks)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes in use now: torch.cuda.memory_allocated on a GPU, else the process RSS."""
+    if device.type == "cuda":
+        synchronize(device)
+        return int(torch.cuda.memory_allocated(device))
+    return rss_bytes()
+
+
 class PeakMemory:
     """Peak memory while a block runs: torch.cuda.max_memory_allocated on a GPU, else the process RSS
-    sampled every `interval` seconds by a thread (RSS covers the whole process: every loaded contestant)."""
+    sampled every `interval` seconds by a thread. Both count the whole process (shared weights, every
+    loaded contestant); the runner subtracts what was in use before a contestant opened."""
 
     def __init__(self, device: torch.device, interval: float = 0.005) -> None:
         self.device = device
@@ -106,15 +139,12 @@ class PeakMemory:
             synchronize(self.device)
             into.append(int(torch.cuda.max_memory_allocated(self.device)))
             return
-        import psutil
-
-        proc = psutil.Process()
-        peak = [proc.memory_info().rss]
+        peak = [rss_bytes()]
         stop = threading.Event()
 
         def sample() -> None:
             while not stop.wait(self.interval):
-                peak[0] = max(peak[0], proc.memory_info().rss)
+                peak[0] = max(peak[0], rss_bytes())
 
         thread = threading.Thread(target=sample, name="bench-rss", daemon=True)
         thread.start()
@@ -123,5 +153,5 @@ class PeakMemory:
         finally:
             stop.set()
             thread.join()
-            peak[0] = max(peak[0], proc.memory_info().rss)
+            peak[0] = max(peak[0], rss_bytes())
             into.append(int(peak[0]))

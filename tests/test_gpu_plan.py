@@ -1,0 +1,72 @@
+"""The time plan of benchmarks/gpu_bench.sh (benchmarks/phases.py): given a budget and the phases'
+minimums and caps, which phases run and until when. The arithmetic only: nothing is timed here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.phases import KILL_GRACE_S, parse_phases, plan, slot
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = parse_phases("headline:150:0,cold:90:150,rest:90:0,attention:20:90,report:10:15,pytest:10:30")
+
+
+def test_every_phase_runs_inside_the_budget_when_each_takes_its_whole_slot():
+    slots = plan(480, GPU)
+    assert [s.seconds for s in slots] == [260, 90, 90, 20, 10, 10]  # 480 - the others' minimums first
+    assert sum(s.seconds for s in slots) == 480  # the reservations add up: never past the budget
+
+
+def test_time_a_phase_leaves_goes_to_the_next_ones():
+    slots = plan(480, GPU, durations={"headline": 180, "cold": 100})
+    by = {s.name: s.seconds for s in slots}
+    assert by["headline"] == 260 and by["cold"] == 150  # cold reaches its cap: 70 s were left over
+    assert by["rest"] == 480 - 180 - 100 - (20 + 10 + 10)
+    assert by["attention"] == 20 and by["pytest"] == 10
+
+
+def test_an_overrun_drops_the_last_phases_first_never_the_earlier_ones():
+    # 400 s gone (start-up was slow): 80 left; cold's 90 s minimum no longer fits, the rest does.
+    assert slot(480, 400, GPU[1:], "cold").seconds == 0
+    rest = slot(480, 400, GPU[2:], "rest")
+    assert rest.seconds == 0 and "under its minimum of 90 s" in rest.why
+    attention = slot(480, 400, GPU[3:], "attention")
+    assert attention.seconds == 80 - 20 and "reserved 20 s for report, pytest" in attention.why
+    assert slot(480, 475, GPU[4:], "report").seconds == 0  # 5 s left: under report's 10 s
+    assert slot(480, 470, GPU[4:], "report").seconds == 10  # pytest (last) gives up its reservation
+
+
+def test_a_phase_with_no_time_left_is_skipped_and_says_why():
+    s = slot(30, 22, parse_phases("headline:20:0,report:5:20"), "headline")
+    assert s.seconds == 0 and "8 s left" in s.why
+    with pytest.raises(ValueError, match="unknown phase"):
+        slot(480, 0, GPU, "nope")
+
+
+def test_the_script_calls_it_from_the_command_line():
+    spec = "headline:150:0,cold:90:150,rest:90:0,attention:20:90,report:10:15,pytest:10:30"
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.phases", "480", "30", "headline", spec],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert out.split()[0] == "230" and "reserved 220 s" in out
+    assert KILL_GRACE_S == 5  # gpu_bench.sh's run_phase asks a phase to stop 5 s before its deadline
+
+
+def test_the_scripts_own_plans_fit_their_budgets():
+    """gpu_bench.sh's phase lists (GPU, then dry run): every minimum fits the default budget, so a run
+    without overruns reaches every phase, and the slots add up to the budget."""
+    script = (ROOT / "benchmarks" / "gpu_bench.sh").read_text()
+    specs = [line.split('phases="', 1)[1].split('"', 1)[0] for line in script.splitlines()
+             if line.strip().startswith("phases=")]  # fmt: skip
+    assert len(specs) == 2
+    for spec, budget in zip(specs, (480, 240), strict=True):
+        phases = parse_phases(spec)
+        assert [p.name for p in phases] == ["headline", "cold", "rest", "attention", "report", "pytest"]
+        assert sum(p.min_s for p in phases) <= budget - 30  # 30 s for wheels, preflight and start-up
+        slots = plan(budget - 30, phases)
+        assert all(s.seconds > 0 for s in slots) and sum(s.seconds for s in slots) <= budget - 30
