@@ -1,20 +1,21 @@
 """Kontext engine: build and run FLUX.1 Kontext [dev] fast. Importing this module does no work.
 
-Usage: `with engine.load("build/tiny") as kontext: result = kontext.edit(image, "add a red hat", seed=0)`;
-result.image is the PIL image, result.timings the seconds per stage. load() takes a build folder, a
-preset name or a local weights path.
+Usage: `with engine.load("build/tiny") as kontext: result = kontext.edit(image, "add a red hat", seed=0)`,
+or `kontext.edit(engine.EditRequest.of(image, "add a red hat", seed=0))`; result.image is the PIL image,
+result.timings the seconds per stage. load() takes a build folder, a preset name or a local weights path.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
-__all__ = ["DenoiserTransformer", "KontextEngine", "kontext_pipeline", "load"]
+__all__ = ["DenoiserTransformer", "EditRequest", "KontextEngine", "__version__", "kontext_pipeline", "load"]
 
 if TYPE_CHECKING:
     from .adapters import DenoiserTransformer, kontext_pipeline
+    from .request import EditRequest
     from .runtime import KontextEngine, load
 
 _LAZY = {
@@ -22,6 +23,7 @@ _LAZY = {
     "KontextEngine": "runtime",
     "kontext_pipeline": "adapters",
     "DenoiserTransformer": "adapters",
+    "EditRequest": "request",
 }
 
 

@@ -11,8 +11,9 @@ import torch
 
 from engine import sampling
 from engine.backends.torch import TorchDenoiser
-from engine.config import EditSettings
+from engine.config import DEFAULT_GUIDANCE
 from engine.pipeline import KontextPipeline
+from engine.request import EditRequest
 
 from .conftest import gradient_image
 
@@ -20,7 +21,7 @@ PROMPT = "add a red hat to the cat"
 TOL = 1e-5
 
 
-def diffusers_latents(tiny, image, size, steps, seed, guidance=2.5) -> torch.Tensor:
+def diffusers_latents(tiny, image, size, steps, seed, guidance=DEFAULT_GUIDANCE) -> torch.Tensor:
     pipe = tiny.diffusers_pipeline()
     pipe.set_progress_bar_config(disable=True)
     w, h = size
@@ -40,10 +41,10 @@ def diffusers_latents(tiny, image, size, steps, seed, guidance=2.5) -> torch.Ten
     return out.images  # [1, N, 64] packed
 
 
-def our_latents(tiny, image, size, steps, seed, guidance=2.5) -> torch.Tensor:
+def our_latents(tiny, image, size, steps, seed, guidance=DEFAULT_GUIDANCE) -> torch.Tensor:
     pipe = KontextPipeline(tiny, TorchDenoiser(tiny.transformer))
-    settings = EditSettings(steps=steps, guidance=guidance, seed=seed, size=size)
-    return pipe.edit(image, PROMPT, settings, progress=False).latents
+    request = EditRequest(image, PROMPT, steps=steps, guidance=guidance, seed=seed, size=size)
+    return pipe.edit(request, progress=False).latents
 
 
 @pytest.mark.parametrize("size", [(128, 128), (80, 192)], ids=["square", "portrait"])

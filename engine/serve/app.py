@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from starlette.concurrency import run_in_threadpool
 
-from .. import __version__
 from ..errors import ImageError
 from ..images import load_image
+from ..version import __version__
 from . import jobs as J
 from .inputs import InputError, image_bytes, output_size
 from .keys import KeyRing

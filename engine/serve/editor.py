@@ -72,8 +72,8 @@ class LocalEditor:
         )
         # The engine's output path: AI disclosure and model in the metadata (never the prompt: prompts
         # can be private), C2PA-signed with the input as parent when the engine has a signer.
-        data = self.engine.encode(result, "JPEG" if job.output_format == "jpeg" else "PNG", source=job.image,
-                                  guidance=job.guidance)  # fmt: skip
+        data = self.engine.outputs.encode(result, "JPEG" if job.output_format == "jpeg" else "PNG",
+                                          source=job.image)  # fmt: skip
         return EditOutput(
             data, MEDIA_TYPES[job.output_format], result.size, dict(result.timings), result.backend
         )

@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import DEFAULT_GUIDANCE as DEFAULT_GUIDANCE  # the edit defaults: config owns them
+from ..config import DEFAULT_STEPS
 from ..errors import ConfigError
 
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
@@ -14,8 +16,6 @@ LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
 MAX_PROMPT_CHARS = 4096
 STEPS_RANGE = (1, 50)
 GUIDANCE_RANGE = (0.0, 10.0)
-DEFAULT_STEPS = 28
-DEFAULT_GUIDANCE = 2.5
 
 
 def is_loopback(host: str) -> bool:
