@@ -20,6 +20,7 @@ from .errors import ConfigError, KontextError, ModeratedError
 from .manifest import PROFILE_MODES
 
 if TYPE_CHECKING:
+    from .bench import BenchConfig
     from .pipeline import EditResult
     from .provenance import ProvenanceSigner
     from .request import EditRequest
@@ -485,7 +486,23 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, BenchRun, run_bench, write_results
+    from .bench import BenchRun, run_bench, write_results
+
+    config = _bench_config(args)
+
+    def save(run: BenchRun) -> None:  # after each contestant: a killed run still leaves results
+        write_results(run, args.out, chart=False)
+
+    table, files = write_results(run_bench(config, on_progress=save), args.out, chart=not args.no_chart)
+    print(table)
+    written = [files.jsonl, files.table, files.chart, files.profile]
+    print("\nwrote " + ", ".join(str(p) for p in written if p is not None))
+    return 0
+
+
+def _bench_config(args: argparse.Namespace) -> BenchConfig:
+    """BenchConfig of `kontext bench`'s flags; steps: the model's default (runtime.default_steps)."""
+    from .bench import BenchConfig
     from .runtime import default_steps
 
     def names(text: str | None) -> tuple[str, ...] | None:
@@ -495,7 +512,7 @@ def _bench(args: argparse.Namespace) -> int:
         bucket_list = None if args.buckets is None else tuple(_size(s) for s in names(args.buckets) or ())
     except argparse.ArgumentTypeError as e:
         raise ConfigError(f"--buckets: {e}") from None
-    config = BenchConfig(
+    return BenchConfig(
         model=args.model,
         steps=args.steps if args.steps is not None else default_steps(args.model),
         repeats=args.repeats,
@@ -513,15 +530,6 @@ def _bench(args: argparse.Namespace) -> int:
         deadline_s=args.deadline_s,
         profile=names(args.profile) or (),
     )
-
-    def save(run: BenchRun) -> None:  # after each contestant: a killed run still leaves results
-        write_results(run, args.out, chart=False)
-
-    table, files = write_results(run_bench(config, on_progress=save), args.out, chart=not args.no_chart)
-    print(table)
-    written = [files.jsonl, files.table, files.chart, files.profile]
-    print("\nwrote " + ", ".join(str(p) for p in written if p is not None))
-    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

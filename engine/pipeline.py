@@ -159,6 +159,8 @@ class KontextPipeline:
         vec = vec.repeat(batch, 1)  # [B, D_pooled]
         return txt, vec, sampling.text_ids(txt.shape[1], self.device)
 
+    # Mirrors diffusers pipelines/flux/pipeline_flux_kontext.py::FluxKontextPipeline._get_clip_prompt_embeds (v0.42)  # noqa: E501
+    # Mirrors diffusers pipelines/flux/pipeline_flux_kontext.py::FluxKontextPipeline._get_t5_prompt_embeds (v0.42)  # noqa: E501
     def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Run CLIP and T5 -> T5 states [1, L, D_txt], CLIP pooled [1, D_pooled], in the pipeline's dtype."""
         c = self.components
@@ -176,6 +178,8 @@ class KontextPipeline:
         txt = c.text_encoder_2(t5_ids.to(self.device), output_hidden_states=False)[0]
         return txt.to(self.dtype), vec.to(self.dtype)
 
+    # Mirrors diffusers pipelines/flux/pipeline_flux_kontext.py::FluxKontextPipeline._encode_vae_image (v0.42)
+    # (argmax latents, shifted and scaled), then packed
     @torch.inference_mode()
     def encode_image(self, image: Image.Image, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """RGB image already at its bucket size -> context tokens [B, M, 64] and ids [M, 3] (index 1)."""
@@ -186,6 +190,8 @@ class KontextPipeline:
         ctx = sampling.pack(latents).repeat(batch, 1, 1)
         return ctx, sampling.image_ids(image.height, image.width, index=1, device=self.device)
 
+    # Mirrors diffusers pipelines/flux/pipeline_flux_kontext.py::FluxKontextPipeline.__call__ (v0.42)
+    # (its output_type="pil" tail: unpack, unscale, unshift, VAE decode)
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> Image.Image:
         """Packed latents [1, N, 64] of an image of `size` (w, h) -> PIL image."""
