@@ -1,9 +1,11 @@
 """EditRequest: one typed edit, validated once where it is made.
 
-`Session.edit`, `KontextEngine.edit` and `KontextPipeline.edit` take it; the server builds one per job;
-the CLI builds one from argv. A new edit option is one field here, not a keyword threaded through five
-signatures. Images are already decoded (PIL) or already encoded (`EncodedImage`): decoding and its
-limits belong to images.load_image, which `EditRequest.of` calls for paths and bytes.
+`KontextEngine.edit(request)`, `Session.edit(request)` and `KontextPipeline.edit(request)` take it; the
+server builds one per job, the CLI one from argv. `engine.edit(image, prompt, seed=..., ...)` is the same
+call spelled with keywords: it builds `EditRequest.of(image, prompt, ...)`. A new edit option is one
+field here, not a keyword threaded through five signatures. Images are already decoded (PIL) or already
+encoded (`EncodedImage`): decoding and its limits belong to images.load_image, which `EditRequest.of`
+calls for paths and bytes.
 """
 
 from __future__ import annotations

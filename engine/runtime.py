@@ -7,6 +7,9 @@ VAE, transformer) and the denoiser. Denoisers are safe to call concurrently: ONN
 session.run is thread-safe (one IOBinding per call); torch forward under inference_mode mutates
 nothing; TensorRT keeps a context per (plan, shape key, worker) and checks a worker out per call.
 So concurrent edits give exactly the results of the same edits run one by one.
+
+(Over 400 lines: the engine and its loader, resolve() then assemble(), read best together; output
+writing is outputs.OutputWriter, the request is request.EditRequest.)
 """
 
 from __future__ import annotations

@@ -164,10 +164,9 @@ def capture_reference(
     for j, key in enumerate(tqdm(others, desc="reference (batch, refs)", unit="key", leave=False)):
         image, references = reference_edit(key, family, refs, j)
         rec.reset(keep={0, steps - 1})
-        prompt = prompts[j % len(prompts)][1]
-        refs = tuple(references)
-        request = EditRequest(image, prompt, steps, seed=j, references=refs, num_images=key.batch)
-        got = _run_edit(pipe, rec, request)
+        edit = EditRequest(image, prompts[j % len(prompts)][1], steps, seed=j, references=tuple(references),
+                           num_images=key.batch)  # fmt: skip
+        got = _run_edit(pipe, rec, edit)
         if got != key:
             raise BuildError(f"the reference edit for {key} ran at {got}; check reference_edit")
         out[key] = _samples(rec.calls, with_output=True)
