@@ -1,8 +1,8 @@
 """Kontext engine: build and run FLUX.1 Kontext [dev] fast. Importing this module does no work.
 
-Usage: `with engine.load("build/tiny") as kontext: result = kontext.edit(image, "add a red hat", seed=0)`;
-result.image is the PIL image, result.timings the seconds per stage. load() takes a build folder, a
-preset name or a local weights path.
+Usage: `with engine.load("build/tiny") as kontext: result = kontext.edit(image, "add a red hat", seed=0)`,
+or `kontext.edit(engine.EditRequest.of(image, "add a red hat", seed=0))`; result.image is the PIL image,
+result.timings the seconds per stage. load() takes a build folder, a preset name or a local weights path.
 """
 
 from __future__ import annotations
@@ -10,22 +10,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
-__all__ = ["DenoiserTransformer", "KontextEngine", "kontext_pipeline", "load"]
+__all__ = ["DenoiserTransformer", "EditRequest", "KontextEngine", "__version__", "kontext_pipeline", "load"]
 
 _LAZY = {
     "load": "runtime",
     "KontextEngine": "runtime",
     "kontext_pipeline": "adapters",
     "DenoiserTransformer": "adapters",
+    "EditRequest": "request",
 }
 
 
 def __getattr__(name: str) -> Any:
     """Import the public API on first use (torch and diffusers are heavy). Its types are in __init__.pyi
-    (the lazy_loader convention), so the package imports none of its modules, not even for type checking:
-    every module may import the package without a cycle."""
+    (the lazy_loader convention), so the package imports no module but version.py, not even for type
+    checking: every module may import the package without a cycle."""
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,7 @@ loaded engine's other modules (nothing is monkeypatched).
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,6 +17,8 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .runtime import KontextEngine
+
+log = logging.getLogger(__name__)
 
 
 class DenoiserTransformer(torch.nn.Module):
@@ -104,9 +107,23 @@ def as_transformer(engine: KontextEngine) -> DenoiserTransformer:
 
 def kontext_pipeline(engine: KontextEngine) -> Any:
     """diffusers' FluxKontextPipeline with our engine as its transformer and the engine's own VAE,
-    text encoders, tokenizers and scheduler config. One call; nothing patched."""
+    text encoders, tokenizers and scheduler config. One call; nothing patched.
+
+    Unchecked: this is diffusers' pipeline, not KontextEngine.edit. Its calls skip the engine's safety
+    policy (no prompt, input or output filters, no review hold) and its images carry no metadata, AI
+    disclosure or C2PA signature (engine.outputs). It is for comparing against diffusers and for diffusers
+    tooling; under the real model's licence, run the filters yourself (engine.safety.check_request and
+    check_output) and write files with engine.outputs, or use engine.edit. A warning is logged when the
+    engine's policy is not off.
+    """
     from diffusers import FluxKontextPipeline
 
+    if not engine.safety.off:
+        log.warning(
+            "kontext_pipeline: diffusers' pipeline skips the engine's safety policy (%s) and output "
+            "metadata; use engine.edit and engine.outputs for outputs you share",
+            ",".join(engine.safety.names),
+        )
     c = engine.components
     return FluxKontextPipeline(
         scheduler=c.scheduler(),

@@ -133,6 +133,22 @@ def shape_key(
     return ShapeKey(batch, tokens(*target), context_tokens, text_tokens)
 
 
+def edit_key(
+    image_size: tuple[int, int],
+    size: tuple[int, int] | None,
+    family: str,
+    text_tokens: int,
+    references: Sequence[tuple[int, int]] = (),
+    batch: int = 1,
+) -> ShapeKey:
+    """The shape key of an edit, the one rule the pipeline (PreparedEdit.shape_key) and the dispatcher
+    share: the context is the input (w, h) at its nearest bucket plus each reference (w, h) at its
+    reference bucket; the target is `size` (None: the input's bucket); `batch` images."""
+    bucket = nearest_bucket(*image_size, family)
+    refs = [reference_bucket(w, h, family, len(references)) for w, h in references]
+    return shape_key(size or bucket, bucket, text_tokens, batch, refs)
+
+
 # ------------------------------------------------------------------ reference images
 
 

@@ -11,25 +11,27 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .build.backend import BUILD_BACKENDS
+from .config import DEFAULT_GUIDANCE, DEFAULT_PROMPT, LoadOptions
 from .errors import ConfigError, KontextError, ModeratedError
 from .manifest import PROFILE_MODES
 
 if TYPE_CHECKING:
+    from .bench import BenchConfig
     from .pipeline import EditResult
     from .provenance import ProvenanceSigner
+    from .request import EditRequest
     from .runtime import KontextEngine
     from .safety import SafetyPolicy
-
-if TYPE_CHECKING:
-    from .pipeline import EditResult
+    from .serve.settings import ServeSettings
 
 log = logging.getLogger("engine.cli")
 
-DEFAULT_PROMPT = "add a small red hat"
+STEPS_HELP = "denoising steps (default: the model's, 8 on tiny and small, 28 on full and real weights)"
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -56,10 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the edit instruction")
     e.add_argument("-o", "--output", type=Path, default=Path("build/edit.png"), help="output .png or .jpg")
     e.add_argument("--model", default="tiny", help=MODEL_HELP)
+    e.add_argument("--steps", type=int, default=None, help=STEPS_HELP)
     e.add_argument(
-        "--steps", type=int, default=None, help="denoising steps (default 28; 8 on synthetic presets)"
+        "--guidance",
+        type=float,
+        default=DEFAULT_GUIDANCE,
+        help=f"embedded guidance (default {DEFAULT_GUIDANCE})",
     )
-    e.add_argument("--guidance", type=float, default=2.5, help="embedded guidance (default 2.5)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--size", type=_size, default=None, help="output WxH; default: the input's bucket")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -99,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time diffusers, torch and the built engines on the same edits")
     b.add_argument("--model", default="tiny", help=MODEL_HELP)
-    b.add_argument("--steps", type=int, default=None, help="denoising steps (default 4 synthetic, 28 real)")
+    b.add_argument("--steps", type=int, default=None, help=STEPS_HELP)
     b.add_argument("--repeats", type=int, default=3, help="timed rounds per bucket (default 3)")
     b.add_argument("--warmup", type=int, default=1, help="discarded rounds per bucket (default 1)")
     b.add_argument("--buckets", default=None, help="WxH,WxH,...; default: the square and two extreme aspects")
@@ -123,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--image", type=Path, default=None, help="input image (default: the bundled sample)")
     b.add_argument("--prompt", default=DEFAULT_PROMPT)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--guidance", type=float, default=2.5)
+    b.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -221,7 +226,7 @@ def _serve_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     auth.add_argument("--no-auth", action="store_true", help="no API keys (loopback hosts only)")
     s.add_argument("--data", type=Path, default=Path("build/serve"), help="job store and results")
     s.add_argument("--result-ttl", type=float, default=600.0, help="seconds results and sample URLs live")
-    s.add_argument("--steps", type=int, default=None, help="default steps (28; 8 on synthetic presets)")
+    s.add_argument("--steps", type=int, default=None, help=f"default {STEPS_HELP}")
     s.add_argument("--max-body-mb", type=float, default=48.0, help="request body limit in MiB")
     s.add_argument("--drain-timeout", type=float, default=60.0, help="SIGTERM: seconds to finish jobs")
     s.add_argument("--public-url", default=None, help="base of polling/sample URLs (behind a proxy)")
@@ -324,26 +329,19 @@ def _edit(args: argparse.Namespace) -> int:
     """`kontext edit`: a preset or weights path (torch eager), or `--engine build/...` (its artifacts),
     both through the runtime API that servers embed. --then chains edits through a session; --num-images
     and --then write OUT-1.png, OUT-2.png, ..."""
-    from dataclasses import replace
 
-    from . import assets
+    from .assets import sample_image_path
     from .backends.torch import check_options, parse_levers
-    from .config import EditSettings, LoadOptions
-    from .images import load_image, output_format
+    from .images import output_format
     from .lora import LoraSpec
     from .runtime import load
 
-    # Validate the knobs, the images, the filters and the signer before loading a model (a minute).
-    if args.steps is not None:
-        EditSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, size=args.size)
+    # Validate the request, the images, the filters and the signer before loading a model (a minute).
     if args.then and args.num_images != 1:
         raise ConfigError("--then edits one image per turn: drop --num-images, or run the turns separately")
-    if not 1 <= args.num_images <= 64:
-        raise ConfigError(f"--num-images must be between 1 and 64, got {args.num_images}")
     output_format(args.output)
-    image_path = Path(args.image) if args.image else assets.sample_image_path()
-    image = load_image(image_path)
-    refs = [load_image(Path(r)) for r in args.ref]
+    image_path = Path(args.image) if args.image else sample_image_path()
+    request = _edit_request(args, image_path)
     loras = [LoraSpec.parse(text) for text in args.lora]
     torch_options = replace(parse_levers(args.levers), compile_cache=args.compile_cache)
     check_options(args.torch_mode, torch_options)
@@ -352,28 +350,36 @@ def _edit(args: argparse.Namespace) -> int:
     options = LoadOptions(backend=args.backend, precision=args.precision, device=_device(args.device),
                           miss_policy=args.miss_policy, threads=args.threads,
                           torch_mode=args.torch_mode)  # fmt: skip
+    progress = not args.no_progress
     with load(source, options=options, safety=policy, signer=signer, torch_options=torch_options,
               loras=loras) as kontext:  # fmt: skip
         extra = {  # recorded in every output's metadata
             "references": ",".join(Path(r).name for r in args.ref) or None,
             "loras": ",".join(f"{spec.path.name}:{spec.scale:g}" for spec in loras) or None,
         }
-        knobs = {"seed": args.seed, "steps": args.steps, "guidance": args.guidance, "size": args.size,
-                 "references": refs, "progress": not args.no_progress}  # fmt: skip
         if args.then:  # a session: each turn edits the previous turn's output
-            session = kontext.session(image)
+            session = kontext.session(image_path)
             previous: Path = image_path
             for turn, prompt in enumerate([args.prompt, *args.then], start=1):
-                result = session.edit(prompt, **knobs)
+                result = session.edit(replace(request, prompt=prompt), progress=progress)
                 path = _numbered(args.output, turn)
-                _save(kontext, result, 0, path, previous, prompt, args, extra)
+                _save(kontext, result, 0, path, previous, args, extra)
                 previous = path
             return 0
-        result = kontext.edit(image, args.prompt, num_images=args.num_images, **knobs)
+        result = kontext.edit(request, progress=progress)
         for i in range(len(result.images)):
             path = args.output if args.num_images == 1 else _numbered(args.output, i + 1)
-            _save(kontext, result, i, path, image_path, args.prompt, args, extra)
+            _save(kontext, result, i, path, image_path, args, extra)
     return 0
+
+
+def _edit_request(args: argparse.Namespace, image: Path) -> EditRequest:
+    """The EditRequest of `kontext edit`'s flags: steps None stays None (the engine's default_steps)."""
+    from .request import EditRequest
+
+    return EditRequest.of(image, args.prompt, references=[Path(r) for r in args.ref], steps=args.steps,
+                          guidance=args.guidance, seed=args.seed, size=args.size,
+                          num_images=args.num_images)  # fmt: skip
 
 
 def _numbered(output: Path, n: int) -> Path:
@@ -387,14 +393,13 @@ def _save(
     index: int,
     path: Path,
     source: Path,
-    prompt: str,
     args: argparse.Namespace,
     extra: dict[str, str | None],
 ) -> None:
     """Write image `index` of `result` through the engine (metadata, C2PA, review hold), and say where."""
-    saved = kontext.save(result, path, index=index, source=source, prompt=prompt, guidance=args.guidance,
-                         include_prompt=not args.no_prompt_metadata, review_dir=args.review_dir,
-                         extra=extra)  # fmt: skip
+    saved = kontext.outputs.save(result, path, index=index, source=source,
+                                 include_prompt=not args.no_prompt_metadata, review_dir=args.review_dir,
+                                 extra=extra)  # fmt: skip
     what = f"{result.size[0]}x{result.size[1]}, {len(result.step_times)} steps, " + (
         f"{result.timings['total']:.2f}s, {result.backend}" + (", C2PA-signed" if saved.signed else "")
     )
@@ -480,7 +485,24 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, BenchRun, run_bench, write_results
+    from .bench import BenchRun, run_bench, write_results
+
+    config = _bench_config(args)
+
+    def save(run: BenchRun) -> None:  # after each contestant: a killed run still leaves results
+        write_results(run, args.out, chart=False)
+
+    table, files = write_results(run_bench(config, on_progress=save), args.out, chart=not args.no_chart)
+    print(table)
+    written = [files.jsonl, files.table, files.chart, files.profile]
+    print("\nwrote " + ", ".join(str(p) for p in written if p is not None))
+    return 0
+
+
+def _bench_config(args: argparse.Namespace) -> BenchConfig:
+    """BenchConfig of `kontext bench`'s flags; steps: the model's default (runtime.default_steps)."""
+    from .bench import BenchConfig
+    from .runtime import default_steps
 
     def names(text: str | None) -> tuple[str, ...] | None:
         return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
@@ -489,10 +511,9 @@ def _bench(args: argparse.Namespace) -> int:
         bucket_list = None if args.buckets is None else tuple(_size(s) for s in names(args.buckets) or ())
     except argparse.ArgumentTypeError as e:
         raise ConfigError(f"--buckets: {e}") from None
-    synthetic = args.model in ("tiny", "small")
-    config = BenchConfig(
+    return BenchConfig(
         model=args.model,
-        steps=args.steps if args.steps is not None else (4 if synthetic else 28),
+        steps=args.steps if args.steps is not None else default_steps(args.model),
         repeats=args.repeats,
         warmup=args.warmup,
         buckets=bucket_list or None,
@@ -509,29 +530,71 @@ def _bench(args: argparse.Namespace) -> int:
         profile=names(args.profile) or (),
     )
 
-    def save(run: BenchRun) -> None:  # after each contestant: a killed run still leaves results
-        write_results(run, args.out, chart=False)
-
-    table, files = write_results(run_bench(config, on_progress=save), args.out, chart=not args.no_chart)
-    print(table)
-    written = [files.jsonl, files.table, files.chart, files.profile]
-    print("\nwrote " + ", ".join(str(p) for p in written if p is not None))
-    return 0
-
 
 def _serve(args: argparse.Namespace) -> int:
     """`kontext serve`: the engine loads (and warms up) in the background; /readyz turns 200 after."""
-    from .config import is_synthetic
     from .serve.keys import KeyRing
-    from .serve.settings import ServeSettings
 
     if args.keys is None and not args.no_auth:
         raise ConfigError(
             "kontext serve needs --keys FILE (from `kontext keys new --file FILE`) or --no-auth"
         )
-    source = args.engine if args.engine is not None else (args.model or "tiny")
-    synthetic = args.engine is None and is_synthetic(str(source))
-    settings = ServeSettings(
+    source = _serve_source(args)
+    settings = _serve_settings(args)
+    keys = KeyRing.load(args.keys) if args.keys is not None else None
+    device = _device(args.device)
+    policy, signer = _safety(args)
+    if args.verbose == 0:
+        logging.getLogger("engine.serve").setLevel(logging.INFO)  # recoveries, drains, reaps
+    load_options = LoadOptions(
+        backend=args.backend, precision=args.precision, device=device, miss_policy=args.miss_policy
+    )
+    if args.ray:
+        from .serve.ray_app import RayOptions, run_ray
+
+        gpus = (
+            args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
+        )
+        options = RayOptions(replicas=args.replicas, max_replicas=args.max_replicas, gpus_per_replica=gpus,
+                             address=args.address)  # fmt: skip
+        if policy is not None and policy.names not in ((), ("off",), ("review",)):
+            raise ConfigError("kontext serve --ray takes --safety off or review; filters with models run in "
+                              "the local server (kontext serve without --ray) for now")  # fmt: skip
+        if signer is not None:
+            raise ConfigError("kontext serve --ray does not sign outputs yet; drop --c2pa-cert/--c2pa-key")
+        safety = policy.names[0] if policy is not None and policy.names else None
+        return run_ray(settings, str(source), load_options, options, keys, safety=safety)
+
+    from .serve.editor import LocalEditor
+    from .serve.server import run
+
+    def editor() -> LocalEditor:
+        from .runtime import load
+
+        kontext = load(
+            source, options=replace(load_options, workers=settings.workers), safety=policy, signer=signer
+        )
+        kontext.warmup()
+        return LocalEditor(kontext)
+
+    print(
+        f"kontext serve: http://{settings.host}:{settings.port} (engine loading; /readyz turns 200 when warm)"
+    )
+    return run(settings, editor, keys)
+
+
+def _serve_source(args: argparse.Namespace) -> str | Path:
+    """What `kontext serve` loads: --engine, else --model (default tiny)."""
+    return args.engine if args.engine is not None else (args.model or "tiny")
+
+
+def _serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """ServeSettings of `kontext serve`'s flags; default steps: the model's (runtime.default_steps),
+    the same value `kontext edit` runs for the same --model or --engine."""
+    from .runtime import default_steps
+    from .serve.settings import ServeSettings
+
+    return ServeSettings(
         data=args.data,
         host=args.host,
         port=args.port,
@@ -546,48 +609,8 @@ def _serve(args: argparse.Namespace) -> int:
         review=args.review,
         drain_timeout=args.drain_timeout,
         public_url=args.public_url,
-        default_steps=args.steps if args.steps is not None else (8 if synthetic else 28),
+        default_steps=args.steps if args.steps is not None else default_steps(_serve_source(args)),
     )
-    keys = KeyRing.load(args.keys) if args.keys is not None else None
-    device = _device(args.device)
-    policy, signer = _safety(args)
-    if args.verbose == 0:
-        logging.getLogger("engine.serve").setLevel(logging.INFO)  # recoveries, drains, reaps
-    load_kwargs = {"backend": args.backend, "precision": args.precision, "device": device,
-                   "miss_policy": args.miss_policy}  # fmt: skip
-    if args.ray:
-        from .serve.ray_app import RayOptions, run_ray
-
-        gpus = (
-            args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
-        )
-        options = RayOptions(replicas=args.replicas, max_replicas=args.max_replicas, gpus_per_replica=gpus,
-                             address=args.address)  # fmt: skip
-        if policy is not None and policy.names not in ((), ("off",), ("review",)):
-            raise ConfigError("kontext serve --ray takes --safety off or review; filters with models run in "
-                              "the local server (kontext serve without --ray) for now")  # fmt: skip
-        if signer is not None:
-            raise ConfigError("kontext serve --ray does not sign outputs yet; drop --c2pa-cert/--c2pa-key")
-        ray_kwargs = {
-            **load_kwargs,
-            "safety": policy.names[0] if policy is not None and policy.names else None,
-        }
-        return run_ray(settings, str(source), ray_kwargs, options, keys)
-
-    from .serve.editor import LocalEditor
-    from .serve.server import run
-
-    def editor() -> LocalEditor:
-        from .runtime import load
-
-        kontext = load(source, workers=settings.workers, safety=policy, signer=signer, **load_kwargs)
-        kontext.warmup()
-        return LocalEditor(kontext)
-
-    print(
-        f"kontext serve: http://{settings.host}:{settings.port} (engine loading; /readyz turns 200 when warm)"
-    )
-    return run(settings, editor, keys)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -602,10 +625,10 @@ def _keys(args: argparse.Namespace) -> int:
 def _loadtest(args: argparse.Namespace) -> int:
     import os
 
-    from . import assets
+    from .assets import sample_image_path
     from .bench.loadtest import LoadConfig, run_loadtest, write_report
 
-    image = args.image or assets.sample_image_path()
+    image = args.image or sample_image_path()
     config = LoadConfig(
         url=args.url,
         key=args.key or os.environ.get("KONTEXT_KEY"),

@@ -1,4 +1,4 @@
-"""Frozen configuration: model presets (tiny, small, full, kontext-dev) and the runtime settings of one edit.
+"""Frozen configuration: the edit defaults, model presets (tiny, small, full, kontext-dev) and load options.
 
 Nothing here reads the environment or argv; cli.py turns user input into these objects.
 """
@@ -115,7 +115,7 @@ class ModelPreset:
     text: TextEncoderConfig | None = None  # None: loaded from disk
     seed: int = 0  # seed of the random weights (synthetic presets)
     init: Literal["module", "scaled"] = "module"
-    default_steps: int = 28  # diffusers' default; the small random presets gain nothing past 8
+    default_steps: int = DEFAULT_STEPS  # what an edit naming no steps runs (runtime.default_steps)
 
     @property
     def synthetic(self) -> bool:
@@ -152,7 +152,7 @@ PRESETS: dict[str, ModelPreset] = {
         bucket_family="tiny",
         max_sequence_length=32,
         seed=0,
-        default_steps=8,
+        default_steps=SYNTHETIC_STEPS,
     ),
     # ~70M transformer parameters (hidden 512, 4 double + 8 single blocks): on a CPU the
     # transformer dominates the edit, so backend comparisons mean something.
@@ -174,7 +174,7 @@ PRESETS: dict[str, ModelPreset] = {
         bucket_family="small",
         max_sequence_length=128,
         seed=0,
-        default_steps=8,
+        default_steps=SYNTHETIC_STEPS,
     ),
     # Every component at the real FLUX.1 Kontext [dev] size (16.9B parameters, 33.7 GB in bf16),
     # seeded random weights built on the GPU: the real model's cost and numerics without the gated
@@ -224,28 +224,6 @@ def get_preset(name: str) -> ModelPreset:
         raise ConfigError(
             f"unknown model preset {name!r}; choose one of: {known}, or pass a local path"
         ) from None
-
-
-@dataclass(frozen=True)
-class EditSettings:
-    """The knobs of one edit. Defaults follow BFL's CLI (30 steps would be theirs; diffusers uses 28)."""
-
-    steps: int = 28
-    guidance: float = 2.5
-    seed: int = 0
-    size: tuple[int, int] | None = None  # output (width, height); None: the input's bucket
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.steps <= 1000:
-            raise ConfigError(f"steps must be between 1 and 1000, got {self.steps}")
-        if not 0.0 <= self.guidance <= 100.0:
-            raise ConfigError(f"guidance must be between 0 and 100, got {self.guidance}")
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed must be a non-negative 63-bit integer, got {self.seed}")
-        if self.size is not None:
-            w, h = self.size
-            if w <= 0 or h <= 0 or w % 16 or h % 16:
-                raise ConfigError(f"size must be positive multiples of 16, got {w}x{h}")
 
 
 @dataclass(frozen=True)

@@ -10,34 +10,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .backends import Denoiser, Signature, call_signature, describe_keys, key_signature
-from .buckets import ShapeKey, buckets, family_shape_keys, nearest_bucket, reference_bucket, shape_key, tokens
+from .buckets import ShapeKey, buckets, family_shape_keys, tokens
 from .errors import ConfigError, ShapeNotServedError
 
 log = logging.getLogger(__name__)
 
 MISS_POLICIES: tuple[str, ...] = ("error", "torch")
-
-
-def edit_key(
-    image_size: tuple[int, int],
-    size: tuple[int, int] | None,
-    family: str,
-    text_tokens: int,
-    references: Sequence[tuple[int, int]] = (),
-    batch: int = 1,
-) -> ShapeKey:
-    """The shape key of an edit, as KontextPipeline.edit computes it: context in the input's nearest
-    bucket plus each reference (sizes (w, h)) at its reference bucket, target at `size` (None: the
-    input's bucket), `batch` images."""
-    bucket = nearest_bucket(*image_size, family)
-    refs = [reference_bucket(w, h, family, len(references)) for w, h in references]
-    return shape_key(size or bucket, bucket, text_tokens, batch, refs)
 
 
 def served_buckets(keys: frozenset[ShapeKey], family: str, refs: int = 0) -> list[tuple[int, int]]:

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -18,13 +18,12 @@ from tqdm.auto import tqdm
 
 from . import sampling
 from .backends import Denoiser
-from .buckets import MAX_REFERENCES, ShapeKey, buckets, nearest_bucket, reference_bucket
-from .config import EditSettings
-from .errors import BucketError, ConfigError
+from .buckets import ShapeKey, buckets, nearest_bucket, reference_bucket
+from .errors import BucketError
 from .images import resize_to, to_pil, to_tensor
 from .prompt_cache import PromptCache, weights_fingerprint
-from .references import DEFAULT_PLACEMENT, check_placement, context_ids
-from .request import EncodedImage
+from .references import DEFAULT_PLACEMENT, context_ids
+from .request import EditRequest, EncodedImage
 from .weights import CLIP_MAX_LENGTH, Components
 
 log = logging.getLogger(__name__)
@@ -45,6 +44,7 @@ class EditResult:
     images: list[Image.Image] = field(default_factory=list)  # one per seed; [image] when not given
     seeds: list[int] = field(default_factory=list)  # the seed of each image
     references: list[tuple[int, int]] = field(default_factory=list)  # (w, h) bucket of each reference
+    request: EditRequest | None = None  # what was asked (steps resolved); output metadata reads it
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -74,6 +74,7 @@ def combine_results(results: Sequence[EditResult]) -> EditResult:
         images=[im for r in results for im in r.images],
         seeds=[s for r in results for s in r.seeds],
         references=first.references,
+        request=first.request if first.request is None else replace(first.request, num_images=len(results)),
     )
 
 
@@ -89,14 +90,21 @@ class PreparedEdit:
     txt_ids: torch.Tensor  # [L, 3]
     vec: torch.Tensor  # [B, D_pooled]
     schedule: sampling.Schedule
+    guidance: float
     bucket: tuple[int, int]
     size: tuple[int, int]
+    shape_key: ShapeKey  # EditRequest.shape_key: the rule the dispatcher uses too
     seeds: tuple[int, ...] = (0,)
     references: tuple[tuple[int, int], ...] = ()  # (w, h) bucket of each reference image
 
-    @property
-    def shape_key(self) -> ShapeKey:
-        return ShapeKey(self.img.shape[0], self.img.shape[1], self.ctx.shape[1], self.txt.shape[1])
+    def denoise(
+        self, denoiser: sampling.DenoiseFn, callback: sampling.StepCallback | None = None
+    ) -> torch.Tensor:
+        """Run the sampling loop over this edit with `denoiser` -> final latents [B, N, 64]."""
+        return sampling.denoise(
+            denoiser, self.img, self.img_ids, self.ctx, self.ctx_ids, self.txt, self.txt_ids, self.vec,
+            self.schedule, self.guidance, callback,
+        )  # fmt: skip
 
 
 class KontextPipeline:
@@ -151,6 +159,8 @@ class KontextPipeline:
         vec = vec.repeat(batch, 1)  # [B, D_pooled]
         return txt, vec, sampling.text_ids(txt.shape[1], self.device)
 
+    # Mirrors diffusers pipelines/flux/pipeline_flux_kontext.py::FluxKontextPipeline._get_clip_prompt_embeds (v0.42)  # noqa: E501
+    # Mirrors diffusers pipelines/flux/pipeline_flux_kontext.py::FluxKontextPipeline._get_t5_prompt_embeds (v0.42)  # noqa: E501
     def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Run CLIP and T5 -> T5 states [1, L, D_txt], CLIP pooled [1, D_pooled], in the pipeline's dtype."""
         c = self.components
@@ -168,6 +178,8 @@ class KontextPipeline:
         txt = c.text_encoder_2(t5_ids.to(self.device), output_hidden_states=False)[0]
         return txt.to(self.dtype), vec.to(self.dtype)
 
+    # Mirrors diffusers pipelines/flux/pipeline_flux_kontext.py::FluxKontextPipeline._encode_vae_image (v0.42)
+    # (argmax latents, shifted and scaled), then packed
     @torch.inference_mode()
     def encode_image(self, image: Image.Image, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """RGB image already at its bucket size -> context tokens [B, M, 64] and ids [M, 3] (index 1)."""
@@ -178,6 +190,8 @@ class KontextPipeline:
         ctx = sampling.pack(latents).repeat(batch, 1, 1)
         return ctx, sampling.image_ids(image.height, image.width, index=1, device=self.device)
 
+    # Mirrors diffusers pipelines/flux/pipeline_flux_kontext.py::FluxKontextPipeline.__call__ (v0.42)
+    # (its output_type="pil" tail: unpack, unscale, unshift, VAE decode)
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> Image.Image:
         """Packed latents [1, N, 64] of an image of `size` (w, h) -> PIL image."""
@@ -227,105 +241,64 @@ class KontextPipeline:
         ids = context_ids([bucket, *ref_buckets], placement, self.device)
         return torch.cat(parts, dim=1), ids, ref_buckets
 
-    def prepare(
-        self,
-        image: Image.Image | EncodedImage,
-        prompt: str,
-        settings: EditSettings,
-        timings: dict[str, float] | None = None,
-        *,
-        references: Sequence[Image.Image] = (),
-        placement: str = DEFAULT_PLACEMENT,
-        num_images: int = 1,
-    ) -> PreparedEdit:
-        """Bucket and encode the images and prompt, draw noise (seed, seed + 1, ...), make the schedule."""
+    def prepare(self, request: EditRequest, timings: dict[str, float] | None = None) -> PreparedEdit:
+        """Bucket and encode the images and prompt, draw noise (seed, seed + 1, ...), make the schedule.
+        request.steps None: the preset's default (`ModelPreset.default_steps`)."""
+        r = request
+        steps = r.steps if r.steps is not None else self.components.preset.default_steps
         timings = {} if timings is None else timings
-        check_edit_inputs(references, placement, num_images)
-        bucket = self.context_bucket(image)
-        size = settings.size or bucket
+        bucket = self.context_bucket(r.image)
+        size = r.size or bucket
         with self._timed(timings, "text_encode"):
-            txt, vec, txt_ids = self.encode_prompt(prompt, num_images)
+            txt, vec, txt_ids = self.encode_prompt(r.prompt, r.num_images)
         with self._timed(timings, "vae_encode"):
-            ctx, ctx_ids, ref_buckets = self.encode_context(image, bucket, references, placement, num_images)
-        seeds = tuple(settings.seed + i for i in range(num_images))
-        if num_images == 1:
-            img = sampling.get_noise(1, size[1], size[0], settings.seed, self.dtype, self.device)
+            ctx, ctx_ids, ref_buckets = self.encode_context(
+                r.image, bucket, r.references, r.placement, r.num_images
+            )
+        if r.num_images == 1:
+            img = sampling.get_noise(1, size[1], size[0], r.seed, self.dtype, self.device)
         else:
-            img = sampling.get_noise_for_seeds(seeds, size[1], size[0], self.dtype, self.device)
-        img_ids = sampling.image_ids(size[1], size[0], index=0, device=self.device)
-        schedule = sampling.get_schedule(settings.steps, img.shape[1], self.device)
+            img = sampling.get_noise_for_seeds(r.seeds, size[1], size[0], self.dtype, self.device)
         return PreparedEdit(
-            img, img_ids, ctx, ctx_ids, txt, txt_ids, vec, schedule, bucket, size, seeds, ref_buckets
+            img=img,  # [B, N, 64]
+            img_ids=sampling.image_ids(size[1], size[0], index=0, device=self.device),
+            ctx=ctx,
+            ctx_ids=ctx_ids,
+            txt=txt,
+            txt_ids=txt_ids,
+            vec=vec,
+            schedule=sampling.get_schedule(steps, img.shape[1], self.device),
+            guidance=r.guidance,
+            bucket=bucket,
+            size=size,
+            shape_key=r.shape_key(self.bucket_family, txt.shape[1]),
+            seeds=r.seeds,
+            references=ref_buckets,
         )
 
     def edit(
         self,
-        image: Image.Image | EncodedImage,
-        prompt: str,
-        settings: EditSettings | None = None,
+        request: EditRequest,
         *,
-        references: Sequence[Image.Image] = (),
-        placement: str = DEFAULT_PLACEMENT,
-        num_images: int = 1,
         progress: bool = True,
         callback: sampling.StepCallback | None = None,
     ) -> EditResult:
-        """Edit `image` as `prompt` says, with `references` beside it, for seeds seed .. seed + num_images - 1
-        in one batch. Output size: the input's bucket unless settings.size is set."""
-        settings = settings or EditSettings()
+        """Run `request` (validated where it was made) in one batch through this pipeline's denoiser:
+        seeds seed .. seed + num_images - 1; output size: the input's bucket unless request.size is set.
+        No safety policy and no output metadata here: KontextEngine.edit adds them."""
+        request = request.resolved(self.components.preset.default_steps)
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
-        p = self.prepare(
-            image,
-            prompt,
-            settings,
-            timings,
-            references=references,
-            placement=placement,
-            num_images=num_images,
-        )
-        step_times: list[float] = []
-        bar = tqdm(
-            total=settings.steps, desc=f"denoise {p.size[0]}x{p.size[1]}", disable=not progress, leave=False
-        )
-        last = [time.perf_counter()]
-
-        def on_step(i: int, n: int, latents: torch.Tensor) -> None:
-            self._sync()
-            now = time.perf_counter()
-            step_times.append(now - last[0])
-            last[0] = now
-            bar.update()
-            if callback is not None:
-                callback(i, n, latents)
-
+        p = self.prepare(request, timings)
         with self._timed(timings, "denoise"), torch.inference_mode():
-            latents = sampling.denoise(
-                self.denoiser,
-                p.img,
-                p.img_ids,
-                p.ctx,
-                p.ctx_ids,
-                p.txt,
-                p.txt_ids,
-                p.vec,
-                p.schedule,
-                settings.guidance,
-                on_step,
-            )  # [B, N, 64]
-        bar.close()
+            latents, step_times = self._denoise(p, progress, callback)  # [B, N, 64]
         with self._timed(timings, "vae_decode"):
             images = [self.decode(latents[i : i + 1], p.size) for i in range(latents.shape[0])]
         timings["total"] = time.perf_counter() - t_start
         log.info(
             "edit %dx%d, %d image(s), %d reference(s), %d steps, %.2fs (%s)",
-            *p.size,
-            len(images),
-            len(p.references),
-            settings.steps,
-            timings["total"],
-            self.denoiser.name,
-        )
+            *p.size, len(images), len(p.references), p.schedule.steps, timings["total"], self.denoiser.name,
+        )  # fmt: skip
         return EditResult(
             images[0],
             latents,
@@ -338,7 +311,31 @@ class KontextPipeline:
             images=images,
             seeds=list(p.seeds),
             references=list(p.references),
+            request=request,
         )
+
+    def _denoise(
+        self, p: PreparedEdit, progress: bool, callback: sampling.StepCallback | None
+    ) -> tuple[torch.Tensor, list[float]]:
+        """The sampling loop with a progress bar and the seconds of each step (synchronized)."""
+        step_times: list[float] = []
+        desc = f"denoise {p.size[0]}x{p.size[1]}"
+        bar = tqdm(total=p.schedule.steps, desc=desc, disable=not progress, leave=False)
+        last = [time.perf_counter()]
+
+        def on_step(i: int, n: int, latents: torch.Tensor) -> None:
+            self._sync()
+            now = time.perf_counter()
+            step_times.append(now - last[0])
+            last[0] = now
+            bar.update()
+            if callback is not None:
+                callback(i, n, latents)
+
+        try:
+            return p.denoise(self.denoiser, on_step), step_times
+        finally:
+            bar.close()
 
     # ------------------------------------------------------------------ timing
 
@@ -353,15 +350,3 @@ class KontextPipeline:
         yield
         self._sync()
         timings[stage] = time.perf_counter() - t0
-
-
-def check_edit_inputs(references: Sequence[object], placement: str, num_images: int) -> None:
-    """The edit's knobs beyond EditSettings: at most MAX_REFERENCES references, a known placement,
-    num_images from 1 to 64."""
-    if len(references) > MAX_REFERENCES:
-        raise ConfigError(
-            f"an edit takes at most {MAX_REFERENCES} reference images beside the input, got {len(references)}"
-        )
-    check_placement(placement)
-    if not 1 <= num_images <= 64:
-        raise ConfigError(f"num_images must be between 1 and 64, got {num_images}")

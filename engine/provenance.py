@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .errors import ProvenanceError
 from .files import atomic_write_bytes, atomic_writer
 from .images import MIME_TYPES, sniff_format, write_bytes
+from .version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,11 @@
 """EditRequest: one typed edit, validated once where it is made.
 
-`Session.edit`, `KontextEngine.edit` and `KontextPipeline.edit` take it; the server builds one per job;
-the CLI builds one from argv. A new edit option is one field here, not a keyword threaded through five
-signatures. Images are already decoded (PIL) or already encoded (`EncodedImage`): decoding and its
-limits belong to images.load_image, which `EditRequest.of` calls for paths and bytes.
+`KontextEngine.edit(request)`, `Session.edit(request)` and `KontextPipeline.edit(request)` take it; the
+server builds one per job, the CLI one from argv. `engine.edit(image, prompt, seed=..., ...)` is the same
+call spelled with keywords: it builds `EditRequest.of(image, prompt, ...)`. A new edit option is one
+field here, not a keyword threaded through five signatures. Images are already decoded (PIL) or already
+encoded (`EncodedImage`): decoding and its limits belong to images.load_image, which `EditRequest.of`
+calls for paths and bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .buckets import MAX_REFERENCES, MULTIPLE
+from .buckets import MAX_REFERENCES, MULTIPLE, ShapeKey, edit_key
 from .config import DEFAULT_GUIDANCE
 from .errors import ConfigError
 from .images import load_image
@@ -131,6 +133,11 @@ class EditRequest:
     def resolved(self, default_steps: int) -> EditRequest:
         """This request with `steps` filled in from the model's default when it was left None."""
         return self if self.steps is not None else replace(self, steps=default_steps)
+
+    def shape_key(self, family: str, text_tokens: int) -> ShapeKey:
+        """The shape key this edit runs at in bucket `family` (buckets.edit_key: the one rule)."""
+        refs = [r.size for r in self.references]
+        return edit_key(self.image.size, self.size, family, text_tokens, refs, self.num_images)
 
     @property
     def seeds(self) -> tuple[int, ...]:

@@ -7,6 +7,9 @@ VAE, transformer) and the denoiser. Denoisers are safe to call concurrently: ONN
 session.run is thread-safe (one IOBinding per call); torch forward under inference_mode mutates
 nothing; TensorRT keeps a context per (plan, shape key, worker) and checks a worker out per call.
 So concurrent edits give exactly the results of the same edits run one by one.
+
+(Over 400 lines: the engine and its loader, resolve() then assemble(), read best together; output
+writing is outputs.OutputWriter, the request is request.EditRequest.)
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ import copy
 import logging
 import queue
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from PIL import Image
@@ -28,23 +31,23 @@ from .backends import BACKENDS, Denoiser, GraphCapturing
 from .backends.inputs import dummy_inputs
 from .backends.torch import TORCH_MODES, TorchDenoiser, TorchOptions, default_dtype, torch_denoiser
 from .buckets import ShapeKey, family_shape_keys
-from .config import EditSettings, LoadOptions, is_synthetic
-from .dispatch import MISS_POLICIES, Dispatcher, DispatchStats, edit_key, served_buckets
+from .checkpoints import local_preset
+from .config import DEFAULT_STEPS, PRESETS, LoadOptions, is_synthetic
+from .dispatch import MISS_POLICIES, Dispatcher, DispatchStats, served_buckets
 from .errors import BackendUnavailableError, ConfigError
+from .images import load_image
 from .lora import LoraSpec, fuse_loras
 from .manifest import MANIFEST_NAME, Manifest, read_manifest, rebuild_command
-from .pipeline import EditResult, EncodedImage, KontextPipeline, check_edit_inputs, combine_results
+from .outputs import OutputWriter
+from .pipeline import EditResult, KontextPipeline, combine_results
 from .prompt_cache import PromptCache
-from .references import DEFAULT_PLACEMENT
+from .request import EditRequest, EncodedImage, ImageInput
 from .weights import Components, load_components
 
 if TYPE_CHECKING:
-    from .outputs import SavedOutput
     from .provenance import ProvenanceSigner
     from .safety import SafetyPolicy
     from .session import Session
-
-ImageInput = Image.Image | str | Path  # a PIL image or a file path (decoded by images.load_image)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,13 @@ class KontextEngine:
             safety = SafetyPolicy()
         self.safety = safety
         self.signer = signer
+        self.outputs = OutputWriter(
+            model=components.preset.name,  # "kontext-dev" for local weights: never a local path
+            weights_id=components.weights_id,
+            build=build_dir.name if build_dir is not None else None,  # the build's name, never its path
+            signer=signer,
+            review=safety.review,
+        )
         self._pool: queue.Queue[Components] = queue.Queue()
         for _ in range(workers):  # each worker: the shared modules, its own tokenizers
             self._pool.put(
@@ -108,6 +118,12 @@ class KontextEngine:
     def family(self) -> str:
         return self.dispatcher.family
 
+    @property
+    def default_steps(self) -> int:
+        """The steps of an edit that names none: the model's preset's (the value `default_steps(source)`
+        gives before loading; 8 on tiny and small, 28 on full and the real model)."""
+        return self.components.preset.default_steps
+
     def buckets(self, refs: int = 0) -> list[tuple[int, int]]:
         """The (w, h) buckets whose edits with `refs` reference images the engine serves (all of the
         family's for an any-shape engine)."""
@@ -124,70 +140,63 @@ class KontextEngine:
 
     # ------------------------------------------------------------------ edits
 
+    @overload
+    def edit(self, request: EditRequest, /, *, progress: bool = False) -> EditResult: ...
+
+    @overload
+    def edit(
+        self, image: ImageInput | EncodedImage, prompt: str, /, *, progress: bool = False, **knobs: Any
+    ) -> EditResult: ...
+
     def edit(
         self,
-        image: ImageInput | EncodedImage,
-        prompt: str,
+        request: EditRequest | ImageInput | EncodedImage,
+        prompt: str | None = None,
+        /,
         *,
-        seed: int = 0,
-        steps: int | None = None,
-        guidance: float = 2.5,
-        size: tuple[int, int] | None = None,
-        references: Sequence[ImageInput] = (),
-        placement: str = DEFAULT_PLACEMENT,
-        num_images: int = 1,
         progress: bool = False,
+        **knobs: Any,
     ) -> EditResult:
-        """Edit `image` as `prompt` says. steps None: 28 (8 on synthetic presets). Returns the PIL image
-        (result.image), the final latents and the timings in seconds (result.timings).
+        """Run one edit: `engine.edit(EditRequest(...))`, the form servers use, or the shorthand
+        `engine.edit(image, prompt, seed=..., steps=..., ...)`, which is `EditRequest.of(image, prompt,
+        **knobs)` (image: a PIL image, a file path or its bytes, or a previous result's `encoded()`).
+        Invalid values are refused (ConfigError) where the request is made. steps None: `default_steps`.
 
-        references: up to 3 more images (character, style, object), placed beside the input as
-        `placement` says (offset | index, see references.py). num_images: seeds seed .. seed + N - 1, in
-        one batch where the engine serves that batch size, else one after another; result.images has one
-        image per seed. image may be a previous result's `encoded()` latents (see session()).
+        references: up to 3 more images placed beside the input as `placement` says (references.py).
+        num_images: seeds seed .. seed + N - 1, in one batch where the engine serves that batch size,
+        else one after another; result.images has one image per seed. Returns the PIL image
+        (result.image), the final latents and the seconds per stage (result.timings).
 
-        Raises ModeratedError("request") when the safety policy flags the prompt or the image (before any
-        model runs), ModeratedError("content") when it flags the output (which is then dropped). Under
-        review (`self.safety.review`) the result is for a person to approve: save() holds it.
+        Raises ModeratedError("request") when the safety policy flags the prompt or an input image
+        (before any model runs), ModeratedError("content") when it flags an output (all are dropped).
+        Under review (`self.safety.review`) the result is for a person to approve: outputs.save holds it.
         """
         self._check_open()
-        if not isinstance(image, EncodedImage):
-            image = _as_image(image)
-        refs = [_as_image(r) for r in references]
+        if isinstance(request, EditRequest):
+            if prompt is not None or knobs:
+                raise ConfigError("pass an EditRequest alone, or an image, a prompt and keywords; not both")
+        elif prompt is None:
+            raise ConfigError("engine.edit(image, prompt, ...) needs a prompt, or pass an EditRequest")
+        else:
+            request = EditRequest.of(request, prompt, **knobs)
+        request = request.resolved(self.default_steps)
         # safety: before any encoder, transformer or VAE work
-        self.safety.check_request(prompt, [i for i in (image, *refs) if isinstance(i, Image.Image)])
-        if steps is None:
-            steps = self.components.preset.default_steps
-        settings = EditSettings(steps=steps, guidance=guidance, seed=seed, size=size)
-        check_edit_inputs(refs, placement, num_images)
-        text_tokens = self.components.preset.max_sequence_length
-        key = edit_key(image.size, size, self.family, text_tokens, [r.size for r in refs], num_images)
+        self.safety.check_request(request.prompt, request.input_images)
+        key = request.shape_key(self.family, self.components.preset.max_sequence_length)
         # One batch where the engine serves it (torch serves any); else one seed at a time at batch 1.
-        batched = num_images == 1 or self.dispatcher.serves(key)
+        batched = request.num_images == 1 or self.dispatcher.serves(key)
         denoiser = self.dispatcher.resolve(key if batched else replace(key, batch=1))  # may raise a miss
         t0 = time.perf_counter()
         worker = self._pool.get()
         try:
             waited = time.perf_counter() - t0
-            pipe = KontextPipeline(
-                worker,
-                denoiser,
-                device=self.device,
-                dtype=self.dtype,
-                bucket_family=self.family,
-                prompt_cache=self.prompt_cache,
-            )
+            pipe = KontextPipeline(worker, denoiser, device=self.device, dtype=self.dtype,
+                                   bucket_family=self.family, prompt_cache=self.prompt_cache)  # fmt: skip
             if batched:
-                result = pipe.edit(
-                    image, prompt, settings,
-                    references=refs, placement=placement, num_images=num_images, progress=progress,
-                )  # fmt: skip
+                result = pipe.edit(request, progress=progress)
             else:
-                result = combine_results([
-                    pipe.edit(image, prompt, replace(settings, seed=seed + i),
-                              references=refs, placement=placement, progress=progress)
-                    for i in range(num_images)
-                ])  # fmt: skip
+                singles = [replace(request, seed=seed, num_images=1) for seed in request.seeds]
+                result = combine_results([pipe.edit(r, progress=progress) for r in singles])
         finally:
             self._pool.put(worker)
         result.timings["queue"] = waited
@@ -195,98 +204,15 @@ class KontextEngine:
             self.safety.check_output(out)
         return result
 
-    def save(
-        self,
-        result: EditResult,
-        path: str | Path,
-        *,
-        index: int = 0,
-        source: Image.Image | str | Path | bytes | None = None,
-        prompt: str | None = None,
-        seed: int | None = None,
-        guidance: float | None = None,
-        include_prompt: bool = True,
-        review_dir: str | Path | None = None,
-        extra: Mapping[str, str | None] | None = None,
-    ) -> SavedOutput:
-        """Write `result` to `path` (.png or .jpg) with its metadata and AI disclosure, C2PA-signed when
-        this engine has a signer (source: the input image, the manifest's parent ingredient). Under the
-        review policy the file goes to `review_dir` (default: `review/` beside `path`), not to `path`.
-        include_prompt: write the prompt into the file (prompts can be private). index: which of
-        result.images (num_images > 1); seed defaults to its seed. extra: more text items (None: left out).
-        """
-        from .outputs import save_output
-        from .safety.review import default_review_dir
-
-        meta = self.output_metadata(
-            result, index=index, source=source, prompt=prompt, seed=seed, guidance=guidance,
-            include_prompt=include_prompt, extra=extra,
-        )  # fmt: skip
-        parent = _encoded(source) if self.signer is not None and source is not None else None
-        held = (review_dir or default_review_dir(path)) if self.safety.review else None
-        return save_output(
-            result.images[index], path, meta, parent=parent, signer=self.signer, review_dir=held
-        )
-
-    def encode(
-        self,
-        result: EditResult,
-        fmt: str = "PNG",
-        *,
-        index: int = 0,
-        source: bytes | None = None,
-        include_prompt: bool = False,
-        prompt: str | None = None,
-        guidance: float | None = None,
-    ) -> bytes:
-        """Image `index` of `result` as PNG or JPEG bytes with the same metadata, AI disclosure and C2PA
-        signature as save() (source: the input file's bytes, the parent ingredient), for callers that
-        send bytes rather than write files (the server). The prompt is left out unless asked for."""
-        from .outputs import encode_output
-
-        meta = self.output_metadata(result, index=index, prompt=prompt, guidance=guidance,
-                                    include_prompt=include_prompt)  # fmt: skip
-        parent = source if self.signer is not None else None
-        return encode_output(result.images[index], fmt, meta, parent=parent, signer=self.signer)
-
-    def output_metadata(
-        self,
-        result: EditResult,
-        *,
-        index: int = 0,
-        source: Image.Image | str | Path | bytes | None = None,
-        prompt: str | None = None,
-        seed: int | None = None,
-        guidance: float | None = None,
-        include_prompt: bool = True,
-        extra: Mapping[str, str | None] | None = None,
-    ) -> dict[str, str]:
-        """The text metadata of one output image: disclosure, model, weights, seed, steps, backend..."""
-        from .outputs import output_metadata
-
-        c = self.components
-        return output_metadata(
-            c.preset.name,  # "kontext-dev" for local weights: a file must not reveal a local path
-            prompt=prompt,
-            include_prompt=include_prompt,
-            seed=seed if seed is not None else result.seeds[index],
-            steps=len(result.step_times),
-            guidance=guidance,
-            weights=c.weights_id,
-            backend=result.backend,
-            size=f"{result.size[0]}x{result.size[1]}",
-            engine=self.build_dir,
-            source_image=Path(source).name if isinstance(source, (str, Path)) else None,
-            **(extra or {}),
-        )
-
     def session(self, image: ImageInput, *, reencode: bool = True) -> Session:
         """Successive edits of `image`: each session.edit(prompt, ...) edits the previous turn's output.
         reencode=False feeds the previous turn's final latents as the next context (no VAE round trip)."""
         from .session import Session
 
         self._check_open()
-        return Session(self, _as_image(image), reencode=reencode)
+        return Session(
+            self, image if isinstance(image, Image.Image) else load_image(image), reencode=reencode
+        )
 
     def warmup(self, keys: frozenset[ShapeKey] | None = None) -> dict[str, float]:
         """Run every served shape key (default: all of them) through the denoiser, so lazy
@@ -335,16 +261,80 @@ class KontextEngine:
         self.close()
 
 
-def _as_image(image: ImageInput) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    from .images import load_image
-
-    return load_image(Path(image))
-
-
 def is_build_dir(source: str | Path) -> bool:
     return (Path(source) / MANIFEST_NAME).is_file()
+
+
+def default_steps(source: str | Path) -> int:
+    """The steps an edit runs when it names none, for a build folder, a preset or local weights, known
+    before loading: the model's preset's `default_steps` (SYNTHETIC_STEPS on tiny and small,
+    DEFAULT_STEPS on full and the real model). The one rule behind `kontext edit`, `kontext serve`,
+    `kontext bench` and a loaded engine's `default_steps`."""
+    model = read_manifest(Path(source)).model if is_build_dir(source) else str(source)
+    if model in PRESETS:
+        return PRESETS[model].default_steps
+    folder = Path(model)
+    return local_preset(folder).default_steps if folder.is_dir() else DEFAULT_STEPS
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a load decides before any weights: the model, the build (if any), backend, device, dtype."""
+
+    model: str  # preset name or local path (a build's: its manifest's)
+    options: LoadOptions  # backend and device filled in
+    dtype: torch.dtype
+    build_dir: Path | None = None
+    manifest: Manifest | None = None
+
+    @property
+    def device(self) -> str:
+        return self.options.device or "cpu"
+
+
+def resolve(source: str | Path, opts: LoadOptions) -> Resolved:
+    """Check the options and decide the backend (the build's, or torch), device (cuda for TensorRT or
+    when torch sees a GPU) and dtype, before loading anything."""
+    if opts.backend is not None and opts.backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {opts.backend!r}")
+    if opts.torch_mode not in TORCH_MODES:
+        raise ConfigError(f"torch_mode must be one of {', '.join(TORCH_MODES)}, got {opts.torch_mode!r}")
+    if opts.miss_policy not in MISS_POLICIES:
+        raise ConfigError(f"miss_policy must be one of {', '.join(MISS_POLICIES)}, got {opts.miss_policy!r}")
+    build_dir = Path(source) if is_build_dir(source) else None
+    manifest = read_manifest(build_dir) if build_dir is not None else None
+    backend = opts.backend or (manifest.backend if manifest is not None else "torch")
+    if manifest is None and backend != "torch":
+        raise ConfigError(
+            f"backend {backend!r} runs built artifacts: pass a build folder (with {MANIFEST_NAME}), "
+            f"made by `kontext build --model {source}`"
+        )
+    device = opts.device or ("cuda" if backend == "tensorrt" or torch.cuda.is_available() else "cpu")
+    if backend == "tensorrt":
+        from .backends.tensorrt_plans import require_tensorrt
+
+        require_tensorrt()  # before loading anything onto a GPU that may not exist
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"device {device!r} asked for, but torch sees no CUDA device; use cpu")
+    dtype = torch.float32 if backend == "onnxruntime" else default_dtype(device)  # ORT: fp32 encoders
+    model = manifest.model if manifest is not None else str(source)
+    return Resolved(model, replace(opts, backend=backend, device=device), dtype, build_dir, manifest)
+
+
+def assemble(r: Resolved, components: Components, torch_options: TorchOptions | None) -> Dispatcher:
+    """The dispatcher over the resolved backend: the build's artifacts (with the torch fallback when the
+    miss policy asks for it), or the torch denoiser over `components`."""
+    opts = r.options
+    fallback = None
+    if opts.miss_policy == "torch" and opts.backend != "torch":
+        fallback = TorchDenoiser(components.transformer, name="torch-eager-fallback")
+    if r.manifest is None or r.build_dir is None:
+        primary: Denoiser = _torch_denoiser(components, opts.torch_mode, torch_options, r.device, r.dtype)
+        family, hint = components.preset.bucket_family, f"`kontext build --model {r.model}`"
+    else:
+        primary = load_artifacts(r.manifest, r.build_dir, weights_id=components.weights_id, options=opts)
+        family, hint = r.manifest.family, f"`{rebuild_command(r.manifest, r.build_dir)}`"
+    return Dispatcher(primary, family=family, policy=opts.miss_policy, fallback=fallback, rebuild_hint=hint)
 
 
 def load(
@@ -365,81 +355,45 @@ def load(
     loras: Sequence[LoraSpec | str] = (),
 ) -> KontextEngine:
     """Load an engine from a build folder (its manifest decides the model and backend), or a preset
-    name / local weights path (the torch backend).
+    name / local weights path (the torch backend): resolve(), the weights, then assemble().
 
     Either pass `options` (a LoadOptions), or its fields as keywords; config.LoadOptions documents them.
 
     safety: a SafetyPolicy (engine.safety.build_policy), or "off" / "review"; None: off for the random
     presets, review for the real model (its licence asks for filters or human review). signer: a
-    provenance.ProvenanceSigner; save() then C2PA-signs every output. torch_options: the torch path's
-    levers (backends.torch.TorchOptions). These are objects, not options, so they are keywords beside
-    `options`. loras: LoRA files (LoraSpec, or "PATH[:SCALE]"), fused into the transformer at load;
-    they change weights_id.
+    provenance.ProvenanceSigner; outputs.save then C2PA-signs every output. torch_options: the torch
+    path's levers (backends.torch.TorchOptions). These are objects, not options, so they are keywords
+    beside `options`. loras: LoRA files (LoraSpec, or "PATH[:SCALE]"), fused into the transformer at
+    load; they change weights_id.
     """
     keywords = LoadOptions(backend=backend, precision=precision, device=device, miss_policy=miss_policy,
                            workers=workers, threads=threads, torch_mode=torch_mode,
                            plan_memory_budget=plan_memory_budget)  # fmt: skip
     if options is not None and keywords != LoadOptions():
         raise ConfigError("pass the load options either as options=LoadOptions(...) or as keywords, not both")
-    opts = options or keywords
-    if opts.backend is not None and opts.backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {opts.backend!r}")
-    if opts.torch_mode not in TORCH_MODES:
-        raise ConfigError(f"torch_mode must be one of {', '.join(TORCH_MODES)}, got {opts.torch_mode!r}")
-    if opts.miss_policy not in MISS_POLICIES:
-        raise ConfigError(f"miss_policy must be one of {', '.join(MISS_POLICIES)}, got {opts.miss_policy!r}")
-    build_dir = Path(source) if is_build_dir(source) else None
-    manifest = read_manifest(build_dir) if build_dir is not None else None
-    chosen = opts.backend or (manifest.backend if manifest is not None else "torch")
-    if manifest is None and chosen != "torch":
-        raise ConfigError(
-            f"backend {chosen!r} runs built artifacts: pass a build folder (with {MANIFEST_NAME}), "
-            f"made by `kontext build --model {source}`"
-        )
-    dev = opts.device or ("cuda" if chosen == "tensorrt" or torch.cuda.is_available() else "cpu")
-    if chosen == "tensorrt":
-        from .backends.tensorrt_plans import require_tensorrt
-
-        require_tensorrt()  # before loading anything onto a GPU that may not exist
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendUnavailableError(f"device {dev!r} asked for, but torch sees no CUDA device; use cpu")
-    opts = replace(opts, backend=chosen, device=dev)
-    dtype = (
-        torch.float32 if chosen == "onnxruntime" else default_dtype(dev)
-    )  # ORT: fp32 encoders feed the graph
-    model = manifest.model if manifest is not None else str(source)
+    r = resolve(source, options or keywords)
     from .safety.policy import resolve_policy
 
-    policy = resolve_policy(safety, synthetic=is_synthetic(model))  # before the weights: fail fast
-    components = load_components(model, dtype=dtype, device=dev)
+    policy = resolve_policy(safety, synthetic=is_synthetic(r.model))  # before the weights: fail fast
+    components = load_components(r.model, dtype=r.dtype, device=r.device)
     if loras:
         components = fuse_loras(components, [LoraSpec.parse(x) if isinstance(x, str) else x for x in loras])
-    if chosen == "torch" and torch_options is not None and torch_options.compile_vae:
+    if r.options.backend == "torch" and torch_options is not None and torch_options.compile_vae:
         from .backends.torch import compile_vae
 
         components = replace(components, vae=compile_vae(components.vae))
-    fallback = None
-    if opts.miss_policy == "torch" and chosen != "torch":
-        fallback = TorchDenoiser(components.transformer, name="torch-eager-fallback")
-    if manifest is None or build_dir is None:
-        primary: Denoiser = _torch_denoiser(components, opts.torch_mode, torch_options, dev, dtype)
-        family, hint = components.preset.bucket_family, f"`kontext build --model {model}`"
-    else:
-        primary = load_artifacts(manifest, build_dir, weights_id=components.weights_id, options=opts)
-        family = manifest.family
-        hint = f"`{rebuild_command(manifest, build_dir)}`"
-    dispatcher = Dispatcher(
-        primary, family=family, policy=opts.miss_policy, fallback=fallback, rebuild_hint=hint
+    dispatcher = assemble(r, components, torch_options)
+    log.info(
+        "loaded %s (%s on %s, %d worker(s))", r.model, dispatcher.primary.name, r.device, r.options.workers
     )
-    log.info("loaded %s (%s on %s, %d worker(s))", model, primary.name, dev, opts.workers)
     return KontextEngine(
         components,
         dispatcher,
-        device=dev,
-        dtype=dtype,
-        workers=opts.workers,
-        build_dir=build_dir,
-        manifest=manifest,
+        device=r.device,
+        dtype=r.dtype,
+        workers=r.options.workers,
+        build_dir=r.build_dir,
+        manifest=r.manifest,
         safety=policy,
         signer=signer,
     )
@@ -458,17 +412,6 @@ def _torch_denoiser(
     return torch_denoiser(
         components.transformer, mode=mode, device=device, dtype=dtype, options=options, amax=amax
     )
-
-
-def _encoded(source: Image.Image | str | Path | bytes) -> bytes:
-    """The input image's bytes for the C2PA ingredient: the file as given, or a PIL image as PNG."""
-    if isinstance(source, Image.Image):
-        import io
-
-        buf = io.BytesIO()
-        source.save(buf, format="PNG")
-        return buf.getvalue()
-    return bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
 
 
 def load_artifacts(manifest: Manifest, build_dir: Path, *, weights_id: str, options: LoadOptions) -> Denoiser:

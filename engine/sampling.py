@@ -3,6 +3,9 @@
 Names follow BFL's flux/sampling.py (get_noise, get_schedule, denoise, unpack) so a reader can
 diff against the reference; numerics follow diffusers' FluxKontextPipeline exactly (a parity
 test holds them together). Only the `denoiser` callable changes between backends.
+
+Each function that mirrors diffusers says which in a `# Mirrors diffusers FILE::NAME (v0.42)` line;
+tests/test_parity.py calls each named diffusers function and compares.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Schedule:
         return int(self.timesteps.shape[0])
 
 
+# Mirrors diffusers pipelines/flux/pipeline_flux_kontext.py::FluxKontextPipeline._pack_latents (v0.42)
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] latents -> [B, H/2 * W/2, C * 4] tokens (2x2 patches, channel-major)."""
     b, c, h, w = latents.shape
@@ -44,6 +48,7 @@ def pack(latents: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
+# Mirrors diffusers pipelines/flux/pipeline_flux_kontext.py::FluxKontextPipeline._unpack_latents (v0.42)
 def unpack(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """[B, N, C * 4] tokens of an image of `height` x `width` pixels -> [B, C, H/8, W/8] latents."""
     b, _, c4 = x.shape
@@ -53,6 +58,8 @@ def unpack(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.reshape(b, c4 // 4, h * 2, w * 2)
 
 
+# Mirrors diffusers pipelines/flux/pipeline_flux_kontext.py::FluxKontextPipeline._prepare_latent_image_ids (v0.42)  # noqa: E501
+# with the index set as FluxKontextPipeline.prepare_latents does (image_ids[..., 0] = 1 for the context)
 def image_ids(height: int, width: int, index: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Position ids [h * w, 3] of an image of height x width pixels: (index, row, col) per token.
 
@@ -66,11 +73,15 @@ def image_ids(height: int, width: int, index: int, device: torch.device | str = 
     return ids.reshape(h * w, 3).to(device)
 
 
+# Mirrors diffusers pipelines/flux/pipeline_flux_kontext.py::FluxKontextPipeline.encode_prompt (v0.42)
+# (its text_ids: zeros)
 def text_ids(tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Text position ids [L, 3]: all zeros in Flux."""
     return torch.zeros(tokens, 3, device=device)
 
 
+# Mirrors diffusers pipelines/flux/pipeline_flux_kontext.py::FluxKontextPipeline.prepare_latents (v0.42)
+# (randn_tensor on a CPU generator, then _pack_latents)
 def get_noise(
     batch: int, height: int, width: int, seed: int, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
@@ -95,6 +106,7 @@ def get_noise_for_seeds(
     return torch.cat([get_noise(1, height, width, s, dtype, device) for s in seeds], dim=0)
 
 
+# Mirrors diffusers pipelines/flux/pipeline_flux_kontext.py::calculate_shift (v0.42)
 def calculate_shift(
     image_seq_len: int,
     base_seq_len: int = 256,
@@ -107,6 +119,9 @@ def calculate_shift(
     return image_seq_len * m + (base_shift - m * base_seq_len)
 
 
+# Mirrors diffusers pipelines/flux/pipeline_flux_kontext.py::retrieve_timesteps (v0.42)
+# with sigmas linspace(1, 1/steps, steps), i.e.
+# schedulers/scheduling_flow_match_euler_discrete.py::FlowMatchEulerDiscreteScheduler.set_timesteps
 def get_schedule(steps: int, target_tokens: int, device: torch.device | str = "cpu") -> Schedule:
     """Sigmas linspace(1, 1/steps, steps), time-shifted by mu(target tokens), then 0 appended.
 

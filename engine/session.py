@@ -8,23 +8,27 @@ scaled space the VAE encoder's context is in, so no decode, no 8-bit rounding, n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import Any, Protocol
 
 from PIL import Image
 
-from .pipeline import EditResult, EncodedImage
-from .references import DEFAULT_PLACEMENT
+from .errors import ConfigError
+from .pipeline import EditResult
+from .request import EditRequest, EncodedImage
 
-if TYPE_CHECKING:
-    from .runtime import ImageInput, KontextEngine
+
+class Editing(Protocol):
+    """What a session needs of its engine (runtime.KontextEngine is one)."""
+
+    def edit(self, request: EditRequest, /, *, progress: bool = False) -> EditResult: ...
 
 
 class Session:
     """A chain of edits through one loaded engine. Not thread-safe: one caller per session (the engine
     under it is; open a session per user)."""
 
-    def __init__(self, engine: KontextEngine, image: Image.Image, *, reencode: bool = True) -> None:
+    def __init__(self, engine: Editing, image: Image.Image, *, reencode: bool = True) -> None:
         self.engine = engine
         self.reencode = reencode
         self.image = image  # the next turn's input image (after a turn: its output)
@@ -36,25 +40,21 @@ class Session:
         """What the next turn edits: the current image, or (reencode=False, after turn 1) its latents."""
         return self._encoded if self._encoded is not None else self.image
 
-    def edit(
-        self,
-        prompt: str,
-        *,
-        seed: int = 0,
-        steps: int | None = None,
-        guidance: float = 2.5,
-        size: tuple[int, int] | None = None,
-        references: Sequence[ImageInput] = (),
-        placement: str = DEFAULT_PLACEMENT,
-        progress: bool = False,
-    ) -> EditResult:
-        """One turn: edit the previous turn's output (the session's image on turn 1) as `prompt` says.
-        With reencode=False, keep size None (the output stays at its input's bucket) so the latents can
-        be the next context."""
-        result = self.engine.edit(
-            self.context, prompt, seed=seed, steps=steps, guidance=guidance, size=size,
-            references=references, placement=placement, progress=progress,
-        )  # fmt: skip
+    def edit(self, prompt: str | EditRequest, *, progress: bool = False, **knobs: Any) -> EditResult:
+        """One turn: edit the previous turn's output (the session's image on turn 1) as `prompt` says,
+        with `knobs` as in EditRequest.of (seed, steps, guidance, size, references, placement). Or pass
+        an EditRequest: the session puts its own input in place of the request's image. One image per
+        turn. With reencode=False, keep size None (the output stays at its input's bucket) so the
+        latents can be the next context."""
+        if isinstance(prompt, EditRequest):
+            if knobs:
+                raise ConfigError("pass an EditRequest alone, or a prompt and keywords; not both")
+            request = replace(prompt, image=self.context)
+        else:
+            request = EditRequest.of(self.context, prompt, **knobs)
+        if request.num_images != 1:
+            raise ConfigError("a session edits one image per turn: num_images must be 1")
+        result = self.engine.edit(request, progress=progress)
         self.turns.append(result)
         self.image = result.image
         if not self.reencode:

@@ -3,6 +3,8 @@ gives the same latents as our pipeline with that engine (1e-5, fp32)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -65,3 +67,15 @@ def test_adapter_looks_like_the_transformer(tiny_build):
             t(**x, joint_attention_kwargs={"scale": 0.5})
         with pytest.raises(ConfigError, match="guidance"):
             t(**{**x, "guidance": None})
+
+
+def test_kontext_pipeline_warns_that_it_skips_the_safety_policy(tiny_engine, caplog):
+    """diffusers' pipeline runs no filters and writes no metadata: with a policy on, loading it says so."""
+    from engine.safety import build_policy
+
+    with caplog.at_level(logging.WARNING, logger="engine.adapters"):
+        engine.kontext_pipeline(tiny_engine)
+        assert "skips" not in caplog.text  # policy off (a random preset): nothing skipped
+        tiny_engine.safety = build_policy("review")
+        engine.kontext_pipeline(tiny_engine)
+    assert "skips the engine's safety policy (review)" in caplog.text

@@ -16,9 +16,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.backends.torch import TorchDenoiser
 from engine.checkpoints import BFL_FILE, SIDECAR, from_bfl, local_preset, save_bfl, save_diffusers, to_bfl
-from engine.config import KONTEXT_DEV_TRANSFORMER, PRESETS, EditSettings
+from engine.config import KONTEXT_DEV_TRANSFORMER, PRESETS
 from engine.errors import WeightsError
 from engine.pipeline import KontextPipeline
+from engine.request import EditRequest
 from engine.weights import Components, load_components
 
 from .conftest import gradient_image
@@ -51,7 +52,7 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 def edit_latents(c: Components) -> torch.Tensor:
     pipe = KontextPipeline(c, TorchDenoiser(c.transformer))
-    result = pipe.edit(gradient_image(96, 64), "add a red hat", EditSettings(steps=2, seed=7), progress=False)
+    result = pipe.edit(EditRequest(gradient_image(96, 64), "add a red hat", steps=2, seed=7), progress=False)
     return result.latents
 
 

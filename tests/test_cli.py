@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
+from engine.assets import sample_image_path
 from engine.buckets import nearest_bucket
-from engine.cli import main
+from engine.checkpoints import SIDECAR
+from engine.cli import _bench_config, _edit_request, _parser, _serve_settings, main
+from engine.config import DEFAULT_PROMPT, DEFAULT_STEPS, PRESETS, SYNTHETIC_STEPS
 from engine.images import load_image, read_png_metadata
+from engine.runtime import default_steps, load
+from engine.serve import settings as serve_settings
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -79,3 +85,55 @@ def test_info_lists_presets_and_buckets(capsys):
     out = capsys.readouterr().out
     for needle in ("torch", "onnxruntime", "tensorrt", "tiny", "kontext-dev", "1mp", "17 buckets"):
         assert needle in out
+
+
+# ------------------------------------------------------------------ one default per setting
+
+
+@pytest.mark.parametrize("model", sorted(PRESETS))
+def test_edit_serve_and_bench_share_the_model_defaults(model):
+    """Steps: one rule (runtime.default_steps, the preset's value) behind edit, serve and bench; guidance
+    and prompt: config's. `serve --model full` once ran 8 steps where `edit --model full` ran 28."""
+    p = _parser()
+    edit = p.parse_args(["edit", "--model", model])
+    serve = p.parse_args(["serve", "--model", model, "--no-auth"])
+    bench = p.parse_args(["bench", "--model", model, "--device", "cpu"])
+    want = PRESETS[model].default_steps
+    assert want == (SYNTHETIC_STEPS if model in ("tiny", "small") else DEFAULT_STEPS)
+    assert default_steps(model) == want
+    assert _serve_settings(serve).default_steps == want
+    assert _bench_config(bench).steps == want
+    request = _edit_request(edit, sample_image_path())
+    assert request.steps is None and request.resolved(want).steps == want  # the engine fills it in
+    assert edit.guidance == bench.guidance == request.guidance == serve_settings.DEFAULT_GUIDANCE == 2.5
+    assert edit.prompt == bench.prompt == DEFAULT_PROMPT
+    assert (
+        _serve_settings(p.parse_args(["serve", "--model", model, "--no-auth", "--steps", "3"])).default_steps
+        == 3
+    )
+
+
+def test_a_build_and_local_weights_default_to_their_model_steps(tiny_build, tmp_path, capsys):
+    """`--engine build/tiny`: edit, serve and the loaded engine all run the tiny preset's 8 steps (serve
+    once ran 28); a local diffusers folder: its kontext.json's, else the real model's 28."""
+    serve = _parser().parse_args(["serve", "--engine", str(tiny_build), "--no-auth"])
+    assert default_steps(tiny_build) == _serve_settings(serve).default_steps == SYNTHETIC_STEPS
+    with load(tiny_build) as kontext:
+        assert kontext.default_steps == SYNTHETIC_STEPS
+    out = tmp_path / "out.png"
+    assert main(["edit", "--engine", str(tiny_build), "--no-progress", "-o", str(out)]) == 0
+    meta = read_png_metadata(out)
+    assert meta["steps"] == str(SYNTHETIC_STEPS) and meta["engine"] == tiny_build.name
+    assert str(tiny_build.parent) not in capsys.readouterr().out + "".join(meta.values())
+    folder = tmp_path / "weights"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "transformer" / "config.json").write_text(
+        json.dumps(PRESETS["tiny"].transformer.to_diffusers())
+    )
+    (folder / SIDECAR).write_text(json.dumps({"preset": "tiny", "bucket_family": "tiny",
+                                              "max_sequence_length": 32, "default_steps": 5}))  # fmt: skip
+    assert default_steps(folder) == 5
+    (folder / SIDECAR).unlink()
+    assert (
+        default_steps(folder) == DEFAULT_STEPS
+    )  # a non-standard config without kontext.json: the real defaults

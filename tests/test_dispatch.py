@@ -8,9 +8,9 @@ import torch
 
 from engine.backends import DENOISER_INPUTS
 from engine.backends.inputs import dummy_inputs
-from engine.buckets import ShapeKey, family_shape_keys
+from engine.buckets import ShapeKey, edit_key, family_shape_keys
 from engine.config import PRESETS
-from engine.dispatch import Dispatcher, edit_key, served_buckets
+from engine.dispatch import Dispatcher, served_buckets
 from engine.errors import ConfigError, ShapeNotServedError
 from engine.runtime import load
 

@@ -213,9 +213,7 @@ def test_cli_signs_with_a_certificate(
 def test_no_certificate_no_signature_metadata_still_written(tmp_path: Path) -> None:
     with engine.load("tiny") as kontext:
         result = kontext.edit(assets.sample_image_path(), "add a hat", seed=2, steps=1)
-        saved = kontext.save(
-            result, tmp_path / "out.png", source=assets.sample_image_path(), prompt="add a hat", seed=2
-        )
+        saved = kontext.outputs.save(result, tmp_path / "out.png", source=assets.sample_image_path())
     assert not saved.signed
     meta = read_png_metadata(saved.path)
     assert meta["prompt"] == "add a hat" and meta["seed"] == "2" and meta["model"] == "tiny"
@@ -229,9 +227,7 @@ def test_api_save_signs_with_the_input_as_parent(
     image = load_image(assets.sample_image_path())
     with engine.load("tiny", signer=signer) as kontext:
         result = kontext.edit(image, "add a hat", seed=2, steps=1)
-        saved = kontext.save(
-            result, tmp_path / "out.jpg", source=image, prompt="add a hat", include_prompt=False
-        )
+        saved = kontext.outputs.save(result, tmp_path / "out.jpg", source=image, include_prompt=False)
     report = read_manifest(saved.path.read_bytes(), trust_anchors=pki.ca_pem)
     assert saved.signed and report.state == "Trusted"
     parent_hash = report.manifest["ingredients"][0]["metadata"][INPUT_SHA256_KEY]

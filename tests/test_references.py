@@ -18,6 +18,7 @@ from engine.buckets import (
     MAX_REFERENCES,
     ShapeKey,
     buckets,
+    edit_key,
     family_shape_keys,
     nearest_bucket,
     reference_bucket,
@@ -26,12 +27,12 @@ from engine.buckets import (
     reference_token_sums,
     tokens,
 )
-from engine.config import EditSettings
-from engine.dispatch import edit_key, served_buckets
+from engine.dispatch import served_buckets
 from engine.errors import ConfigError, ShapeNotServedError
 from engine.images import resize_to
 from engine.pipeline import KontextPipeline
 from engine.references import PLACEMENTS, Placement, context_ids, place
+from engine.request import EditRequest
 from engine.runtime import load
 
 from .conftest import gradient_image
@@ -52,7 +53,7 @@ class Recording:
         return self.inner(*args, **kwargs)
 
 
-def _pre_change_latents(pipe: KontextPipeline, image, settings: EditSettings) -> torch.Tensor:
+def _pre_change_latents(pipe: KontextPipeline, image, settings: EditRequest) -> torch.Tensor:
     """The single-context edit as it was before references existed, call for call."""
     bucket = nearest_bucket(image.width, image.height, pipe.bucket_family)
     size = settings.size or bucket
@@ -70,9 +71,9 @@ def _pre_change_latents(pipe: KontextPipeline, image, settings: EditSettings) ->
 def test_no_references_is_the_pre_change_path_bit_for_bit(tiny):
     pipe = KontextPipeline(tiny, TorchDenoiser(tiny.transformer))
     image = gradient_image(80, 192, seed=3)
-    settings = EditSettings(steps=3, seed=11)
+    settings = EditRequest(image, PROMPT, steps=3, seed=11)
     before = _pre_change_latents(pipe, image, settings)
-    now = pipe.edit(image, PROMPT, settings, references=[], progress=False)
+    now = pipe.edit(settings, progress=False)
     assert torch.equal(now.latents, before)
     assert now.shape_key == ShapeKey(1, tokens(80, 192), tokens(80, 192), 32) and now.references == []
 
@@ -127,9 +128,8 @@ def test_two_references_give_the_rule_token_count(tiny, placement):
     recording = Recording(tiny.transformer)
     pipe = KontextPipeline(tiny, recording)
     image, refs = gradient_image(128, 128), [gradient_image(200, 90, seed=1), gradient_image(64, 150, seed=2)]
-    out = pipe.edit(
-        image, PROMPT, EditSettings(steps=2), references=refs, placement=placement, progress=False
-    )
+    request = EditRequest(image, PROMPT, steps=2, references=tuple(refs), placement=placement)
+    out = pipe.edit(request, progress=False)
     ref_buckets = [reference_bucket(r.width, r.height, "tiny", 2) for r in refs]
     assert out.references == ref_buckets == [(128, 48), (48, 128)]
     context = tokens(128, 128) + sum(tokens(*b) for b in ref_buckets)
@@ -142,7 +142,7 @@ def test_two_references_give_the_rule_token_count(tiny, placement):
     assert ids is not None and ids.shape == (64 + context, 3)
     assert torch.unique(ids, dim=0).shape[0] == ids.shape[0]  # distinct ids
     assert out.shape_key in family_shape_keys("tiny", 32, refs=2)
-    plain = pipe.edit(image, PROMPT, EditSettings(steps=2), progress=False)
+    plain = pipe.edit(EditRequest(image, PROMPT, steps=2), progress=False)
     assert (out.latents - plain.latents).abs().max() > 1e-3  # the references reach the output
 
 
@@ -150,14 +150,14 @@ def test_placements_differ_and_limits_are_refused(tiny):
     pipe = KontextPipeline(tiny, TorchDenoiser(tiny.transformer))
     image, ref = gradient_image(128, 128), gradient_image(96, 96, seed=4)
     a, b = (
-        pipe.edit(image, PROMPT, EditSettings(steps=2), references=[ref], placement=p, progress=False)
+        pipe.edit(EditRequest(image, PROMPT, steps=2, references=(ref,), placement=p), progress=False)
         for p in PLACEMENTS
     )
     assert (a.latents - b.latents).abs().max() > 1e-4
     with pytest.raises(ConfigError, match="at most 3 reference images"):
-        pipe.edit(image, PROMPT, EditSettings(steps=1), references=[ref] * 4, progress=False)
+        EditRequest(image, PROMPT, steps=1, references=(ref,) * 4)
     with pytest.raises(ConfigError, match="placement must be one of offset, index"):
-        pipe.edit(image, PROMPT, EditSettings(steps=1), references=[ref], placement="uxo", progress=False)
+        EditRequest(image, PROMPT, steps=1, references=(ref,), placement="uxo")
 
 
 def test_an_engine_without_reference_keys_goes_through_the_miss_policy(tiny_build):

@@ -17,7 +17,10 @@ from engine.buckets import ShapeKey, family_shape_keys
 from engine.config import LoadOptions
 from engine.dispatch import Dispatcher
 from engine.errors import BackendUnavailableError, ConfigError
-from engine.runtime import KontextEngine
+from engine.images import read_png_metadata
+from engine.outputs import OutputWriter
+from engine.request import EditRequest
+from engine.runtime import KontextEngine, default_steps
 
 from .conftest import gradient_image
 
@@ -112,3 +115,31 @@ def test_import_is_light():
     code = "import sys, engine; print('torch' in sys.modules, 'diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_edit_takes_an_edit_request_or_its_keywords(tiny_engine):
+    """engine.edit(EditRequest) (the server's form) and engine.edit(image, prompt, **knobs) are one edit;
+    steps None is the engine's default_steps; mixing both forms is refused."""
+    image = gradient_image(100, 100)
+    request = EditRequest(image, "add a hat", steps=2, seed=4, guidance=3.0)
+    a = tiny_engine.edit(request)
+    b = tiny_engine.edit(image, "add a hat", steps=2, seed=4, guidance=3.0)
+    assert torch.equal(a.latents, b.latents) and a.request == b.request == request
+    assert tiny_engine.default_steps == default_steps("tiny") == 8
+    defaulted = tiny_engine.edit(EditRequest(image, "add a hat"))
+    assert defaulted.request is not None and defaulted.request.steps == len(defaulted.step_times) == 8
+    with pytest.raises(ConfigError, match="not both"):
+        tiny_engine.edit(request, seed=1)
+    with pytest.raises(ConfigError, match="needs a prompt"):
+        tiny_engine.edit(image)
+
+
+def test_outputs_carry_the_request_and_never_a_path(tiny_engine, tmp_path):
+    result = tiny_engine.edit(gradient_image(100, 100), "add a hat", steps=1, seed=3, guidance=3.0)
+    meta = tiny_engine.outputs.metadata(result, source=tmp_path / "in.png")
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["guidance"]) == ("add a hat", "3", "1", "3.0")
+    assert meta["source_image"] == "in.png" and meta["model"] == "tiny" and "engine" not in meta
+    built = OutputWriter("tiny", "w", build="tiny-fp32")  # an engine from build/tiny-fp32
+    (tmp_path / "served.png").write_bytes(built.encode(result))  # the server's bytes: no prompt unless asked
+    served = read_png_metadata(tmp_path / "served.png")
+    assert served["engine"] == "tiny-fp32" and "prompt" not in served and str(tmp_path) not in str(served)

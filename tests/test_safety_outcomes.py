@@ -148,7 +148,7 @@ def test_review_holds_the_output(tmp_path: Path) -> None:
     with engine.load("tiny", safety="review") as kontext:
         assert kontext.safety.review and not kontext.safety.checkers
         result = kontext.edit(assets.sample_image_path(), PROMPT, seed=SEED, steps=1)
-        saved = kontext.save(result, tmp_path / "out.png", source=assets.sample_image_path(), prompt=PROMPT)
+        saved = kontext.outputs.save(result, tmp_path / "out.png", source=assets.sample_image_path())
     assert saved.held and saved.path == tmp_path / "review" / "out.png"
     assert files_under(tmp_path) == {saved.path}
     assert read_png_metadata(saved.path)["prompt"] == PROMPT

@@ -9,9 +9,9 @@ import torch
 from engine.backends.torch import TorchDenoiser
 from engine.buckets import FAMILIES, buckets, nearest_bucket
 from engine.cli import main
-from engine.errors import BucketError
+from engine.errors import BucketError, ConfigError
 from engine.images import load_image, read_png_metadata, save_png
-from engine.pipeline import EncodedImage
+from engine.request import EditRequest, EncodedImage
 
 from .conftest import gradient_image
 
@@ -89,3 +89,17 @@ def test_cli_then_writes_one_file_per_turn(tmp_path):
     metas = [read_png_metadata(tmp_path / f"out-{k}.png") for k in (1, 2, 3)]
     assert [m["prompt"] for m in metas] == ["add a hat", "make it night", "add snow"]
     assert [m["source_image"] for m in metas] == ["in.png", "out-1.png", "out-2.png"]
+
+
+def test_a_turn_takes_an_edit_request_with_the_session_input(tiny_engine):
+    """An EditRequest's image is replaced by the session's input; keywords beside it, or several images
+    per turn, are refused."""
+    session = tiny_engine.session(gradient_image(128, 128, seed=6))
+    request = EditRequest(gradient_image(80, 192), "add a hat", steps=1, seed=2)
+    out = session.edit(request)
+    fresh = tiny_engine.edit(gradient_image(128, 128, seed=6), "add a hat", steps=1, seed=2)
+    assert torch.equal(out.latents, fresh.latents) and out.size == (128, 128)
+    with pytest.raises(ConfigError, match="not both"):
+        session.edit(request, seed=3)
+    with pytest.raises(ConfigError, match="one image per turn"):
+        session.edit("add a hat", steps=1, num_images=2)

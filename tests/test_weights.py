@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import PRESETS, EditSettings, get_preset
+from engine.config import PRESETS, get_preset
 from engine.errors import ConfigError, WeightsError
 from engine.weights import (
     build_modules,
@@ -93,9 +93,6 @@ def test_folder_without_model_index_is_refused(tmp_path):
         load_components(tmp_path)
 
 
-def test_unknown_preset_and_bad_settings_are_config_errors():
+def test_unknown_preset_is_a_config_error():  # bad edit values: tests/test_request.py
     with pytest.raises(ConfigError, match="tiny"):
         get_preset("huge")
-    for bad in ({"steps": 0}, {"guidance": -1.0}, {"seed": -1}, {"size": (100, 64)}):
-        with pytest.raises(ConfigError):
-            EditSettings(**bad)

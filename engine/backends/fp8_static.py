@@ -142,10 +142,9 @@ def calibrate_amax(
     The transformer (default: the components') is run eagerly with hooks; nothing is changed.
     """
     from ..build.calibrate import CalibrationSpec, calibration_edits
-    from ..config import EditSettings
     from ..images import load_image
     from ..pipeline import KontextPipeline
-    from ..sampling import denoise
+    from ..request import EditRequest
 
     module = transformer if transformer is not None else components.transformer
     spec = CalibrationSpec(edits=edits, steps=steps)
@@ -153,13 +152,9 @@ def calibrate_amax(
     amax, handles = collect_amax(module)
     try:
         for e in calibration_edits(spec):
-            settings = EditSettings(steps=spec.steps, guidance=spec.guidance, seed=e.seed)
-            p = pipe.prepare(load_image(e.image), e.prompt, settings)
+            p = pipe.prepare(EditRequest(load_image(e.image), e.prompt, spec.steps, spec.guidance, e.seed))
             with torch.inference_mode():
-                denoise(
-                    pipe.denoiser, p.img, p.img_ids, p.ctx, p.ctx_ids, p.txt, p.txt_ids, p.vec,
-                    p.schedule, settings.guidance,
-                )  # fmt: skip
+                p.denoise(pipe.denoiser)
     finally:
         for h in handles:
             h.remove()

@@ -28,10 +28,10 @@ from ..backends.torch import (
     torch_denoiser,
     weight_sharing_copy,
 )
-from ..config import EditSettings
 from ..errors import ConfigError
 from ..pipeline import KontextPipeline
 from ..prompt_cache import PromptCache
+from ..request import EditRequest
 from ..weights import Components
 from .probes import TimedDenoiser, TimedTransformer, TimedVae
 from .timing import CallClock, synchronize, timed
@@ -85,7 +85,7 @@ class EditRunner(Protocol):
         bool  # True: the reference's own module, eager (its per-step error is 0 by construction)
     )
 
-    def run(self, image: Image.Image, prompt: str, settings: EditSettings) -> RunSample: ...
+    def run(self, image: Image.Image, prompt: str, settings: EditRequest) -> RunSample: ...
 
     def close(self) -> None: ...
 
@@ -118,9 +118,9 @@ class PipelineRunner:
             prompt_cache=PromptCache() if contestant.prompt_cache else None,
         )
 
-    def run(self, image: Image.Image, prompt: str, settings: EditSettings) -> RunSample:
+    def run(self, image: Image.Image, prompt: str, settings: EditRequest) -> RunSample:
         self.clock.drain()
-        result = self.pipe.edit(image, prompt, settings, progress=False)
+        result = self.pipe.edit(dataclasses.replace(settings, image=image, prompt=prompt), progress=False)
         stages = {k: v for k, v in result.timings.items() if k in STAGES}
         return RunSample(stages=stages, step_times=self.clock.drain(), image=result.image)
 
@@ -160,7 +160,7 @@ class DiffusersRunner:
         # (11 s at 1024², 28 steps on an H100) to measure a difference of 0.
         self.replay_is_reference = True
 
-    def run(self, image: Image.Image, prompt: str, settings: EditSettings) -> RunSample:
+    def run(self, image: Image.Image, prompt: str, settings: EditRequest) -> RunSample:
         if settings.size is None:
             raise ConfigError("the diffusers baseline needs an explicit output size (settings.size)")
         w, h = settings.size

@@ -13,7 +13,7 @@ image after many steps mostly measures how the loop amplifies noise, so it is pr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
@@ -21,9 +21,9 @@ from PIL import Image
 from ..backends import Denoiser
 from ..backends.recording import DenoiserCall, RecordingDenoiser
 from ..backends.torch import TorchDenoiser
-from ..config import EditSettings
 from ..metrics import psnr, rel_l2
 from ..pipeline import KontextPipeline
+from ..request import EditRequest
 from ..weights import Components
 
 
@@ -58,13 +58,13 @@ def record_reference(
     dtype: torch.dtype,
     image: Image.Image,
     prompt: str,
-    settings: EditSettings,
+    settings: EditRequest,
     name: str,
 ) -> Reference:
     """Run the torch eager edit once, recording the transformer's inputs and outputs at every step."""
     recorder = RecordingDenoiser(TorchDenoiser(components.transformer, name=name))
     pipe = KontextPipeline(components, recorder, device=str(device), dtype=dtype)
-    result = pipe.edit(image, prompt, settings, progress=False)
+    result = pipe.edit(replace(settings, image=image, prompt=prompt), progress=False)
     return Reference(name=name, image=result.image, calls=tuple(recorder.calls))
 
 

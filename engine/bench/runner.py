@@ -24,9 +24,10 @@ from PIL import Image, ImageOps
 
 from ..backends.torch import default_dtype, dtype_name
 from ..buckets import ShapeKey, buckets, shape_key
-from ..config import EditSettings
+from ..config import DEFAULT_GUIDANCE, DEFAULT_PROMPT
 from ..errors import ConfigError, KontextError
 from ..images import load_image
+from ..request import EditRequest
 from ..weights import Components, load_components
 from .contestants import (
     BASELINE,
@@ -46,7 +47,6 @@ from .timing import PeakMemory, memory_in_use, summarize
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = "add a small red hat"
 SCHEDULES = ("interleaved", "sequential")
 
 
@@ -65,7 +65,7 @@ class BenchConfig:
     prompt: str = DEFAULT_PROMPT
     image: Path | None = None  # None: the bundled sample
     seed: int = 0
-    guidance: float = 2.5
+    guidance: float = DEFAULT_GUIDANCE
     progress: bool = True
     schedule: str = "interleaved"  # or "sequential" (see the module doc)
     deadline_s: float | None = None  # sequential only: seconds from PROCESS START; contestants past it skip
@@ -220,7 +220,7 @@ class _Case:
 
     bucket: tuple[int, int]
     image: Image.Image
-    settings: EditSettings
+    settings: EditRequest  # its image and prompt: the case's (contestants replace the prompt per round)
     key: ShapeKey
 
 
@@ -251,15 +251,11 @@ def run_bench(
     if contestants is None:
         contestants = select_contestants(config.contestants, components, device, dtype, build_dir, notes)
     text_tokens = components.preset.max_sequence_length
-    cases = [
-        _Case(
-            b,
-            bucket_image(source, b),
-            EditSettings(steps=config.steps, guidance=config.guidance, seed=config.seed, size=b),
-            shape_key(b, b, text_tokens),
-        )
-        for b in chosen
-    ]
+    cases = []
+    for b in chosen:
+        image = bucket_image(source, b)
+        request = EditRequest(image, config.prompt, config.steps, config.guidance, config.seed, size=b)
+        cases.append(_Case(b, image, request, shape_key(b, b, text_tokens)))
     run = BenchRun(
         config, components, device, started, chosen, contestants, {}, [], PeakMemory(device).kind, notes
     )

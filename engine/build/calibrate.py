@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,12 +29,11 @@ from ..backends import DENOISER_INPUTS, DENOISER_OUTPUT
 from ..backends.recording import DenoiserCall, RecordingDenoiser
 from ..backends.torch import TorchDenoiser
 from ..buckets import ShapeKey, buckets, nearest_bucket, reference_bucket, reference_buckets, tokens
-from ..config import EditSettings
 from ..errors import BuildError
 from ..files import atomic_write_bytes
 from ..images import load_image, resize_to
 from ..pipeline import KontextPipeline
-from ..sampling import denoise
+from ..request import EditRequest
 from ..weights import Components
 
 log = logging.getLogger(__name__)
@@ -106,20 +104,10 @@ def calibration_hash(spec: CalibrationSpec, family: str) -> str:
     return h.hexdigest()
 
 
-def _run_edit(
-    pipe: KontextPipeline,
-    rec: RecordingDenoiser,
-    image: Any,
-    prompt: str,
-    settings: EditSettings,
-    references: Sequence[Any] = (),
-    num_images: int = 1,
-) -> ShapeKey:
-    p = pipe.prepare(image, prompt, settings, references=references, num_images=num_images)
+def _run_edit(pipe: KontextPipeline, rec: RecordingDenoiser, request: EditRequest) -> ShapeKey:
+    p = pipe.prepare(request)
     with torch.inference_mode():
-        denoise(
-            rec, p.img, p.img_ids, p.ctx, p.ctx_ids, p.txt, p.txt_ids, p.vec, p.schedule, settings.guidance
-        )
+        p.denoise(rec)
     return p.shape_key
 
 
@@ -132,8 +120,7 @@ def capture_calibration(
     samples: list[Sample] = []
     for e in tqdm(calibration_edits(spec), desc="calibrate", unit="edit", leave=False):
         rec.reset()  # every step's inputs
-        settings = EditSettings(steps=spec.steps, guidance=spec.guidance, seed=e.seed)
-        _run_edit(pipe, rec, load_image(e.image), e.prompt, settings)
+        _run_edit(pipe, rec, EditRequest(load_image(e.image), e.prompt, spec.steps, spec.guidance, e.seed))
         samples += _samples(rec.calls, with_output=False)
     return samples
 
@@ -168,7 +155,7 @@ def capture_reference(
             raise BuildError(f"bucket {bucket} of {family} is not its own nearest bucket; check buckets.py")
         image = resize_to(load_image(images[i % len(images)]), bucket)
         rec.reset(keep={0, steps - 1})
-        _run_edit(pipe, rec, image, prompts[i % len(prompts)][1], EditSettings(steps=steps, seed=i))
+        _run_edit(pipe, rec, EditRequest(image, prompts[i % len(prompts)][1], steps, seed=i))
         samples = _samples(rec.calls, with_output=True)
         key = ShapeKey(1, n, n, samples[0]["txt_ids"].shape[0])
         if keys is None or key in keys:
@@ -177,8 +164,9 @@ def capture_reference(
     for j, key in enumerate(tqdm(others, desc="reference (batch, refs)", unit="key", leave=False)):
         image, references = reference_edit(key, family, refs, j)
         rec.reset(keep={0, steps - 1})
-        prompt = prompts[j % len(prompts)][1]
-        got = _run_edit(pipe, rec, image, prompt, EditSettings(steps=steps, seed=j), references, key.batch)
+        edit = EditRequest(image, prompts[j % len(prompts)][1], steps, seed=j, references=tuple(references),
+                           num_images=key.batch)  # fmt: skip
+        got = _run_edit(pipe, rec, edit)
         if got != key:
             raise BuildError(f"the reference edit for {key} ran at {got}; check reference_edit")
         out[key] = _samples(rec.calls, with_output=True)

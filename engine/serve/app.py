@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from .. import __version__
+from ..version import __version__
 from . import api_bfl, api_openai, api_operations, api_review
 from .body_limit import BodyLimit
 from .keys import KeyRing

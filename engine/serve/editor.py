@@ -5,7 +5,6 @@ raise engine.errors.ModeratedError (safety) and KontextError (bad input) as the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import PurePath
 from typing import TYPE_CHECKING, Protocol
 
 from .params import JobParams
@@ -57,12 +56,11 @@ class LocalEditor:
         self.engine = engine
         self.owned = owned
         self.family = engine.family
-        self.default_steps = engine.components.preset.default_steps
+        self.default_steps = engine.default_steps
         # The safety layer's policy (engine.safety.SafetyPolicy.review) holds every result for a person.
         self.review = bool(getattr(getattr(engine, "safety", None), "review", False))
 
     def edit(self, job: EditJob) -> EditOutput:
-        from ..outputs import encode_output
         from ..request import EditRequest
 
         p = job.params
@@ -76,25 +74,17 @@ class LocalEditor:
             size=p.size,
             num_images=p.num_images,
         )
-        r = request  # the keyword form of KontextEngine.edit, which takes the same fields
-        result = self.engine.edit(r.image, r.prompt, seed=r.seed, steps=r.steps, guidance=r.guidance,
-                                  size=r.size, references=r.references, placement=r.placement,
-                                  num_images=r.num_images)  # fmt: skip
+        result = self.engine.edit(request)
         # The engine's output path: AI disclosure and model in the metadata (never the prompt: prompts
         # can be private), C2PA-signed with the input as parent when the engine has a signer. No
-        # response reveals a local path: the build folder is named, not located.
+        # response reveals a local path: the metadata names the build folder, never its path.
         fmt = "JPEG" if p.output_format == "jpeg" else "PNG"
-        parent = job.image if self.engine.signer is not None else None
-        images = []
-        for index in range(len(result.images)):
-            meta = self.engine.output_metadata(result, index=index, guidance=p.guidance, include_prompt=False)
-            if meta.get("engine"):
-                meta["engine"] = PurePath(meta["engine"]).name
-            images.append(
-                encode_output(result.images[index], fmt, meta, parent=parent, signer=self.engine.signer)
-            )
+        images = tuple(
+            self.engine.outputs.encode(result, fmt, index=i, source=job.image)
+            for i in range(len(result.images))
+        )
         return EditOutput(
-            tuple(images), MEDIA_TYPES[p.output_format], result.size, dict(result.timings), result.backend
+            images, MEDIA_TYPES[p.output_format], result.size, dict(result.timings), result.backend
         )
 
     def stats(self) -> dict[str, int]:

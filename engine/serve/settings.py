@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import DEFAULT_GUIDANCE as DEFAULT_GUIDANCE  # the edit defaults: config owns them
 from ..errors import ConfigError
 
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
