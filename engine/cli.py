@@ -330,7 +330,7 @@ def _edit(args: argparse.Namespace) -> int:
     from .backends.torch import check_options, parse_levers
     from .config import EditSettings, LoadOptions
     from .images import load_image, output_format
-    from .lora import LoraSpec
+    from .model.lora import LoraSpec
     from .runtime import load
 
     # Validate the knobs, the images, the filters and the signer before loading a model (a minute).
@@ -440,7 +440,7 @@ def _build(args: argparse.Namespace) -> int:
     from .build.builder import BuildOptions, build
     from .build.calibrate import CalibrationSpec
     from .build.tensorrt_build import TensorRTOptions
-    from .lora import LoraSpec
+    from .model.lora import LoraSpec
 
     if args.verbose == 0:
         logging.getLogger("engine.build").setLevel(logging.INFO)  # one line per stage

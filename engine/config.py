@@ -47,8 +47,10 @@ class TransformerConfig:
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> TransformerConfig:
-        """The inverse of to_diffusers: a diffusers transformer/config.json (other keys ignored)."""
+        """The inverse of to_diffusers: a diffusers transformer/config.json (other keys ignored).
+        axes_dims_rope defaults to diffusers' (16, 56, 56): FLUX.1-dev's older config omits it."""
         names = [f.name for f in fields(cls)]  # the same names as diffusers' arguments
+        config = {"axes_dims_rope": (16, 56, 56), **config}
         missing = [n for n in names if n not in config]
         if missing:
             raise ConfigError(f"a Flux transformer config needs {', '.join(missing)}")

@@ -22,9 +22,9 @@ from .buckets import MAX_REFERENCES, ShapeKey, buckets, nearest_bucket, referenc
 from .config import EditSettings
 from .errors import BucketError, ConfigError
 from .images import resize_to, to_pil, to_tensor
+from .model.components import CLIP_MAX_LENGTH, Components
 from .prompt_cache import PromptCache, weights_fingerprint
 from .references import DEFAULT_PLACEMENT, check_placement, context_ids
-from .weights import CLIP_MAX_LENGTH, Components
 
 log = logging.getLogger(__name__)
 

@@ -31,12 +31,13 @@ from .buckets import ShapeKey, family_shape_keys
 from .config import EditSettings, LoadOptions, is_synthetic
 from .dispatch import MISS_POLICIES, Dispatcher, DispatchStats, edit_key, served_buckets
 from .errors import BackendUnavailableError, ConfigError
-from .lora import LoraSpec, fuse_loras
 from .manifest import MANIFEST_NAME, Manifest, read_manifest, rebuild_command
+from .model.components import Components
+from .model.load import load_components
+from .model.lora import LoraSpec, fuse_loras
 from .pipeline import EditResult, EncodedImage, KontextPipeline, check_edit_inputs, combine_results
 from .prompt_cache import PromptCache
 from .references import DEFAULT_PLACEMENT
-from .weights import Components, load_components
 
 if TYPE_CHECKING:
     from .outputs import SavedOutput

@@ -29,11 +29,11 @@ from engine.build.calibrate import CalibrationSpec, reference_edit
 from engine.cli import main
 from engine.errors import BuildError, ConfigError, ManifestError
 from engine.info import describe
-from engine.lora import LoraSpec
 from engine.manifest import read_manifest, rebuild_command
 from engine.metrics import rel_l2
+from engine.model.components import Components
+from engine.model.lora import LoraSpec
 from engine.runtime import load
-from engine.weights import Components
 
 from .conftest import BUILD_TEST_CALIBRATION, gradient_image
 from .test_lora import diffusers_lora

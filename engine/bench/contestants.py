@@ -28,9 +28,9 @@ from ..backends.torch import (
 )
 from ..config import EditSettings
 from ..errors import ConfigError
+from ..model.components import Components
 from ..pipeline import KontextPipeline
 from ..prompt_cache import PromptCache
-from ..weights import Components
 from .probes import TimedDenoiser, TimedTransformer, TimedVae
 from .timing import CallClock, synchronize, timed
 

@@ -20,8 +20,8 @@ from ..backends.recording import DenoiserCall, RecordingDenoiser
 from ..backends.torch import TorchDenoiser
 from ..config import EditSettings
 from ..metrics import psnr, rel_l2
+from ..model.components import Components
 from ..pipeline import KontextPipeline
-from ..weights import Components
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from ..buckets import ShapeKey, buckets, shape_key
 from ..config import EditSettings
 from ..errors import ConfigError, KontextError
 from ..images import load_image
-from ..weights import Components, load_components
+from ..model.components import Components
+from ..model.load import load_components
 from .contestants import (
     BASELINE,
     ENGINES,

@@ -26,9 +26,10 @@ from ..backends.tensorrt_plans import cuda_device, family_profiles, plan_name, r
 from ..buckets import MAX_REFERENCES, ShapeKey, family_scale, family_shape_keys
 from ..config import PRESETS
 from ..errors import BuildError, ManifestError
-from ..lora import LoraSpec, file_sha256, fuse_loras
 from ..manifest import MANIFEST_NAME, Artifact, Manifest, Stage, read_manifest, write_manifest
-from ..weights import Components, load_components, source_signature
+from ..model.components import Components
+from ..model.load import load_components, source_signature
+from ..model.lora import LoraSpec, file_sha256, fuse_loras
 from . import calibrate, export, ort_compile, quantize, verify
 from .backend import backend_version, choose_backend
 from .stages import build_lock, input_hash, outputs_intact, run_stage

@@ -34,9 +34,9 @@ from ..config import EditSettings
 from ..errors import BuildError
 from ..files import atomic_write_bytes
 from ..images import load_image, resize_to
+from ..model.components import Components
 from ..pipeline import KontextPipeline
 from ..sampling import denoise
-from ..weights import Components
 
 log = logging.getLogger(__name__)
 
