@@ -152,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--calib-samples", type=int, default=32, help="calibration edits (image, instruction)")
     k.add_argument("--calib-steps", type=int, default=4, help="sampling steps per calibration edit")
     k.add_argument("--fp8-attention", action="store_true", help="fp8: quantize attention too (Hopper)")
-    k.add_argument("--device", default="cpu", help="where calibration runs the torch transformer")
+    k.add_argument("--device", default=None, help="calibration's device (default: cuda, bf16; else cpu)")
     k.add_argument(
         "--refs", type=_int_list, default=(0,), metavar="N[,N]",
         help="reference-image counts to serve, e.g. 0,1 (default 0: the input image alone)",

@@ -12,13 +12,16 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata as md
 import logging
+import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ..backends import DENOISER_INPUTS
@@ -28,6 +31,7 @@ from ..config import PRESETS
 from ..errors import BuildError, ManifestError
 from ..manifest import MANIFEST_NAME, Artifact, Manifest, Stage, read_manifest, write_manifest
 from ..model.components import Components
+from ..model.layout import model_name
 from ..model.load import load_components, source_signature
 from ..model.lora import LoraSpec, file_sha256, fuse_loras
 from . import calibrate, export, ort_compile, quantize, verify
@@ -54,7 +58,8 @@ class BuildOptions:
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
     fp8_attention: bool = False
     recipes: Mapping[str, quantize.Recipe] | None = None  # overrides of quantize.RECIPES by name
-    device: str = "cpu"  # where calibration and the reference run (torch)
+    device: str | None = None  # where calibration and the reference run (torch); None: cuda if available
+    dtype: str | None = None  # the torch components' dtype there (bf16 | fp32); None: bf16 on cuda, else fp32
     progress: bool = True
     refs: tuple[int, ...] = (0,)  # reference-image counts served (kontext build --refs 0,1)
     batches: tuple[int, ...] = (1,)  # batch sizes served (kontext build --batch 1,2,4)
@@ -69,8 +74,18 @@ class BuildOptions:
         object.__setattr__(self, "refs", tuple(sorted(set(self.refs))))
         object.__setattr__(self, "batches", tuple(sorted(set(self.batches))))
         object.__setattr__(self, "loras", tuple(self.loras))
+        if self.dtype is not None and self.dtype not in TORCH_DTYPES:
+            raise BuildError(f"the build's torch dtype is {' or '.join(TORCH_DTYPES)}, got {self.dtype!r}")
+
+    def resolved(self) -> BuildOptions:
+        """device and dtype decided: a GPU when torch sees one, in bf16 (the real model's 24 GB, not 48
+        in fp32 through host memory); else the CPU in fp32."""
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = self.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+        return dataclasses.replace(self, device=device, dtype=dtype)
 
 
+TORCH_DTYPES = ("bf16", "fp32")
 DEFAULT_REFS: tuple[int, ...] = (0,)
 DEFAULT_BATCHES: tuple[int, ...] = (1,)
 
@@ -127,8 +142,10 @@ class BuildContext:
 
 
 def default_out_dir(model: str) -> Path:
-    """build/<model>: build/tiny, or build/<folder name> for a local checkpoint."""
-    return Path("build") / Path(str(model)).name
+    """build/<model>: build/tiny, or build/<folder name> for a local checkpoint (a cache snapshot's
+    repository name; <folder name>-bfl for BFL's single file)."""
+    name = str(model)
+    return Path("build") / (name if name in PRESETS else model_name(Path(name)))
 
 
 def default_precisions(backend: str) -> tuple[str, ...]:
@@ -154,7 +171,7 @@ def build(
     into them in place (fuse_loras), so pass a copy to keep the base weights.
     """
     t_start = time.perf_counter()
-    opts = options or BuildOptions()
+    opts = (options or BuildOptions()).resolved()
     chosen, why = choose_backend(backend)
     log.info("backend %s (%s)", chosen, why)
     precisions = tuple(dict.fromkeys(precisions or default_precisions(chosen)))
@@ -165,7 +182,8 @@ def build(
     if not force and (done := _up_to_date(root, request)) is not None:
         log.info("build %s: up to date (nothing to do)", root)
         return done
-    comps = components or load_components(model, device=opts.device)
+    dtype = torch.bfloat16 if opts.dtype == "bf16" else torch.float32
+    comps = components or load_components(model, device=opts.device or "cpu", dtype=dtype)
     if opts.loras:
         comps = fuse_loras(comps, opts.loras)  # a new weights_id: export .. verify run again
     fam = family or comps.preset.bucket_family
@@ -238,10 +256,26 @@ def _export(ctx: BuildContext) -> Stage:
 
 
 def _write_export(ctx: BuildContext) -> list[Path]:
-    result = export.export_transformer(ctx.components.transformer, ctx.root / ONNX_REL,
-                                       cfg=ctx.components.preset.transformer, opset=ctx.options.opset,
-                                       text_tokens=ctx.keys[0].text_tokens)  # fmt: skip
+    with _float32(ctx.components.transformer):
+        result = export.export_transformer(ctx.components.transformer, ctx.root / ONNX_REL,
+                                           cfg=ctx.components.preset.transformer, opset=ctx.options.opset,
+                                           text_tokens=ctx.keys[0].text_tokens)  # fmt: skip
     return list(result.files)
+
+
+@contextmanager
+def _float32(module: Any) -> Iterator[None]:
+    """The module in float32 for the block (the graph is exported in fp32 whatever the build's torch
+    dtype), cast in place on its device and back after: bf16 -> fp32 -> bf16 is exact."""
+    dtype = next(module.parameters()).dtype
+    if dtype == torch.float32:
+        yield
+        return
+    torch.nn.Module.to(module, dtype=torch.float32)
+    try:
+        yield
+    finally:
+        torch.nn.Module.to(module, dtype=dtype)
 
 
 def _calibrate(ctx: BuildContext) -> Stage:
@@ -251,7 +285,7 @@ def _calibrate(ctx: BuildContext) -> Stage:
 
 def _write_samples(ctx: BuildContext) -> list[Path]:
     samples = calibrate.capture_calibration(ctx.components, ctx.options.calibration, ctx.family,
-                                            ctx.options.device)  # fmt: skip
+                                            ctx.options.device or "cpu")  # fmt: skip
     calibrate.save_samples(ctx.root / CALIBRATION_REL, samples)
     return [ctx.root / CALIBRATION_REL]
 
@@ -269,7 +303,8 @@ def _reference(ctx: BuildContext) -> Stage:
 
 
 def _write_reference(ctx: BuildContext) -> list[Path]:
-    reference = calibrate.capture_reference(ctx.components, ctx.family, REFERENCE_STEPS, ctx.options.device,
+    device = ctx.options.device or "cpu"
+    reference = calibrate.capture_reference(ctx.components, ctx.family, REFERENCE_STEPS, device,
                                             keys=ctx.keys, refs=ctx.options.refs)  # fmt: skip
     calibrate.save_reference(ctx.root / REFERENCE_REL, reference)
     return [ctx.root / REFERENCE_REL]
@@ -390,7 +425,7 @@ def _measure(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> 
     denoiser = verify.artifact_denoiser(ctx.root, artifact, ctx.components.preset.transformer)
     try:
         results = verify.verify(denoiser, ctx.reference(), sorted(artifact.profiles), recipe.bound_rel_l2,
-                                recipe.name)  # fmt: skip
+                                recipe.name, progress=ctx.options.progress)  # fmt: skip
     finally:
         close = getattr(denoiser, "close", None)
         if close is not None:
@@ -498,6 +533,8 @@ def _request_hash(
     options = dataclasses.asdict(dataclasses.replace(opts, loras=()))
     for name in ("progress", "refs", "batches", "loras"):
         del options[name]
+    if options["dtype"] == "fp32":  # fp32 (the CPU's) hashes as builds from before the option did
+        del options["dtype"]
     if opts.refs != DEFAULT_REFS:
         options["refs"] = list(opts.refs)
     if opts.batches != DEFAULT_BATCHES:
@@ -506,7 +543,7 @@ def _request_hash(
         options["loras"] = [_lora_record(spec) for spec in opts.loras]
     return input_hash(
         {
-            "model": str(model),
+            "model": _model_key(model),
             "source": components.weights_id if components is not None else source_signature(model),
             "precisions": list(precisions),
             "family": family,
@@ -520,6 +557,13 @@ def _request_hash(
             "export": EXPORT_VERSION,
         }
     )
+
+
+def _model_key(model: str) -> str:
+    """A preset's name, or a local path made absolute and normalized (K, K/ and ./K are one build);
+    symlinks are not resolved (a cache snapshot stays a snapshot)."""
+    name = str(model)
+    return name if name in PRESETS else os.path.abspath(Path(name).expanduser())
 
 
 def _lora_record(spec: LoraSpec) -> dict[str, Any]:

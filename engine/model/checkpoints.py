@@ -24,7 +24,7 @@ from ..errors import WeightsError
 from ..files import move_into_place
 from .bfl import config_from_shapes, from_bfl
 from .components import DOWNLOAD_HINT, Components, assemble, fingerprint_files
-from .layout import SIDECAR, Layout, find_layout
+from .layout import SIDECAR, Layout, find_layout, model_name
 from .random_weights import remake_buffers_, require_room
 from .safetensors_files import load_bytes, load_tensors, shapes
 
@@ -131,7 +131,7 @@ def _with_sidecar(folder: Path, transformer: TransformerConfig) -> ModelPreset:
     log.warning(
         "%s: a non-standard transformer config and no %s; using 1mp buckets, 512 tokens", folder, SIDECAR
     )
-    return ModelPreset(folder.name, transformer, real.bucket_family, real.max_sequence_length)
+    return ModelPreset(model_name(folder), transformer, real.bucket_family, real.max_sequence_length)
 
 
 def build_transformer(

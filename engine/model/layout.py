@@ -11,6 +11,7 @@ snapshot's symlinks, never the resolved `blobs/<hash>`.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,17 @@ class Layout:
     def files(self) -> list[Path]:
         """Everything read, sorted (what a build's source signature covers)."""
         return sorted({*self.weights(), *self.other})
+
+
+def model_name(path: Path) -> str:
+    """A local checkpoint's name (build folders, presets): its folder's, a cache snapshot's repository's
+    (not the commit hash), with "-bfl" for BFL's single file, whose build must not share the folder's."""
+    p = Path(os.path.abspath(Path(path).expanduser()))
+    bfl = p.suffix == ".safetensors"
+    folder = p.parent if bfl else p
+    snapshot = folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
+    name = folder.parent.parent.name.split("--")[-1] if snapshot else folder.name
+    return f"{name}-bfl" if bfl else name
 
 
 def find_layout(path: Path) -> Layout:
@@ -168,14 +180,14 @@ def _clip_tokenizer(d: Path) -> list[Path]:
 
 
 def _merges(path: Path) -> None:
-    """Every line of a BPE merges.txt past its #version header is two symbols (a truncated file ends in
-    the middle of one)."""
+    """A BPE merges.txt: its #version header, then lines of two symbols (a truncated file ends in the
+    middle of one, or is empty)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, ValueError) as e:
         raise WeightsError(f"{path} cannot be read as UTF-8 text; download it again") from e
     lines = [line for line in text.split("\n") if line and not line.startswith("#version")]
-    if not lines or any(len(line.split(" ")) != 2 for line in lines):
+    if not text.strip() or any(len(line.split(" ")) != 2 for line in lines):
         raise WeightsError(f"{path} is not a BPE merges file (truncated or damaged); download it again")
 
 

@@ -4,6 +4,7 @@ cheap identity of what it would load (the build's no-op fast path). The top of e
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -54,7 +55,7 @@ def source_signature(model: str | Path) -> str:
     name = str(model)
     if name in PRESETS and PRESETS[name].synthetic:
         return hashlib.sha256(f"{PRESETS[name]!r}|torch {torch.__version__}".encode()).hexdigest()[:16]
-    path = Path(name).expanduser()
+    path = Path(os.path.abspath(Path(name).expanduser()))  # K, K/ and ./K: one signature
     if not path.exists():
         return "missing:" + name
     root = path.parent if path.is_file() else path
