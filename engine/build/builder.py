@@ -530,7 +530,7 @@ def _request_hash(
     (and the no-op fast path of every build made before they existed) is unchanged. A LoRA enters by
     its file's sha256 and scale, as its weights_id does.
     """
-    options = dataclasses.asdict(dataclasses.replace(opts, loras=()))
+    options = dataclasses.asdict(dataclasses.replace(opts.resolved(), loras=()))
     for name in ("progress", "refs", "batches", "loras"):
         del options[name]
     if options["dtype"] == "fp32":  # fp32 (the CPU's) hashes as builds from before the option did

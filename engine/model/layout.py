@@ -93,8 +93,8 @@ def find_layout(path: Path) -> Layout:
     if bfl:
         read_header(path)
         transformer: tuple[Path, ...] = (path,)
-        config: Path | None = folder / "transformer" / "config.json"
-        config = config if config.is_file() else None
+        beside = folder / "transformer" / "config.json"
+        config: Path | None = beside if beside.is_file() else None
     else:
         transformer = _weights(folder, "transformer", "diffusion_pytorch_model", other)
         config = _config(folder, "transformer")
@@ -124,11 +124,13 @@ def _weights(folder: Path, sub: str, stem: str, other: list[Path]) -> tuple[Path
     """The safetensors files of one component: the shards its index names, or the single file."""
     d = _subfolder(folder, sub)
     index = d / f"{stem}.safetensors.index.json"
+    weight_map: dict[str, str] = {}
     if index.is_file():
         other.append(index)
-        weight_map = _json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
+        listed = _json(index).get("weight_map")
+        if not isinstance(listed, dict) or not listed:
             raise WeightsError(f"{index} has no weight_map; download it again. {DOWNLOAD_HINT}")
+        weight_map = {str(k): str(v) for k, v in listed.items()}
         files = tuple(d / name for name in sorted(set(weight_map.values())))
     else:
         files = (d / f"{stem}.safetensors",)
@@ -136,7 +138,7 @@ def _weights(folder: Path, sub: str, stem: str, other: list[Path]) -> tuple[Path
         if not f.is_file():
             raise _missing(f, sub)
         header, _ = read_header(f)
-        if index.is_file():
+        if weight_map:
             absent = [k for k, v in weight_map.items() if v == f.name and k not in header]
             if absent:
                 raise WeightsError(f"{f} lacks {len(absent)} tensors its index lists; download it again")
