@@ -5,6 +5,9 @@ named stage functions over one BuildContext. Each stage is skipped when its inpu
 match the manifest; the manifest is rewritten after every stage that ran (complete=False until the
 end), so an interrupted build resumes. A request identical to the last complete build returns its
 manifest without loading the model (the no-op fast path).
+
+Longer than 400 lines on purpose: the stages are small functions over one BuildContext, and reading
+them in order, beside the request hash that decides whether any runs, is the point of this file.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from ..model.load import load_components, source_signature
 from ..model.lora import LoraSpec, file_sha256, fuse_loras
 from . import calibrate, export, ort_compile, quantize, verify
 from .backend import backend_version, choose_backend
-from .stages import build_lock, input_hash, outputs_intact, run_stage
+from .stages import StageResult, T, build_lock, input_hash, outputs_intact, run_stage
 from .tensorrt_build import TensorRTOptions, allows_tf32, build_plan
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,30 @@ def build_keys(family: str, text_tokens: int, refs: Sequence[int], batches: Sequ
     return sorted(keys)
 
 
+@dataclass(frozen=True)
+class BuildFacts:
+    """What one build is made from, settled before any stage runs: the manifest's fields other than the
+    exported graph's sha256 (the export stage's result), the artifacts, the stages and the status."""
+
+    model: str
+    weights_id: str
+    transformer: dict[str, Any]  # TransformerConfig as a dict
+    backend: str
+    backend_version: str
+    opset: int
+    calibration_sha256: str
+    recipes: dict[str, dict[str, Any]]
+    tool_versions: dict[str, str]
+    family: str
+    calibration: dict[str, Any]  # CalibrationSpec as a dict
+    request: str
+    refs: tuple[int, ...]
+    batches: tuple[int, ...]
+    loras: tuple[dict[str, Any], ...]
+    gpu: str | None
+    compute_capability: str | None
+
+
 @dataclass
 class BuildContext:
     """One build: what it builds from, where, and the manifest being assembled (written after every
@@ -107,25 +134,31 @@ class BuildContext:
     root: Path
     components: Components
     options: BuildOptions
-    backend: str
     family: str
     keys: list[ShapeKey]
     force: bool
-    base: dict[str, Any]  # the manifest's fields other than artifacts, stages and status
+    facts: BuildFacts
     stages: dict[str, Stage]
     previous: Manifest | None
     bar: Any  # tqdm
+    onnx_sha256: str = ""  # the export stage's graph, once it has run or been reused
     artifacts: list[Artifact] = field(default_factory=list)
-    pending: list[Artifact] = field(default_factory=list)  # compiled, being verified
     _samples: list[calibrate.Sample] | None = None
     _reference: dict[str, list[calibrate.Sample]] | None = None
 
-    def manifest(self, *, complete: bool, seconds: float = 0.0) -> Manifest:
+    @property
+    def backend(self) -> str:
+        return self.facts.backend
+
+    def manifest(self, *, complete: bool, seconds: float = 0.0, pending: Sequence[Artifact] = ()) -> Manifest:
+        """pending: compiled artifacts whose verification is recorded but not passed (never served)."""
+        facts = {f.name: getattr(self.facts, f.name) for f in dataclasses.fields(self.facts)}
         return Manifest(
-            **self.base,
+            **facts,
+            onnx_sha256=self.onnx_sha256,
             artifacts=tuple(self.artifacts),
             stages=dict(self.stages),
-            pending=tuple(self.pending),
+            pending=tuple(pending),
             complete=complete,
             build_seconds=round(seconds, 3),
         )
@@ -194,11 +227,10 @@ def build(
             root=root,
             components=comps,
             options=opts,
-            backend=chosen,
             family=fam,
             keys=build_keys(fam, comps.preset.max_sequence_length, opts.refs, opts.batches),
             force=force,
-            base=_manifest_base(comps, chosen, fam, recipes, versions, request, opts),
+            facts=_facts(comps, chosen, fam, recipes, versions, request, opts),
             stages=dict(previous.stages) if previous else {},
             previous=previous,
             bar=tqdm(
@@ -210,7 +242,7 @@ def build(
         )
         if chosen == "tensorrt":
             family_profiles(ctx.keys, opts.tensorrt.profiles)  # too many static profiles: refuse now
-        ctx.base["onnx_sha256"] = _export(ctx).output_sha256[ONNX_REL]
+        ctx.onnx_sha256 = _export(ctx).output_sha256[ONNX_REL]
         _calibrate(ctx)
         _reference(ctx)
         for recipe in recipes:
@@ -231,28 +263,33 @@ def _stage(
     ctx: BuildContext,
     name: str,
     inputs: Mapping[str, Any],
-    work: Callable[[], Sequence[Path]],
+    work: Callable[[], tuple[Sequence[Path], T]],
     *,
     still_valid: bool = True,
-) -> Stage:
+) -> StageResult[T]:
     """Run one stage (or skip it when up to date), record it, and write the manifest if it ran."""
     res = run_stage(name, ctx.root, inputs, ctx.stages.get(name), ctx.force, work, still_valid)
     ctx.stages[name] = res.stage
     if res.ran:
         write_manifest(ctx.root, ctx.manifest(complete=False))
     ctx.bar.update()
-    return res.stage
+    return res
+
+
+def _files(write: Callable[[], Sequence[Path]]) -> Callable[[], tuple[Sequence[Path], None]]:
+    """A stage whose only result is its files."""
+    return lambda: (write(), None)
 
 
 def _export(ctx: BuildContext) -> Stage:
     inputs = {
         "weights": ctx.components.weights_id,
-        "transformer": ctx.base["transformer"],
+        "transformer": ctx.facts.transformer,
         "opset": ctx.options.opset,
-        "torch": ctx.base["tool_versions"]["torch"],
+        "torch": ctx.facts.tool_versions["torch"],
         "v": EXPORT_VERSION,
     }
-    return _stage(ctx, "export", inputs, partial(_write_export, ctx))
+    return _stage(ctx, "export", inputs, _files(partial(_write_export, ctx))).stage
 
 
 def _write_export(ctx: BuildContext) -> list[Path]:
@@ -279,8 +316,8 @@ def _float32(module: Any) -> Iterator[None]:
 
 
 def _calibrate(ctx: BuildContext) -> Stage:
-    inputs = {"weights": ctx.components.weights_id, "calibration": ctx.base["calibration_sha256"]}
-    return _stage(ctx, "calibrate", inputs, partial(_write_samples, ctx))
+    inputs = {"weights": ctx.components.weights_id, "calibration": ctx.facts.calibration_sha256}
+    return _stage(ctx, "calibrate", inputs, _files(partial(_write_samples, ctx))).stage
 
 
 def _write_samples(ctx: BuildContext) -> list[Path]:
@@ -299,7 +336,7 @@ def _reference(ctx: BuildContext) -> Stage:
     }
     if ctx.options.refs != DEFAULT_REFS:  # which reference count builds each key's edit
         inputs["refs"] = list(ctx.options.refs)
-    return _stage(ctx, "reference", inputs, partial(_write_reference, ctx))
+    return _stage(ctx, "reference", inputs, _files(partial(_write_reference, ctx))).stage
 
 
 def _write_reference(ctx: BuildContext) -> list[Path]:
@@ -314,16 +351,16 @@ def _quantize(ctx: BuildContext, recipe: quantize.Recipe) -> tuple[str, str]:
     """The graph the recipe compiles from, (path relative to the build, sha256): the exported graph,
     or its Q/DQ-quantized copy."""
     if not recipe.quantized:
-        return ONNX_REL, ctx.base["onnx_sha256"]
+        return ONNX_REL, ctx.onnx_sha256
     rel = f"onnx/transformer_{recipe.name}.onnx"
     inputs = {
-        "onnx": ctx.base["onnx_sha256"],
+        "onnx": ctx.onnx_sha256,
         "recipe": recipe.to_dict(),
         "samples": ctx.stages["calibrate"].output_sha256[CALIBRATION_REL],
-        "modelopt": ctx.base["tool_versions"]["nvidia-modelopt"],
+        "modelopt": ctx.facts.tool_versions["nvidia-modelopt"],
     }
-    stage = _stage(ctx, f"quantize:{recipe.name}", inputs, partial(_write_quantized, ctx, recipe, rel))
-    return rel, stage.output_sha256[rel]
+    work = _files(partial(_write_quantized, ctx, recipe, rel))
+    return rel, _stage(ctx, f"quantize:{recipe.name}", inputs, work).stage.output_sha256[rel]
 
 
 def _write_quantized(ctx: BuildContext, recipe: quantize.Recipe, rel: str) -> list[Path]:
@@ -341,27 +378,27 @@ def _compile(ctx: BuildContext, recipe: quantize.Recipe, src_rel: str, src_sha: 
     inputs: dict[str, Any] = {
         "source": src_sha,
         "backend": ctx.backend,
-        "version": ctx.base["backend_version"],
+        "version": ctx.facts.backend_version,
     }
     if ctx.backend == "onnxruntime":
         rel = f"onnxruntime/transformer_{recipe.name}.onnx"
         runtime = ort_compile.ort_runtime_options(recipe)
         mode = "dynamic"
         inputs["runtime"] = runtime
-        work = partial(_write_ort, ctx, recipe, src_rel, rel)
+        work = _files(partial(_write_ort, ctx, recipe, src_rel, rel))
     else:
         require_tensorrt()
-        rel = f"tensorrt/{plan_name(recipe.name, ctx.family, ctx.base['backend_version'], ctx.base['gpu'])}"
+        rel = f"tensorrt/{plan_name(recipe.name, ctx.family, ctx.facts.backend_version, str(ctx.facts.gpu))}"
         runtime = {}
         mode = ctx.options.tensorrt.profiles
         build_options["tensorrt"] = dataclasses.asdict(ctx.options.tensorrt)
         build_options["tf32"] = allows_tf32(recipe.mode, recipe.high_precision_dtype)
-        inputs.update(gpu=ctx.base["gpu"], capability=ctx.base["compute_capability"],
+        inputs.update(gpu=ctx.facts.gpu, capability=ctx.facts.compute_capability,
                       options=build_options["tensorrt"], tf32=build_options["tf32"])  # fmt: skip
-        work = partial(_write_plan, ctx, recipe, src_rel, rel)
+        work = _files(partial(_write_plan, ctx, recipe, src_rel, rel))
     profiles = family_profiles(ctx.keys, mode)
     inputs["profiles"] = profiles
-    stage = _stage(ctx, f"compile:{recipe.name}", inputs, work)
+    stage = _stage(ctx, f"compile:{recipe.name}", inputs, work).stage
     return Artifact(
         path=rel,
         sha256=stage.output_sha256[rel],
@@ -407,21 +444,22 @@ def _verify(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> A
         "bound": recipe.bound_rel_l2,
         "runtime": artifact.runtime_options,
     }
-    _stage(
+    res = _stage(
         ctx,
         f"verify:{recipe.name}",
         inputs,
         partial(_measure, ctx, recipe, artifact),
         still_valid=old is not None,
     )
-    verified = next((p for p in ctx.pending if p.precision == artifact.precision), old)
+    verified = res.value if res.ran else old
     if verified is None:
         raise BuildError(f"no verification results for {recipe.name}; rebuild with --force")
-    ctx.pending = [p for p in ctx.pending if p.precision != artifact.precision]
     return verified
 
 
-def _measure(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> list[Path]:
+def _measure(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> tuple[list[Path], Artifact]:
+    """The artifact with its measured errors; the manifest keeps them (as pending) before a failure is
+    raised, so a failed build still says by how much."""
     denoiser = verify.artifact_denoiser(ctx.root, artifact, ctx.components.preset.transformer)
     try:
         results = verify.verify(denoiser, ctx.reference(), sorted(artifact.profiles), recipe.bound_rel_l2,
@@ -431,10 +469,9 @@ def _measure(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> 
         if close is not None:
             close()
     checked = dataclasses.replace(artifact, verification=results)
-    ctx.pending = [p for p in ctx.pending if p.precision != artifact.precision] + [checked]
-    write_manifest(ctx.root, ctx.manifest(complete=False))  # the errors are kept even on failure
+    write_manifest(ctx.root, ctx.manifest(complete=False, pending=(checked,)))  # kept even on failure
     verify.check(results, f"{recipe.name} ({artifact.path})")
-    return []
+    return [], checked
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -460,7 +497,7 @@ def _recipes(precisions: Sequence[str], backend: str, opts: BuildOptions) -> lis
     return selected
 
 
-def _manifest_base(
+def _facts(
     comps: Components,
     backend: str,
     family: str,
@@ -468,28 +505,27 @@ def _manifest_base(
     versions: Mapping[str, str],
     request: str,
     opts: BuildOptions,
-) -> dict[str, Any]:
+) -> BuildFacts:
     device = cuda_device() if backend == "tensorrt" else None
-    return {
-        "model": comps.source,
-        "weights_id": comps.weights_id,
-        "transformer": dataclasses.asdict(comps.preset.transformer),
-        "backend": backend,
-        "backend_version": backend_version(backend),
-        "opset": opts.opset,
-        "onnx_sha256": "",
-        "calibration_sha256": calibrate.calibration_hash(opts.calibration, family),
-        "recipes": {r.name: r.to_dict() for r in recipes},
-        "tool_versions": dict(versions),
-        "family": family,
-        "calibration": dataclasses.asdict(opts.calibration),
-        "request": request,
-        "refs": list(opts.refs),
-        "batches": list(opts.batches),
-        "loras": [_lora_record(spec) for spec in opts.loras],
-        "gpu": device[0] if device else None,
-        "compute_capability": f"{device[1][0]}.{device[1][1]}" if device else None,
-    }
+    return BuildFacts(
+        model=comps.source,
+        weights_id=comps.weights_id,
+        transformer=dataclasses.asdict(comps.preset.transformer),
+        backend=backend,
+        backend_version=backend_version(backend),
+        opset=opts.opset,
+        calibration_sha256=calibrate.calibration_hash(opts.calibration, family),
+        recipes={r.name: r.to_dict() for r in recipes},
+        tool_versions=dict(versions),
+        family=family,
+        calibration=dataclasses.asdict(opts.calibration),
+        request=request,
+        refs=tuple(opts.refs),
+        batches=tuple(opts.batches),
+        loras=tuple(_lora_record(spec) for spec in opts.loras),
+        gpu=device[0] if device else None,
+        compute_capability=f"{device[1][0]}.{device[1][1]}" if device else None,
+    )
 
 
 def _version(dist: str) -> str:
