@@ -200,11 +200,12 @@ BROKEN: dict[str, tuple[Callable[[Path], None], str, str]] = {
 }
 
 
-@pytest.mark.parametrize("bfl", [False, True], ids=["folder", "bfl"])
-@pytest.mark.parametrize("case", list(BROKEN))
+ROUTES = [(case, bfl) for case in BROKEN for bfl in (False, True)]
+ROUTES.remove(("missing transformer shard", True))  # the BFL route never reads transformer/ shards
+
+
+@pytest.mark.parametrize(("case", "bfl"), ROUTES, ids=[f"{c}-{'bfl' if b else 'folder'}" for c, b in ROUTES])
 def test_a_broken_download_is_one_line_naming_the_file(case, bfl, real_folder, tmp_path, capsys):
-    if bfl and case == "missing transformer shard":
-        pytest.skip("the BFL route never reads transformer/ shards")
     breaks, rel, named = BROKEN[case]
     folder = copy(real_folder, tmp_path)
     breaks(folder / rel)
@@ -304,3 +305,23 @@ def test_the_build_runs_on_the_gpu_in_bf16_when_there_is_one(monkeypatch):
 def test_the_build_cli_defaults_to_the_machines_device():
     args = cli._parser().parse_args(["build"])
     assert args.device is None
+
+
+def test_a_base_install_without_accelerate_loads_both_routes(real_folder):
+    """`pip install -e .` brings neither accelerate nor peft (the lora extra): both routes still load.
+    A fresh interpreter where neither is importable nor found (sys.modules None: find_spec says absent,
+    so diffusers and transformers take their no-accelerate paths)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['accelerate'] = sys.modules['peft'] = None\n"
+        "from engine.model.load import load_components\n"
+        f"load_components({str(real_folder)!r})\n"
+        f"load_components({str(real_folder / BFL_FILE)!r})\n"
+        "print('loaded')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("loaded"), out.stderr[-2000:]
