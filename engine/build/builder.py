@@ -301,18 +301,19 @@ def _write_export(ctx: BuildContext) -> list[Path]:
 
 
 @contextmanager
-def _float32(module: Any) -> Iterator[None]:
-    """The module in float32 for the block (the graph is exported in fp32 whatever the build's torch
-    dtype), cast in place on its device and back after: bf16 -> fp32 -> bf16 is exact."""
-    dtype = next(module.parameters()).dtype
-    if dtype == torch.float32:
-        yield
-        return
-    torch.nn.Module.to(module, dtype=torch.float32)
+def _float32(*modules: Any) -> Iterator[None]:
+    """The modules in float32 for the block, cast in place on their device and back after (bf16 -> fp32
+    -> bf16 is exact). The graph is exported in fp32, and calibration and the reference run the sampling
+    loop in fp32 (calibrate.py's pipeline): the transformer and the VAE take its fp32 tensors, while the
+    text encoders take token ids and stay in the build's dtype (their outputs are cast)."""
+    dtypes = [next(m.parameters()).dtype for m in modules]
+    for m in modules:
+        torch.nn.Module.to(m, dtype=torch.float32)
     try:
         yield
     finally:
-        torch.nn.Module.to(module, dtype=dtype)
+        for m, dtype in zip(modules, dtypes, strict=True):
+            torch.nn.Module.to(m, dtype=dtype)
 
 
 def _calibrate(ctx: BuildContext) -> Stage:
@@ -321,8 +322,10 @@ def _calibrate(ctx: BuildContext) -> Stage:
 
 
 def _write_samples(ctx: BuildContext) -> list[Path]:
-    samples = calibrate.capture_calibration(ctx.components, ctx.options.calibration, ctx.family,
-                                            ctx.options.device or "cpu")  # fmt: skip
+    c = ctx.components
+    with _float32(c.transformer, c.vae):
+        samples = calibrate.capture_calibration(c, ctx.options.calibration, ctx.family,
+                                                ctx.options.device or "cpu")  # fmt: skip
     calibrate.save_samples(ctx.root / CALIBRATION_REL, samples)
     return [ctx.root / CALIBRATION_REL]
 
@@ -340,9 +343,10 @@ def _reference(ctx: BuildContext) -> Stage:
 
 
 def _write_reference(ctx: BuildContext) -> list[Path]:
-    device = ctx.options.device or "cpu"
-    reference = calibrate.capture_reference(ctx.components, ctx.family, REFERENCE_STEPS, device,
-                                            keys=ctx.keys, refs=ctx.options.refs)  # fmt: skip
+    c, device = ctx.components, ctx.options.device or "cpu"
+    with _float32(c.transformer, c.vae):
+        reference = calibrate.capture_reference(c, ctx.family, REFERENCE_STEPS, device,
+                                                keys=ctx.keys, refs=ctx.options.refs)  # fmt: skip
     calibrate.save_reference(ctx.root / REFERENCE_REL, reference)
     return [ctx.root / REFERENCE_REL]
 
