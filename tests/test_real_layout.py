@@ -69,13 +69,13 @@ def assert_equals_disk(c: Components, root: Path) -> None:
         state = {k: v for k, v in module.state_dict().items() if k != "encoder.embed_tokens.weight"}
         assert state.keys() == disk.keys(), sub
         for k, v in state.items():
-            assert v.dtype == torch.bfloat16 and torch.equal(v, disk[k]), (sub, k)
+            assert v.dtype == torch.bfloat16 and torch.equal(v.cpu(), disk[k]), (sub, k)
         assert not any(p.is_meta for p in module.parameters()) and not any(
             b.is_meta for b in module.buffers()
         )
         assert not any(p.requires_grad for p in module.parameters()) and not module.training
     (position_ids,) = [b for n, b in c.text_encoder.named_buffers() if n.endswith("position_ids")]
-    assert torch.equal(position_ids, torch.arange(77)[None])
+    assert torch.equal(position_ids.cpu(), torch.arange(77)[None])
 
 
 def test_the_folder_loads_every_tensor_from_disk(from_folder, real_folder):
@@ -111,6 +111,16 @@ def edit(c: Components) -> torch.Tensor:
     return pipe.edit(
         gradient_image(64, 48), "add a red hat", EditSettings(steps=1, seed=3), progress=False
     ).latents
+
+
+@pytest.mark.gpu
+def test_both_routes_load_straight_onto_the_gpu(real_folder):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    for path in (real_folder, real_folder / BFL_FILE):
+        c = load_components(path, dtype=torch.bfloat16, device="cuda")
+        assert all(t.is_cuda for m in c.modules() for t in [*m.parameters(), *m.buffers()])
+        assert_equals_disk(c, real_folder)
 
 
 def test_the_bfl_file_needs_no_transformer_config(real_folder, tmp_path):
