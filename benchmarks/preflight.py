@@ -25,7 +25,7 @@ MODULES = (
     "torchao.quantization",
     "engine",
     "engine.cli",
-    "engine.weights",
+    "engine.model.load",
     "engine.pipeline",
     "engine.bench",
     "engine.bench.sequential",

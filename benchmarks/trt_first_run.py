@@ -246,7 +246,7 @@ def g3_keys_vs_torch(run: Run) -> tuple[str, str, dict[str, Any]]:
 
     from engine.backends.torch import TorchDenoiser
     from engine.metrics import rel_l2
-    from engine.weights import load_components
+    from engine.model.load import load_components
 
     comps = load_components(run.model, dtype=torch.float32, device="cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -365,7 +365,7 @@ def g6_tf32(run: Run) -> tuple[str, str, dict[str, Any]]:
     from engine.build.tensorrt_build import TensorRTOptions, build_plan
     from engine.manifest import read_manifest
     from engine.metrics import rel_l2
-    from engine.weights import load_components
+    from engine.model.load import load_components
 
     src = _build(run, "dynamic")
     m = read_manifest(src)

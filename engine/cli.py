@@ -157,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--calib-samples", type=int, default=32, help="calibration edits (image, instruction)")
     k.add_argument("--calib-steps", type=int, default=4, help="sampling steps per calibration edit")
     k.add_argument("--fp8-attention", action="store_true", help="fp8: quantize attention too (Hopper)")
-    k.add_argument("--device", default="cpu", help="where calibration runs the torch transformer")
+    k.add_argument("--device", default=None, help="calibration's device (default: cuda, bf16; else cpu)")
     k.add_argument(
         "--refs", type=_int_list, default=(0,), metavar="N[,N]",
         help="reference-image counts to serve, e.g. 0,1 (default 0: the input image alone)",
@@ -333,7 +333,7 @@ def _edit(args: argparse.Namespace) -> int:
     from .assets import sample_image_path
     from .backends.torch import check_options, parse_levers
     from .images import output_format
-    from .lora import LoraSpec
+    from .model.lora import LoraSpec
     from .runtime import load
 
     # Validate the request, the images, the filters and the signer before loading a model (a minute).
@@ -445,7 +445,7 @@ def _build(args: argparse.Namespace) -> int:
     from .build.builder import BuildOptions, build
     from .build.calibrate import CalibrationSpec
     from .build.tensorrt_build import TensorRTOptions
-    from .lora import LoraSpec
+    from .model.lora import LoraSpec
 
     if args.verbose == 0:
         logging.getLogger("engine.build").setLevel(logging.INFO)  # one line per stage

@@ -53,8 +53,10 @@ class TransformerConfig:
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> TransformerConfig:
-        """The inverse of to_diffusers: a diffusers transformer/config.json (other keys ignored)."""
+        """The inverse of to_diffusers: a diffusers transformer/config.json (other keys ignored).
+        axes_dims_rope defaults to diffusers' (16, 56, 56): FLUX.1-dev's older config omits it."""
         names = [f.name for f in fields(cls)]  # the same names as diffusers' arguments
+        config = {"axes_dims_rope": (16, 56, 56), **config}
         missing = [n for n in names if n not in config]
         if missing:
             raise ConfigError(f"a Flux transformer config needs {', '.join(missing)}")
@@ -99,11 +101,11 @@ class TextEncoderConfig:
 class ModelPreset:
     """A complete model: synthetic presets carry configs and a seed, real ones are loaded from disk.
 
-    `init` says how a synthetic preset's random weights are made (weights.py):
+    `init` says how a synthetic preset's random weights are made (model/synthetic.py):
     - "module": each module's own initialisation, run on the CPU in fp32 from `seed`, then moved
       and cast. Exact and portable (the same bytes on every machine); for small presets.
     - "scaled": built on the meta device, materialized on the target device in the target dtype,
-      and filled there by the fan-in scaled rule of random_weights.py (a 12B model never touches
+      and filled there by the fan-in scaled rule of model/random_weights.py (a 12B model never touches
       host memory). The bytes depend on the device's random generator.
     """
 
@@ -200,7 +202,7 @@ PRESETS: dict[str, ModelPreset] = {
         seed=0,
         init="scaled",
     ),
-    # The real 12B model, loaded from a local path (see weights.py and checkpoints.py).
+    # The real 12B model, loaded from a local path (see model/load.py and model/checkpoints.py).
     "kontext-dev": ModelPreset(
         name="kontext-dev",
         transformer=KONTEXT_DEV_TRANSFORMER,

@@ -89,8 +89,8 @@ class Stage:
 
 @dataclass(frozen=True)
 class Manifest:
-    model: str  # preset name or resolved local path
-    weights_id: str  # weights.Components.weights_id
+    model: str  # preset name or absolute local path as given (not resolved: cache snapshots stay reusable)
+    weights_id: str  # model.components.Components.weights_id
     transformer: dict[str, Any]  # TransformerConfig as a dict
     backend: str  # "onnxruntime" | "tensorrt"
     backend_version: str

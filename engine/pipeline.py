@@ -21,10 +21,10 @@ from .backends import Denoiser
 from .buckets import ShapeKey, buckets, nearest_bucket, reference_bucket
 from .errors import BucketError
 from .images import resize_to, to_pil, to_tensor
+from .model.components import CLIP_MAX_LENGTH, Components
 from .prompt_cache import PromptCache, weights_fingerprint
 from .references import DEFAULT_PLACEMENT, context_ids
 from .request import EditRequest, EncodedImage
-from .weights import CLIP_MAX_LENGTH, Components
 
 log = logging.getLogger(__name__)
 

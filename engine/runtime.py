@@ -31,18 +31,19 @@ from .backends import BACKENDS, Denoiser, GraphCapturing
 from .backends.inputs import dummy_inputs
 from .backends.torch import TORCH_MODES, TorchDenoiser, TorchOptions, default_dtype, torch_denoiser
 from .buckets import ShapeKey, family_shape_keys
-from .checkpoints import local_preset
 from .config import DEFAULT_STEPS, PRESETS, LoadOptions, is_synthetic
 from .dispatch import MISS_POLICIES, Dispatcher, DispatchStats, served_buckets
 from .errors import BackendUnavailableError, ConfigError
 from .images import load_image
-from .lora import LoraSpec, fuse_loras
 from .manifest import MANIFEST_NAME, Manifest, read_manifest, rebuild_command
+from .model.checkpoints import local_preset
+from .model.components import Components
+from .model.load import load_components
+from .model.lora import LoraSpec, fuse_loras
 from .outputs import OutputWriter
 from .pipeline import EditResult, KontextPipeline, combine_results
 from .prompt_cache import PromptCache
 from .request import EditRequest, EncodedImage, ImageInput
-from .weights import Components, load_components
 
 if TYPE_CHECKING:
     from .provenance import ProvenanceSigner

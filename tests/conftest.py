@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.weights import Components, load_components
+from engine.model.components import Components
+from engine.model.load import load_components
 
 
 @pytest.fixture(scope="session")

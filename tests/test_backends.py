@@ -198,7 +198,7 @@ def test_torch_modes_logic(tiny):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["eager", "compile", "fp8"])
 def test_torch_modes_on_gpu(mode):
-    from engine.weights import load_components
+    from engine.model.load import load_components
 
     comps = load_components("tiny")
     ref = TorchDenoiser(comps.transformer)(**_inputs(128))

@@ -29,11 +29,11 @@ from engine.build.calibrate import CalibrationSpec, reference_edit
 from engine.cli import main
 from engine.errors import BuildError, ConfigError, ManifestError
 from engine.info import describe
-from engine.lora import LoraSpec
 from engine.manifest import read_manifest, rebuild_command
 from engine.metrics import rel_l2
+from engine.model.components import Components
+from engine.model.lora import LoraSpec
 from engine.runtime import load
-from engine.weights import Components
 
 from .conftest import BUILD_TEST_CALIBRATION, gradient_image
 from .test_lora import diffusers_lora
@@ -241,3 +241,22 @@ def test_tensorrt_refs_and_batch_build(tmp_path: Path, tiny: Components) -> None
     assert art.profile_mode == "dynamic" and set(art.profiles.values()) == {0} and len(art.profiles) == 56
     assert set(art.verification) == set(art.profiles)
     assert all(v.rel_l2 <= v.bound for v in art.verification.values())
+
+
+# ----------------------------------------------------------------------------- the build's torch dtype
+
+
+def test_a_bf16_build_verifies_its_fp32_graph_and_gives_the_weights_back_in_bf16(tiny, tmp_path):
+    """What a GPU build does by default (BuildOptions.resolved: cuda, bf16), run on the CPU: the weights
+    held in bf16, the graph exported and the reference taken in fp32 (an exact round trip), verified."""
+    comps = dataclasses.replace(tiny, transformer=copy.deepcopy(tiny.transformer))
+    comps = dataclasses.replace(comps, vae=copy.deepcopy(tiny.vae))
+    for m in (comps.transformer, comps.vae):
+        torch.nn.Module.to(m, dtype=torch.bfloat16)
+    before = {k: v.clone() for k, v in comps.transformer.state_dict().items()}
+    m = _build(comps, tmp_path / "bf16", device="cpu", dtype="bf16")
+    (artifact,) = m.artifacts
+    assert artifact.verification and max(v.rel_l2 for v in artifact.verification.values()) < 1e-4
+    after = comps.transformer.state_dict()
+    assert all(after[k].dtype == torch.bfloat16 and torch.equal(after[k], before[k]) for k in before)
+    assert next(comps.vae.parameters()).dtype == torch.bfloat16

@@ -21,7 +21,7 @@ from engine.build.calibrate import CalibrationSpec
 from engine.build.quantize import RECIPES
 from engine.build.stages import outputs_intact
 from engine.manifest import MANIFEST_NAME, read_manifest
-from engine.weights import Components, fingerprint_module
+from engine.model.components import Components, fingerprint_module
 
 from .conftest import BUILD_TEST_CALIBRATION
 

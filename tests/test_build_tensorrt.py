@@ -13,7 +13,7 @@ from engine.backends.tensorrt_plans import tensorrt_module
 from engine.build.backend import choose_backend
 from engine.build.tensorrt_build import TensorRTOptions, allows_tf32, check_capability
 from engine.errors import BackendUnavailableError, BuildError, ConfigError
-from engine.weights import Components
+from engine.model.components import Components
 
 
 def test_fp8_needs_compute_capability_8_9() -> None:

@@ -15,12 +15,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.backends.torch import TorchDenoiser
-from engine.checkpoints import BFL_FILE, SIDECAR, from_bfl, local_preset, save_bfl, save_diffusers, to_bfl
 from engine.config import KONTEXT_DEV_TRANSFORMER, PRESETS
 from engine.errors import WeightsError
+from engine.model.bfl import BFL_FILE, from_bfl, save_bfl, to_bfl
+from engine.model.checkpoints import local_preset, save_diffusers
+from engine.model.components import Components
+from engine.model.layout import SIDECAR
+from engine.model.load import load_components
 from engine.pipeline import KontextPipeline
 from engine.request import EditRequest
-from engine.weights import Components, load_components
 
 from .conftest import gradient_image
 
@@ -148,7 +151,7 @@ def test_local_preset_comes_from_the_transformer_config(tiny_folder, tmp_path, c
     (odd / "transformer" / "config.json").write_text(
         (tiny_folder / "transformer" / "config.json").read_text()
     )
-    with caplog.at_level(logging.WARNING, logger="engine.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="engine.model.checkpoints"):
         p = local_preset(odd)
     assert (p.bucket_family, p.max_sequence_length, p.transformer.num_layers) == ("1mp", 512, 1)
     assert SIDECAR in caplog.text

@@ -10,10 +10,10 @@ import pytest
 
 from engine.assets import sample_image_path
 from engine.buckets import nearest_bucket
-from engine.checkpoints import SIDECAR
 from engine.cli import _bench_config, _edit_request, _parser, _serve_settings, main
 from engine.config import DEFAULT_PROMPT, DEFAULT_STEPS, PRESETS, SYNTHETIC_STEPS
 from engine.images import load_image, read_png_metadata
+from engine.model.layout import SIDECAR
 from engine.runtime import default_steps, load
 from engine.serve import settings as serve_settings
 
@@ -61,7 +61,7 @@ def test_size_override(tmp_path):
         (["edit", "/no/such/image.png"], "no such file"),
         (["edit", "--steps", "0"], "steps must be"),
         (["edit", "--size", "100x64"], "multiples of 16"),
-        (["edit", "--model", "/no/such/model"], "huggingface-cli download"),
+        (["edit", "--model", "/no/such/model"], "hf download"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path):

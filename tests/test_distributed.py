@@ -26,11 +26,9 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 from engine import sampling
 from engine.backends.torch import TorchDenoiser, TorchOptions, velocity, weight_sharing_copy
-from engine.config import EditSettings
 from engine.distributed import (
     ContextParallelDenoiser,
     Group,
@@ -43,8 +41,9 @@ from engine.distributed import (
     split_sizes,
 )
 from engine.errors import BackendUnavailableError, ConfigError
+from engine.model.components import Components
 from engine.pipeline import KontextPipeline
-from engine.weights import Components
+from engine.request import EditRequest
 
 from .conftest import gradient_image
 
@@ -261,11 +260,11 @@ def test_control_rope_ids_split_unlike_tokens_fails_parity(positional: torch.nn.
 
 
 def edit(pipe: KontextPipeline, size: tuple[int, int] | None, refs: int, num_images: int) -> torch.Tensor:
-    settings = EditSettings(steps=STEPS, guidance=2.5, seed=3, size=size)
-    references = [gradient_image(96, 144, seed=7 + i) for i in range(refs)]
-    image: Image.Image = gradient_image(128, 128)
-    result = pipe.edit(image, "a tiny edit", settings, references=references, num_images=num_images,
-                       progress=False)  # fmt: skip
+    references = tuple(gradient_image(96, 144, seed=7 + i) for i in range(refs))
+    image = gradient_image(128, 128)
+    request = EditRequest(image, "a tiny edit", steps=STEPS, seed=3, size=size, references=references,
+                          num_images=num_images)  # fmt: skip
+    result = pipe.edit(request, progress=False)
     assert result.latents.shape[0] == num_images
     return result.latents  # [B, N, 64]
 
@@ -325,7 +324,7 @@ def test_a_failing_worker_fails_the_edit_and_leaves_no_process(tiny: Components,
     with pytest.raises(
         RankFailedError, match=r"rank 1 of 2 failed: RuntimeError: boom in the worker forward"
     ):
-        pipe.edit(gradient_image(128, 128), "x", EditSettings(steps=2), num_images=WORKER_FAULT_BATCH,
+        pipe.edit(EditRequest(gradient_image(128, 128), "x", steps=2, num_images=WORKER_FAULT_BATCH),
                   progress=False)  # fmt: skip
     assert cp.closed and _dead(cp)
     with pytest.raises(BackendUnavailableError, match="load the engine again"):

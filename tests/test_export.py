@@ -16,7 +16,7 @@ from engine.buckets import ShapeKey
 from engine.build.calibrate import load_reference
 from engine.build.export import MIN_OPSET, Float32FluxPosEmbed, float32_rope
 from engine.metrics import rel_l2
-from engine.weights import Components
+from engine.model.components import Components
 
 ONNX = "onnx/transformer.onnx"
 

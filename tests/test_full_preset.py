@@ -15,12 +15,15 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from engine import random_weights
-from engine.checkpoints import to_bfl
 from engine.config import PRESETS, ModelPreset
 from engine.errors import BackendUnavailableError
+from engine.model import random_weights
+from engine.model.bfl import to_bfl
+from engine.model.components import Components
+from engine.model.load import load_components
+from engine.model.synthetic import build_modules, build_on_device
+from engine.model.tokenizers import build_tokenizers
 from engine.sampling import image_ids
-from engine.weights import Components, build_modules, build_on_device, build_tokenizers, load_components
 
 FULL = PRESETS["full"]
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from engine.backends.torch import TorchDenoiser
 from engine.cli import main
 from engine.errors import ManifestError, WeightsError
 from engine.images import read_png_metadata
-from engine.lora import LoraSpec, file_sha256, fuse_loras, lora_weights_id
+from engine.model.components import Components
+from engine.model.lora import LoraSpec, file_sha256, fuse_loras, lora_weights_id
 from engine.runtime import load
-from engine.weights import Components
 
 TOL = 1e-5
 RANK = 4

@@ -253,7 +253,7 @@ def local_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset exported as a diffusers folder: loaded from a path, it is the real model's kind."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
 
-    from engine.weights import load_components
+    from engine.model.load import load_components
 
     c = load_components("tiny")
     folder = tmp_path_factory.mktemp("local-model")

@@ -284,7 +284,7 @@ def _gpu_inputs(side: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
 @cuda
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_cuda_graph_replay_equals_eager_on_gpu(mode):
-    from engine.weights import load_components
+    from engine.model.load import load_components
 
     t = load_components("tiny").transformer.to("cuda", torch.bfloat16)
     plain = torch_denoiser(weight_sharing_copy(t), mode=mode, device="cuda")
@@ -303,7 +303,7 @@ def test_cuda_graph_replay_equals_eager_on_gpu(mode):
 @pytest.mark.parametrize("levers", ["", "all", "static", "qkv+graphs"])
 def test_fp8_path_within_its_bound_on_gpu(levers):
     from engine.backends.torch import device_capability, fp8_supported
-    from engine.weights import load_components
+    from engine.model.load import load_components
 
     if not fp8_supported(device_capability(torch.device("cuda"))):
         pytest.skip("FP8 needs compute capability >= 8.9")
@@ -325,7 +325,7 @@ def test_fp8_path_within_its_bound_on_gpu(levers):
 @cuda
 def test_kernel_attention_swap_on_gpu():
     pytest.importorskip("engine.kernels")
-    from engine.weights import load_components
+    from engine.model.load import load_components
 
     t = load_components("tiny", dtype=torch.bfloat16, device="cuda").transformer
     x = _gpu_inputs()
@@ -337,7 +337,7 @@ def test_kernel_attention_swap_on_gpu():
 @pytest.mark.gpu
 @cuda
 def test_compile_cache_is_written_after_a_compile(tmp_path):
-    from engine.weights import load_components
+    from engine.model.load import load_components
 
     t = load_components("tiny", dtype=torch.bfloat16, device="cuda").transformer
     d = torch_denoiser(t, mode="compile", device="cuda", options=TorchOptions(compile_cache=tmp_path))

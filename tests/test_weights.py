@@ -7,13 +7,10 @@ import torch
 
 from engine.config import PRESETS, get_preset
 from engine.errors import ConfigError, WeightsError
-from engine.weights import (
-    build_modules,
-    build_synthetic,
-    build_tokenizers,
-    fingerprint_module,
-    load_components,
-)
+from engine.model.components import fingerprint_module
+from engine.model.load import load_components
+from engine.model.synthetic import build_modules, build_synthetic
+from engine.model.tokenizers import build_tokenizers
 
 
 def test_tiny_is_deterministic_and_in_eval_mode(tiny):
@@ -77,7 +74,9 @@ def test_presets_are_switched_on_synthetic_not_names():
 
 @pytest.mark.parametrize("model", ["kontext-dev", "/nonexistent/flux", "sd15"])
 def test_missing_real_weights_say_where_to_get_them(model):
-    with pytest.raises(WeightsError, match=r"huggingface-cli download black-forest-labs/FLUX\.1-Kontext-dev"):
+    with pytest.raises(
+        WeightsError, match=r"`hf download black-forest-labs/FLUX\.1-Kontext-dev .*--exclude ae\.safetensors`"
+    ):
         load_components(model)
 
 

@@ -29,10 +29,10 @@ from ..backends.torch import (
     weight_sharing_copy,
 )
 from ..errors import ConfigError
+from ..model.components import Components
 from ..pipeline import KontextPipeline
 from ..prompt_cache import PromptCache
 from ..request import EditRequest
-from ..weights import Components
 from .probes import TimedDenoiser, TimedTransformer, TimedVae
 from .timing import CallClock, synchronize, timed
 

@@ -22,9 +22,9 @@ from ..backends import Denoiser
 from ..backends.recording import DenoiserCall, RecordingDenoiser
 from ..backends.torch import TorchDenoiser
 from ..metrics import psnr, rel_l2
+from ..model.components import Components
 from ..pipeline import KontextPipeline
 from ..request import EditRequest
-from ..weights import Components
 
 
 @dataclass(frozen=True)

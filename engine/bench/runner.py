@@ -27,8 +27,9 @@ from ..buckets import ShapeKey, buckets, shape_key
 from ..config import DEFAULT_GUIDANCE, DEFAULT_PROMPT
 from ..errors import ConfigError, KontextError
 from ..images import load_image
+from ..model.components import Components
+from ..model.load import load_components
 from ..request import EditRequest
-from ..weights import Components, load_components
 from .contestants import (
     BASELINE,
     ENGINES,

@@ -5,6 +5,9 @@ named stage functions over one BuildContext. Each stage is skipped when its inpu
 match the manifest; the manifest is rewritten after every stage that ran (complete=False until the
 end), so an interrupted build resumes. A request identical to the last complete build returns its
 manifest without loading the model (the no-op fast path).
+
+Longer than 400 lines on purpose: the stages are small functions over one BuildContext, and reading
+them in order, beside the request hash that decides whether any runs, is the point of this file.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata as md
 import logging
+import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ..backends import DENOISER_INPUTS
@@ -26,12 +32,14 @@ from ..backends.tensorrt_plans import cuda_device, family_profiles, plan_name, r
 from ..buckets import MAX_REFERENCES, ShapeKey, family_scale, family_shape_keys
 from ..config import PRESETS
 from ..errors import BuildError, ManifestError
-from ..lora import LoraSpec, file_sha256, fuse_loras
 from ..manifest import MANIFEST_NAME, Artifact, Manifest, Stage, read_manifest, write_manifest
-from ..weights import Components, load_components, source_signature
+from ..model.components import Components
+from ..model.layout import model_name
+from ..model.load import load_components, source_signature
+from ..model.lora import LoraSpec, file_sha256, fuse_loras
 from . import calibrate, export, ort_compile, quantize, verify
 from .backend import backend_version, choose_backend
-from .stages import build_lock, input_hash, outputs_intact, run_stage
+from .stages import StageResult, T, build_lock, input_hash, outputs_intact, run_stage
 from .tensorrt_build import TensorRTOptions, allows_tf32, build_plan
 
 log = logging.getLogger(__name__)
@@ -53,7 +61,8 @@ class BuildOptions:
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
     fp8_attention: bool = False
     recipes: Mapping[str, quantize.Recipe] | None = None  # overrides of quantize.RECIPES by name
-    device: str = "cpu"  # where calibration and the reference run (torch)
+    device: str | None = None  # where calibration and the reference run (torch); None: cuda if available
+    dtype: str | None = None  # the torch components' dtype there (bf16 | fp32); None: bf16 on cuda, else fp32
     progress: bool = True
     refs: tuple[int, ...] = (0,)  # reference-image counts served (kontext build --refs 0,1)
     batches: tuple[int, ...] = (1,)  # batch sizes served (kontext build --batch 1,2,4)
@@ -68,8 +77,18 @@ class BuildOptions:
         object.__setattr__(self, "refs", tuple(sorted(set(self.refs))))
         object.__setattr__(self, "batches", tuple(sorted(set(self.batches))))
         object.__setattr__(self, "loras", tuple(self.loras))
+        if self.dtype is not None and self.dtype not in TORCH_DTYPES:
+            raise BuildError(f"the build's torch dtype is {' or '.join(TORCH_DTYPES)}, got {self.dtype!r}")
+
+    def resolved(self) -> BuildOptions:
+        """device and dtype decided: a GPU when torch sees one, in bf16 (the real model's 24 GB, not 48
+        in fp32 through host memory); else the CPU in fp32."""
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = self.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+        return dataclasses.replace(self, device=device, dtype=dtype)
 
 
+TORCH_DTYPES = ("bf16", "fp32")
 DEFAULT_REFS: tuple[int, ...] = (0,)
 DEFAULT_BATCHES: tuple[int, ...] = (1,)
 
@@ -83,6 +102,30 @@ def build_keys(family: str, text_tokens: int, refs: Sequence[int], batches: Sequ
     return sorted(keys)
 
 
+@dataclass(frozen=True)
+class BuildFacts:
+    """What one build is made from, settled before any stage runs: the manifest's fields other than the
+    exported graph's sha256 (the export stage's result), the artifacts, the stages and the status."""
+
+    model: str
+    weights_id: str
+    transformer: dict[str, Any]  # TransformerConfig as a dict
+    backend: str
+    backend_version: str
+    opset: int
+    calibration_sha256: str
+    recipes: dict[str, dict[str, Any]]
+    tool_versions: dict[str, str]
+    family: str
+    calibration: dict[str, Any]  # CalibrationSpec as a dict
+    request: str
+    refs: tuple[int, ...]
+    batches: tuple[int, ...]
+    loras: tuple[dict[str, Any], ...]
+    gpu: str | None
+    compute_capability: str | None
+
+
 @dataclass
 class BuildContext:
     """One build: what it builds from, where, and the manifest being assembled (written after every
@@ -91,25 +134,31 @@ class BuildContext:
     root: Path
     components: Components
     options: BuildOptions
-    backend: str
     family: str
     keys: list[ShapeKey]
     force: bool
-    base: dict[str, Any]  # the manifest's fields other than artifacts, stages and status
+    facts: BuildFacts
     stages: dict[str, Stage]
     previous: Manifest | None
     bar: Any  # tqdm
+    onnx_sha256: str = ""  # the export stage's graph, once it has run or been reused
     artifacts: list[Artifact] = field(default_factory=list)
-    pending: list[Artifact] = field(default_factory=list)  # compiled, being verified
     _samples: list[calibrate.Sample] | None = None
     _reference: dict[str, list[calibrate.Sample]] | None = None
 
-    def manifest(self, *, complete: bool, seconds: float = 0.0) -> Manifest:
+    @property
+    def backend(self) -> str:
+        return self.facts.backend
+
+    def manifest(self, *, complete: bool, seconds: float = 0.0, pending: Sequence[Artifact] = ()) -> Manifest:
+        """pending: compiled artifacts whose verification is recorded but not passed (never served)."""
+        facts = {f.name: getattr(self.facts, f.name) for f in dataclasses.fields(self.facts)}
         return Manifest(
-            **self.base,
+            **facts,
+            onnx_sha256=self.onnx_sha256,
             artifacts=tuple(self.artifacts),
             stages=dict(self.stages),
-            pending=tuple(self.pending),
+            pending=tuple(pending),
             complete=complete,
             build_seconds=round(seconds, 3),
         )
@@ -126,8 +175,10 @@ class BuildContext:
 
 
 def default_out_dir(model: str) -> Path:
-    """build/<model>: build/tiny, or build/<folder name> for a local checkpoint."""
-    return Path("build") / Path(str(model)).name
+    """build/<model>: build/tiny, or build/<folder name> for a local checkpoint (a cache snapshot's
+    repository name; <folder name>-bfl for BFL's single file)."""
+    name = str(model)
+    return Path("build") / (name if name in PRESETS else model_name(Path(name)))
 
 
 def default_precisions(backend: str) -> tuple[str, ...]:
@@ -153,7 +204,7 @@ def build(
     into them in place (fuse_loras), so pass a copy to keep the base weights.
     """
     t_start = time.perf_counter()
-    opts = options or BuildOptions()
+    opts = (options or BuildOptions()).resolved()
     chosen, why = choose_backend(backend)
     log.info("backend %s (%s)", chosen, why)
     precisions = tuple(dict.fromkeys(precisions or default_precisions(chosen)))
@@ -164,7 +215,8 @@ def build(
     if not force and (done := _up_to_date(root, request)) is not None:
         log.info("build %s: up to date (nothing to do)", root)
         return done
-    comps = components or load_components(model, device=opts.device)
+    dtype = torch.bfloat16 if opts.dtype == "bf16" else torch.float32
+    comps = components or load_components(model, device=opts.device or "cpu", dtype=dtype)
     if opts.loras:
         comps = fuse_loras(comps, opts.loras)  # a new weights_id: export .. verify run again
     fam = family or comps.preset.bucket_family
@@ -175,11 +227,10 @@ def build(
             root=root,
             components=comps,
             options=opts,
-            backend=chosen,
             family=fam,
             keys=build_keys(fam, comps.preset.max_sequence_length, opts.refs, opts.batches),
             force=force,
-            base=_manifest_base(comps, chosen, fam, recipes, versions, request, opts),
+            facts=_facts(comps, chosen, fam, recipes, versions, request, opts),
             stages=dict(previous.stages) if previous else {},
             previous=previous,
             bar=tqdm(
@@ -191,7 +242,7 @@ def build(
         )
         if chosen == "tensorrt":
             family_profiles(ctx.keys, opts.tensorrt.profiles)  # too many static profiles: refuse now
-        ctx.base["onnx_sha256"] = _export(ctx).output_sha256[ONNX_REL]
+        ctx.onnx_sha256 = _export(ctx).output_sha256[ONNX_REL]
         _calibrate(ctx)
         _reference(ctx)
         for recipe in recipes:
@@ -212,45 +263,69 @@ def _stage(
     ctx: BuildContext,
     name: str,
     inputs: Mapping[str, Any],
-    work: Callable[[], Sequence[Path]],
+    work: Callable[[], tuple[Sequence[Path], T]],
     *,
     still_valid: bool = True,
-) -> Stage:
+) -> StageResult[T]:
     """Run one stage (or skip it when up to date), record it, and write the manifest if it ran."""
     res = run_stage(name, ctx.root, inputs, ctx.stages.get(name), ctx.force, work, still_valid)
     ctx.stages[name] = res.stage
     if res.ran:
         write_manifest(ctx.root, ctx.manifest(complete=False))
     ctx.bar.update()
-    return res.stage
+    return res
+
+
+def _files(write: Callable[[], Sequence[Path]]) -> Callable[[], tuple[Sequence[Path], None]]:
+    """A stage whose only result is its files."""
+    return lambda: (write(), None)
 
 
 def _export(ctx: BuildContext) -> Stage:
     inputs = {
         "weights": ctx.components.weights_id,
-        "transformer": ctx.base["transformer"],
+        "transformer": ctx.facts.transformer,
         "opset": ctx.options.opset,
-        "torch": ctx.base["tool_versions"]["torch"],
+        "torch": ctx.facts.tool_versions["torch"],
         "v": EXPORT_VERSION,
     }
-    return _stage(ctx, "export", inputs, partial(_write_export, ctx))
+    return _stage(ctx, "export", inputs, _files(partial(_write_export, ctx))).stage
 
 
 def _write_export(ctx: BuildContext) -> list[Path]:
-    result = export.export_transformer(ctx.components.transformer, ctx.root / ONNX_REL,
-                                       cfg=ctx.components.preset.transformer, opset=ctx.options.opset,
-                                       text_tokens=ctx.keys[0].text_tokens)  # fmt: skip
+    with _float32(ctx.components.transformer):
+        result = export.export_transformer(ctx.components.transformer, ctx.root / ONNX_REL,
+                                           cfg=ctx.components.preset.transformer, opset=ctx.options.opset,
+                                           text_tokens=ctx.keys[0].text_tokens)  # fmt: skip
     return list(result.files)
 
 
+@contextmanager
+def _float32(*modules: Any) -> Iterator[None]:
+    """The modules in float32 for the block, cast in place on their device and back after (bf16 -> fp32
+    -> bf16 is exact). The graph is exported in fp32, and calibration and the reference run the sampling
+    loop in fp32 (calibrate.py's pipeline): the transformer and the VAE take its fp32 tensors, while the
+    text encoders take token ids and stay in the build's dtype (their outputs are cast)."""
+    dtypes = [next(m.parameters()).dtype for m in modules]
+    for m in modules:
+        torch.nn.Module.to(m, dtype=torch.float32)
+    try:
+        yield
+    finally:
+        for m, dtype in zip(modules, dtypes, strict=True):
+            torch.nn.Module.to(m, dtype=dtype)
+
+
 def _calibrate(ctx: BuildContext) -> Stage:
-    inputs = {"weights": ctx.components.weights_id, "calibration": ctx.base["calibration_sha256"]}
-    return _stage(ctx, "calibrate", inputs, partial(_write_samples, ctx))
+    inputs = {"weights": ctx.components.weights_id, "calibration": ctx.facts.calibration_sha256}
+    return _stage(ctx, "calibrate", inputs, _files(partial(_write_samples, ctx))).stage
 
 
 def _write_samples(ctx: BuildContext) -> list[Path]:
-    samples = calibrate.capture_calibration(ctx.components, ctx.options.calibration, ctx.family,
-                                            ctx.options.device)  # fmt: skip
+    c = ctx.components
+    with _float32(c.transformer, c.vae):
+        samples = calibrate.capture_calibration(c, ctx.options.calibration, ctx.family,
+                                                ctx.options.device or "cpu")  # fmt: skip
     calibrate.save_samples(ctx.root / CALIBRATION_REL, samples)
     return [ctx.root / CALIBRATION_REL]
 
@@ -264,12 +339,14 @@ def _reference(ctx: BuildContext) -> Stage:
     }
     if ctx.options.refs != DEFAULT_REFS:  # which reference count builds each key's edit
         inputs["refs"] = list(ctx.options.refs)
-    return _stage(ctx, "reference", inputs, partial(_write_reference, ctx))
+    return _stage(ctx, "reference", inputs, _files(partial(_write_reference, ctx))).stage
 
 
 def _write_reference(ctx: BuildContext) -> list[Path]:
-    reference = calibrate.capture_reference(ctx.components, ctx.family, REFERENCE_STEPS, ctx.options.device,
-                                            keys=ctx.keys, refs=ctx.options.refs)  # fmt: skip
+    c, device = ctx.components, ctx.options.device or "cpu"
+    with _float32(c.transformer, c.vae):
+        reference = calibrate.capture_reference(c, ctx.family, REFERENCE_STEPS, device,
+                                                keys=ctx.keys, refs=ctx.options.refs)  # fmt: skip
     calibrate.save_reference(ctx.root / REFERENCE_REL, reference)
     return [ctx.root / REFERENCE_REL]
 
@@ -278,16 +355,16 @@ def _quantize(ctx: BuildContext, recipe: quantize.Recipe) -> tuple[str, str]:
     """The graph the recipe compiles from, (path relative to the build, sha256): the exported graph,
     or its Q/DQ-quantized copy."""
     if not recipe.quantized:
-        return ONNX_REL, ctx.base["onnx_sha256"]
+        return ONNX_REL, ctx.onnx_sha256
     rel = f"onnx/transformer_{recipe.name}.onnx"
     inputs = {
-        "onnx": ctx.base["onnx_sha256"],
+        "onnx": ctx.onnx_sha256,
         "recipe": recipe.to_dict(),
         "samples": ctx.stages["calibrate"].output_sha256[CALIBRATION_REL],
-        "modelopt": ctx.base["tool_versions"]["nvidia-modelopt"],
+        "modelopt": ctx.facts.tool_versions["nvidia-modelopt"],
     }
-    stage = _stage(ctx, f"quantize:{recipe.name}", inputs, partial(_write_quantized, ctx, recipe, rel))
-    return rel, stage.output_sha256[rel]
+    work = _files(partial(_write_quantized, ctx, recipe, rel))
+    return rel, _stage(ctx, f"quantize:{recipe.name}", inputs, work).stage.output_sha256[rel]
 
 
 def _write_quantized(ctx: BuildContext, recipe: quantize.Recipe, rel: str) -> list[Path]:
@@ -305,27 +382,27 @@ def _compile(ctx: BuildContext, recipe: quantize.Recipe, src_rel: str, src_sha: 
     inputs: dict[str, Any] = {
         "source": src_sha,
         "backend": ctx.backend,
-        "version": ctx.base["backend_version"],
+        "version": ctx.facts.backend_version,
     }
     if ctx.backend == "onnxruntime":
         rel = f"onnxruntime/transformer_{recipe.name}.onnx"
         runtime = ort_compile.ort_runtime_options(recipe)
         mode = "dynamic"
         inputs["runtime"] = runtime
-        work = partial(_write_ort, ctx, recipe, src_rel, rel)
+        work = _files(partial(_write_ort, ctx, recipe, src_rel, rel))
     else:
         require_tensorrt()
-        rel = f"tensorrt/{plan_name(recipe.name, ctx.family, ctx.base['backend_version'], ctx.base['gpu'])}"
+        rel = f"tensorrt/{plan_name(recipe.name, ctx.family, ctx.facts.backend_version, str(ctx.facts.gpu))}"
         runtime = {}
         mode = ctx.options.tensorrt.profiles
         build_options["tensorrt"] = dataclasses.asdict(ctx.options.tensorrt)
         build_options["tf32"] = allows_tf32(recipe.mode, recipe.high_precision_dtype)
-        inputs.update(gpu=ctx.base["gpu"], capability=ctx.base["compute_capability"],
+        inputs.update(gpu=ctx.facts.gpu, capability=ctx.facts.compute_capability,
                       options=build_options["tensorrt"], tf32=build_options["tf32"])  # fmt: skip
-        work = partial(_write_plan, ctx, recipe, src_rel, rel)
+        work = _files(partial(_write_plan, ctx, recipe, src_rel, rel))
     profiles = family_profiles(ctx.keys, mode)
     inputs["profiles"] = profiles
-    stage = _stage(ctx, f"compile:{recipe.name}", inputs, work)
+    stage = _stage(ctx, f"compile:{recipe.name}", inputs, work).stage
     return Artifact(
         path=rel,
         sha256=stage.output_sha256[rel],
@@ -371,34 +448,34 @@ def _verify(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> A
         "bound": recipe.bound_rel_l2,
         "runtime": artifact.runtime_options,
     }
-    _stage(
+    res = _stage(
         ctx,
         f"verify:{recipe.name}",
         inputs,
         partial(_measure, ctx, recipe, artifact),
         still_valid=old is not None,
     )
-    verified = next((p for p in ctx.pending if p.precision == artifact.precision), old)
+    verified = res.value if res.ran else old
     if verified is None:
         raise BuildError(f"no verification results for {recipe.name}; rebuild with --force")
-    ctx.pending = [p for p in ctx.pending if p.precision != artifact.precision]
     return verified
 
 
-def _measure(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> list[Path]:
+def _measure(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> tuple[list[Path], Artifact]:
+    """The artifact with its measured errors; the manifest keeps them (as pending) before a failure is
+    raised, so a failed build still says by how much."""
     denoiser = verify.artifact_denoiser(ctx.root, artifact, ctx.components.preset.transformer)
     try:
         results = verify.verify(denoiser, ctx.reference(), sorted(artifact.profiles), recipe.bound_rel_l2,
-                                recipe.name)  # fmt: skip
+                                recipe.name, progress=ctx.options.progress)  # fmt: skip
     finally:
         close = getattr(denoiser, "close", None)
         if close is not None:
             close()
     checked = dataclasses.replace(artifact, verification=results)
-    ctx.pending = [p for p in ctx.pending if p.precision != artifact.precision] + [checked]
-    write_manifest(ctx.root, ctx.manifest(complete=False))  # the errors are kept even on failure
+    write_manifest(ctx.root, ctx.manifest(complete=False, pending=(checked,)))  # kept even on failure
     verify.check(results, f"{recipe.name} ({artifact.path})")
-    return []
+    return [], checked
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -424,7 +501,7 @@ def _recipes(precisions: Sequence[str], backend: str, opts: BuildOptions) -> lis
     return selected
 
 
-def _manifest_base(
+def _facts(
     comps: Components,
     backend: str,
     family: str,
@@ -432,28 +509,27 @@ def _manifest_base(
     versions: Mapping[str, str],
     request: str,
     opts: BuildOptions,
-) -> dict[str, Any]:
+) -> BuildFacts:
     device = cuda_device() if backend == "tensorrt" else None
-    return {
-        "model": comps.source,
-        "weights_id": comps.weights_id,
-        "transformer": dataclasses.asdict(comps.preset.transformer),
-        "backend": backend,
-        "backend_version": backend_version(backend),
-        "opset": opts.opset,
-        "onnx_sha256": "",
-        "calibration_sha256": calibrate.calibration_hash(opts.calibration, family),
-        "recipes": {r.name: r.to_dict() for r in recipes},
-        "tool_versions": dict(versions),
-        "family": family,
-        "calibration": dataclasses.asdict(opts.calibration),
-        "request": request,
-        "refs": list(opts.refs),
-        "batches": list(opts.batches),
-        "loras": [_lora_record(spec) for spec in opts.loras],
-        "gpu": device[0] if device else None,
-        "compute_capability": f"{device[1][0]}.{device[1][1]}" if device else None,
-    }
+    return BuildFacts(
+        model=comps.source,
+        weights_id=comps.weights_id,
+        transformer=dataclasses.asdict(comps.preset.transformer),
+        backend=backend,
+        backend_version=backend_version(backend),
+        opset=opts.opset,
+        calibration_sha256=calibrate.calibration_hash(opts.calibration, family),
+        recipes={r.name: r.to_dict() for r in recipes},
+        tool_versions=dict(versions),
+        family=family,
+        calibration=dataclasses.asdict(opts.calibration),
+        request=request,
+        refs=tuple(opts.refs),
+        batches=tuple(opts.batches),
+        loras=tuple(_lora_record(spec) for spec in opts.loras),
+        gpu=device[0] if device else None,
+        compute_capability=f"{device[1][0]}.{device[1][1]}" if device else None,
+    )
 
 
 def _version(dist: str) -> str:
@@ -494,9 +570,11 @@ def _request_hash(
     (and the no-op fast path of every build made before they existed) is unchanged. A LoRA enters by
     its file's sha256 and scale, as its weights_id does.
     """
-    options = dataclasses.asdict(dataclasses.replace(opts, loras=()))
+    options = dataclasses.asdict(dataclasses.replace(opts.resolved(), loras=()))
     for name in ("progress", "refs", "batches", "loras"):
         del options[name]
+    if options["dtype"] == "fp32":  # fp32 (the CPU's) hashes as builds from before the option did
+        del options["dtype"]
     if opts.refs != DEFAULT_REFS:
         options["refs"] = list(opts.refs)
     if opts.batches != DEFAULT_BATCHES:
@@ -505,7 +583,7 @@ def _request_hash(
         options["loras"] = [_lora_record(spec) for spec in opts.loras]
     return input_hash(
         {
-            "model": str(model),
+            "model": _model_key(model),
             "source": components.weights_id if components is not None else source_signature(model),
             "precisions": list(precisions),
             "family": family,
@@ -519,6 +597,13 @@ def _request_hash(
             "export": EXPORT_VERSION,
         }
     )
+
+
+def _model_key(model: str) -> str:
+    """A preset's name, or a local path made absolute and normalized (K, K/ and ./K are one build);
+    symlinks are not resolved (a cache snapshot stays a snapshot)."""
+    name = str(model)
+    return name if name in PRESETS else os.path.abspath(Path(name).expanduser())
 
 
 def _lora_record(spec: LoraSpec) -> dict[str, Any]:

@@ -32,9 +32,9 @@ from ..buckets import ShapeKey, buckets, nearest_bucket, reference_bucket, refer
 from ..errors import BuildError
 from ..files import atomic_write_bytes
 from ..images import load_image, resize_to
+from ..model.components import Components
 from ..pipeline import KontextPipeline
 from ..request import EditRequest
-from ..weights import Components
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ..manifest import Stage, sha256_file
 
@@ -55,10 +55,16 @@ def outputs_intact(root: Path, stage: Stage) -> bool:
     return True
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
-class StageResult:
+class StageResult(Generic[T]):
+    """A stage's record, whether it ran, and what its work returned besides its files (None: skipped)."""
+
     stage: Stage
     ran: bool
+    value: T | None = None
 
 
 def run_stage(
@@ -67,10 +73,11 @@ def run_stage(
     inputs: Mapping[str, Any],
     previous: Stage | None,
     force: bool,
-    work: Callable[[], Sequence[Path]],
+    work: Callable[[], tuple[Sequence[Path], T]],
     still_valid: bool = True,
-) -> StageResult:
-    """Run `work` (which returns the files it wrote) unless `previous` matches; return the stage record."""
+) -> StageResult[T]:
+    """Run `work` (which returns the files it wrote and its value) unless `previous` matches; return the
+    stage record and the value."""
     key = input_hash(inputs)
     if (
         not force
@@ -84,7 +91,7 @@ def run_stage(
     why = "forced" if force else ("new" if previous is None else "inputs or files changed")
     log.info("stage %s: running (%s)", name, why)
     t0 = time.perf_counter()
-    files = work()
+    files, value = work()
     rels = tuple(str(Path(f).relative_to(root)) for f in files)
     records = {rel: file_record(root, rel) for rel in rels}
     seconds = time.perf_counter() - t0
@@ -96,7 +103,7 @@ def run_stage(
         output_sha256={r: v[0] for r, v in records.items()},
         output_stat={r: v[1] for r, v in records.items()},
     )
-    return StageResult(stage, ran=True)
+    return StageResult(stage, ran=True, value=value)
 
 
 @contextmanager

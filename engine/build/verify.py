@@ -53,10 +53,11 @@ def verify(
     keys: Sequence[str],
     bound: float,
     label: str,
+    progress: bool = True,
 ) -> dict[str, Verification]:
     """Verification per shape key; the caller raises (check) once the results are recorded."""
     out: dict[str, Verification] = {}
-    for key in tqdm(keys, desc=f"verify {label}", unit="key", leave=False):
+    for key in tqdm(keys, desc=f"verify {label}", unit="key", leave=False, disable=not progress):
         samples = reference.get(key)
         if not samples:
             raise VerificationError(f"no captured inputs for shape key {key}; rebuild with --force")

@@ -1,5 +1,5 @@
 """Where the content-filter models live: one folder per model under `--safety-models DIR`, each a plain
-`huggingface-cli download` of its Hub repository. Only safetensors weights are loaded, never pickles."""
+`hf download` of its Hub repository. Only safetensors weights are loaded, never pickles."""
 
 from __future__ import annotations
 
@@ -36,8 +36,7 @@ PIXTRAL_MODEL = FilterModel(
 
 def download_hint(models_dir: Path | str, models: tuple[FilterModel, ...]) -> str:
     cmds = "; ".join(
-        f"huggingface-cli download {m.repo} --local-dir {Path(models_dir) / m.folder} ({m.size})"
-        for m in models
+        f"hf download {m.repo} --local-dir {Path(models_dir) / m.folder} ({m.size})" for m in models
     )
     return f"download: {cmds}"
 

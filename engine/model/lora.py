@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, WeightsError
-from .weights import Components
+from ..errors import ConfigError, WeightsError
+from .components import Components
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from .errors import BackendUnavailableError, WeightsError
+from ..errors import BackendUnavailableError, WeightsError
 
 MODULATION_GAIN = 0.5
 BIAS_STD = 0.02
@@ -48,26 +48,26 @@ def parameter_bytes(modules: Iterable[nn.Module], dtype: torch.dtype) -> int:
     return total
 
 
-def require_room(name: str, need: int, device: torch.device) -> None:
+def require_room(what: str, need: int, device: torch.device) -> None:
     """Refuse, before anything is allocated, a device that cannot hold `need` bytes of weights plus the
-    working memory of an edit. CUDA: the driver's free memory. CPU: a fixed cap (CPU_LIMIT_BYTES)."""
+    working memory of an edit. CUDA: the driver's free memory. CPU: a fixed cap (CPU_LIMIT_BYTES).
+    what: a preset's name, or a sentence naming a checkpoint ("the checkpoint models/kontext-dev")."""
     gb = 1e9
+    name = what if " " in what else f"the {what} preset"
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise BackendUnavailableError(
-                f"the {name} preset asks for {device}, but this machine has no CUDA GPU"
-            )
+            raise BackendUnavailableError(f"{name} asks for {device}, but this machine has no CUDA GPU")
         free, _total = torch.cuda.mem_get_info(device)
         want = need + WORKING_MEMORY_BYTES
         if free < want:
             raise BackendUnavailableError(
-                f"the {name} preset needs {want / gb:.1f} GB free on {device} ({need / gb:.1f} GB of weights "
+                f"{name} needs {want / gb:.1f} GB free on {device} ({need / gb:.1f} GB of weights "
                 f"+ {WORKING_MEMORY_BYTES / gb:.1f} GB to run an edit); it has {free / gb:.1f} GB free. "
                 "Free the GPU, use a larger one, or pick --model small"
             )
     elif need > CPU_LIMIT_BYTES:
         raise BackendUnavailableError(
-            f"the {name} preset ({need / gb:.1f} GB of weights) runs on a CUDA GPU with "
+            f"{name} ({need / gb:.1f} GB of weights) runs on a CUDA GPU with "
             f"{(need + WORKING_MEMORY_BYTES) / gb:.0f} GB free, not on {device}; on a CPU use --model small"
         )
 
@@ -80,14 +80,24 @@ def materialize_(module: nn.Module, device: torch.device, dtype: torch.dtype) ->
     """
     nn.Module.to(module, dtype=dtype)  # not diffusers' override, which warns about fp32 modules
     module.to_empty(device=device)
-    with torch.no_grad():
-        for name, buf in module.named_buffers():
-            rule = next((r for suffix, r in _BUFFER_RULES.items() if name.endswith(suffix)), None)
-            if rule is None:
-                raise WeightsError(
-                    f"{type(module).__name__}.{name}: no rule to remake this buffer after meta init"
-                )
-            buf.copy_(rule(buf))
+    remake_buffers_(module, device)
+    return module
+
+
+@torch.no_grad()
+def remake_buffers_(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every buffer of a module whose parameters are already on `device` (materialized, or assigned from
+    a checkpoint, where meta buffers remain) remade by _BUFFER_RULES."""
+    for name, buf in list(module.named_buffers()):
+        rule = next((r for suffix, r in _BUFFER_RULES.items() if name.endswith(suffix)), None)
+        if rule is None:
+            raise WeightsError(
+                f"{type(module).__name__}.{name}: no rule to remake this buffer after meta init"
+            )
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        fresh = torch.empty(buf.shape, dtype=buf.dtype, device=device)
+        owner._buffers[attr] = rule(fresh).contiguous() if buf.is_meta else buf.copy_(rule(buf))
     return module
 
 
