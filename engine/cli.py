@@ -327,7 +327,7 @@ def _edit(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from . import assets
-    from .backends.torch import check_options, parse_levers
+    from .backends.torch_options import check_options, parse_levers
     from .config import EditSettings, LoadOptions
     from .images import load_image, output_format
     from .lora import LoraSpec
@@ -438,8 +438,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def _build(args: argparse.Namespace) -> int:
     from .build.builder import BuildOptions, build
-    from .build.calibrate import CalibrationSpec
     from .build.tensorrt_build import TensorRTOptions
+    from .calibration import CalibrationSpec
     from .lora import LoraSpec
 
     if args.verbose == 0:

@@ -19,17 +19,10 @@ import numpy as np
 import pytest
 import torch
 
+from engine.backends.fp8 import FP8_KEEP, fp8_filter, fp8_supported, quantize_fp8
 from engine.backends.inputs import dummy_inputs
 from engine.backends.onnxruntime import OrtDenoiser, load_onnxruntime, ort_version
-from engine.backends.torch import (
-    FP8_KEEP,
-    TorchDenoiser,
-    default_dtype,
-    fp8_filter,
-    fp8_supported,
-    quantize_fp8,
-    torch_denoiser,
-)
+from engine.backends.torch import TorchDenoiser, default_dtype, torch_denoiser
 from engine.buckets import ShapeKey
 from engine.config import PRESETS, LoadOptions
 from engine.errors import BackendUnavailableError, ConfigError, ManifestError, ShapeNotServedError

@@ -374,7 +374,7 @@ def test_tensorrt_engine_on_gpu(tmp_path: Path, tiny) -> None:  # type: ignore[n
     except BackendUnavailableError as e:
         pytest.skip(str(e))
     from engine.build.builder import BuildOptions, build
-    from engine.build.calibrate import CalibrationSpec
+    from engine.calibration import CalibrationSpec
     from engine.runtime import load
 
     from .conftest import gradient_image
@@ -409,7 +409,7 @@ def test_tensorrt_build_on_fakes_end_to_end(
 
     from engine.build import verify
     from engine.build.builder import BuildOptions, build
-    from engine.build.calibrate import CalibrationSpec
+    from engine.calibration import CalibrationSpec
     from engine.manifest import read_manifest
 
     out = tmp_path / "tiny"

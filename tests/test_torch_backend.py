@@ -15,22 +15,11 @@ import pytest
 import torch
 
 from engine.backends.cuda_graphs import Captured, GraphedCall
-from engine.backends.fp8_static import StaticFp8Linear, calibrate_amax, quantize_static
-from engine.backends.torch import (
-    LEVERS,
-    TorchDenoiser,
-    TorchOptions,
-    check_options,
-    fp8_linears,
-    fuse_qkv,
-    is_modulation,
-    parse_levers,
-    parse_spec,
-    torch_denoiser,
-    velocity,
-    weight_sharing_copy,
-)
+from engine.backends.fp8 import StaticFp8Linear, fp8_filter, is_modulation, quantize_static
+from engine.backends.torch import TorchDenoiser, fuse_qkv, torch_denoiser, velocity, weight_sharing_copy
+from engine.backends.torch_options import LEVERS, TorchOptions, check_options, parse_levers, parse_spec
 from engine.bench.isolation import changed, fingerprint
+from engine.calibration import calibrate_amax
 from engine.errors import BackendUnavailableError, ConfigError
 from engine.metrics import rel_l2
 
@@ -51,6 +40,11 @@ def inputs(side: int = 128, seed: int = 0, text: int = 32) -> dict[str, torch.Te
         "timestep": torch.tensor([0.5]),
         "guidance": torch.tensor([2.5]),
     }
+
+
+def fp8_linears(transformer: torch.nn.Module, which: str) -> list[str]:
+    """Names of the Linears fp8_filter(which) selects, in module order."""
+    return [n for n, m in transformer.named_modules() if fp8_filter(m, n, which)]
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +84,34 @@ def test_fp8_filters_differ_by_exactly_the_modulation_layers(tiny):
     cfg = tiny.preset.transformer
     assert len(extra) == 2 * cfg.num_layers + cfg.num_single_layers
     assert not any(
-        n.startswith(("x_embedder", "context_embedder", "time_text_embed", "proj_out")) for n in every
+        n.startswith(("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"))
+        for n in every
     )
+    # only the top-level proj_out is kept: every single block's proj_out is a block Linear like the others
+    singles = [f"single_transformer_blocks.{i}.proj_out" for i in range(cfg.num_single_layers)]
+    assert set(singles) <= set(tokens)
+
+
+def test_fp8_filter_on_the_full_kontext_config_selects_418_linears():
+    """GPU-AUDIT #3: on the real 12B layout (built on the meta device, no memory) the default filter
+    quantizes 418 Linears: 19 double blocks x 12 (q, k, v, added q, k, v, to_out, to_add_out, two FFNs
+    of two Linears) + 38 single blocks x 5 (q, k, v, proj_mlp, proj_out). `all` adds the 2 x 19 + 38
+    modulation Linears: 494. Matching FP8_KEEP on any path component kept the 38 single-block proj_out
+    in bf16 (380 and 456), which is not the recipe that measured 225 ms."""
+    from diffusers import FluxTransformer2DModel
+
+    from engine.config import KONTEXT_DEV_TRANSFORMER as cfg
+
+    with torch.device("meta"):
+        t = FluxTransformer2DModel(**cfg.to_diffusers())
+    tokens, every = fp8_linears(t, "tokens"), fp8_linears(t, "all")
+    assert (cfg.num_layers, cfg.num_single_layers) == (19, 38)
+    assert len(tokens) == 418
+    assert len(every) == 494
+    assert sum(n.endswith(".proj_out") for n in tokens) == 38
+    kept = [n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear) and n not in every]
+    top = {"x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"}
+    assert {n.split(".")[0] for n in kept} == top
 
 
 # ----------------------------------------------------------------------------- copies and levers
@@ -159,6 +179,27 @@ def test_static_fp8_linear_numerics():
     err = rel_l2(StaticFp8Linear(lin, amax)(x), ref)
     assert 1e-3 < err < STATIC_BOUND, err  # quantized (not a pass-through), within the bound
     assert rel_l2(StaticFp8Linear(lin, amax * 1e-3)(x), ref) > 0.5
+
+
+def test_static_fp8_linear_asks_for_fast_accumulation(monkeypatch):
+    """GPU-AUDIT #7: one _scaled_mm per call, with use_fast_accum=True as torchao's Float8 Linears (left
+    False, Hopper accumulates with periodic fp32 promotion: a slower GEMM than the dynamic contestant's)."""
+    calls: list[dict] = []
+    real = torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 5, 64)
+    y = StaticFp8Linear(lin, float(x.abs().amax()))(x)
+    assert y.shape == (2, 5, 48)
+    assert len(calls) == 1 and calls[0].get("use_fast_accum") is True
+    assert calls[0]["out_dtype"] == x.dtype
 
 
 def test_static_fp8_refuses_missing_calibration(tiny, amax):
@@ -302,7 +343,7 @@ def test_cuda_graph_replay_equals_eager_on_gpu(mode):
 @cuda
 @pytest.mark.parametrize("levers", ["", "all", "static", "qkv+graphs"])
 def test_fp8_path_within_its_bound_on_gpu(levers):
-    from engine.backends.torch import device_capability, fp8_supported
+    from engine.backends.fp8 import device_capability, fp8_supported
     from engine.weights import load_components
 
     if not fp8_supported(device_capability(torch.device("cuda"))):

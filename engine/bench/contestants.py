@@ -18,14 +18,8 @@ import torch
 from PIL import Image
 
 from ..backends import Denoiser
-from ..backends.torch import (
-    TorchDenoiser,
-    compile_vae,
-    dtype_name,
-    parse_spec,
-    torch_denoiser,
-    weight_sharing_copy,
-)
+from ..backends.torch import TorchDenoiser, compile_vae, dtype_name, torch_denoiser, weight_sharing_copy
+from ..backends.torch_options import parse_spec
 from ..config import EditSettings
 from ..errors import ConfigError
 from ..pipeline import KontextPipeline
@@ -227,7 +221,7 @@ def torch_contestant(
     def make() -> Denoiser:
         amax = None
         if options.fp8_scales == "static":
-            from ..backends.fp8_static import calibrate_amax
+            from ..calibration import calibrate_amax
 
             amax = calibrate_amax(components, device=device, dtype=dtype)
         own = weight_sharing_copy(components.transformer)
