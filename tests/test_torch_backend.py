@@ -275,6 +275,29 @@ def test_graphed_call_replays_per_signature_on_fresh_inputs(tiny):
     assert torch.equal(first, eager(**inputs(seed=0)))  # a returned output is not the static buffer
 
 
+def test_each_graphed_call_captures_into_its_own_memory_pool(tiny, monkeypatch):
+    """GPU-AUDIT #15: the graphs of one GraphedCall share its pool; two GraphedCalls never share one."""
+    from engine.backends import cuda_graphs
+
+    handles = iter(range(100))
+    pools: list[tuple[int, int]] = []  # (GraphedCall, pool) of every capture
+
+    def fake_capture(fn, example, warmup=2, pool=None):
+        pools.append((owner, pool))
+        return replaying_capture(fn, example)
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: next(handles))
+    monkeypatch.setattr(cuda_graphs, "capture_cuda_graph", fake_capture)
+    t = tiny.transformer
+    with torch.inference_mode():
+        for owner in (0, 1):
+            graphed = GraphedCall(lambda i: velocity(t, i))
+            graphed(inputs(seed=0))
+            graphed(inputs(side=64, seed=1))
+            assert graphed.captured == 2
+    assert pools == [(0, 0), (0, 0), (1, 1), (1, 1)]
+
+
 # ----------------------------------------------------------------------------- isolation
 
 

@@ -174,10 +174,8 @@ def _fused_partner(module: torch.nn.Module, name: str) -> bool:
 def use_kernel_attention(transformer: torch.nn.Module, variant: str) -> torch.nn.Module:
     """Swap our Triton attention (engine.kernels) into every attention processor of `transformer`."""
     try:
-        from .. import kernels  # type: ignore[attr-defined]
-
-        swap = kernels.use_kernel_attention
-    except (ImportError, AttributeError) as e:
+        from ..kernels import use_kernel_attention as swap
+    except ImportError as e:
         raise BackendUnavailableError(
             f"attention={variant!r} needs engine.kernels.use_kernel_attention, which is not importable "
             f"here ({e}); use attention='sdpa'"
