@@ -282,15 +282,18 @@ def test_each_graphed_call_captures_into_its_own_memory_pool(tiny, monkeypatch):
     handles = iter(range(100))
     pools: list[tuple[int, int]] = []  # (GraphedCall, pool) of every capture
 
+    owner = [0]  # which GraphedCall captures now
+
     def fake_capture(fn, example, warmup=2, pool=None):
-        pools.append((owner, pool))
+        pools.append((owner[0], pool))
         return replaying_capture(fn, example)
 
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: next(handles))
     monkeypatch.setattr(cuda_graphs, "capture_cuda_graph", fake_capture)
     t = tiny.transformer
     with torch.inference_mode():
-        for owner in (0, 1):
+        for n in (0, 1):
+            owner[0] = n
             graphed = GraphedCall(lambda i: velocity(t, i))
             graphed(inputs(seed=0))
             graphed(inputs(side=64, seed=1))

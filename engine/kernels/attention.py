@@ -15,7 +15,7 @@ import torch
 import triton
 
 from ..errors import BackendUnavailableError, ConfigError
-from . import kernel
+from .kernel import TUNE_CONFIGS, attention_fwd
 from .quant_kernel import quantize_qkv_fused
 from .variants import FP8_MAX, AttentionVariant, resolve_variant
 
@@ -63,7 +63,7 @@ def even_blocks(seq: int, block_m: int, block_n: int) -> dict[str, bool]:
 
 
 # Autotuning: one Autotuner per pattern of which tile sizes divide S, its configs carrying EVEN_M / EVEN_N.
-_TUNE_BLOCKS = tuple(sorted({c.kwargs[k] for c in kernel.TUNE_CONFIGS for k in ("BLOCK_M", "BLOCK_N")}))
+_TUNE_BLOCKS = tuple(sorted({c.kwargs[k] for c in TUNE_CONFIGS for k in ("BLOCK_M", "BLOCK_N")}))
 
 
 def _tune_configs(divides: dict[int, bool]) -> list[triton.Config]:
@@ -73,18 +73,18 @@ def _tune_configs(divides: dict[int, bool]) -> list[triton.Config]:
             num_warps=c.num_warps,
             num_stages=c.num_stages,
         )
-        for c in kernel.TUNE_CONFIGS
+        for c in TUNE_CONFIGS
     ]
 
 
 _AUTOTUNED = {
     flags: triton.autotune(
         _tune_configs(dict(zip(_TUNE_BLOCKS, flags, strict=True))), key=["S", "HEAD_DIM", "QUANT", "K_BLOCK"]
-    )(kernel.attention_fwd)
+    )(attention_fwd)
     for flags in itertools.product((False, True), repeat=len(_TUNE_BLOCKS))
 }
 # Whether triton was imported under TRITON_INTERPRET=1 (a constant of the process: see interpreted()).
-_INTERPRETED = not isinstance(kernel.attention_fwd, triton.runtime.JITFunction)
+_INTERPRETED = not isinstance(attention_fwd, triton.runtime.JITFunction)
 
 
 def interpreted() -> bool:
@@ -184,7 +184,7 @@ def attention(
         **even_blocks(seq, config.block_m, config.block_n),
     )
     fixed_grid = ((seq + config.block_m - 1) // config.block_m, batch * heads)
-    _launch(q.device, kernel.attention_fwd[fixed_grid], args, constants)
+    _launch(q.device, attention_fwd[fixed_grid], args, constants)
     return out
 
 
