@@ -113,9 +113,9 @@ class OrtDenoiser(DenoiserBase):
                 f"ONNX type {onnx_type} cannot be bound from torch tensors"
             ) from None
 
-    def run(self, values: dict[str, torch.Tensor]) -> torch.Tensor:  # DENOISER_INPUTS -> [B, N + M, 64]
-        hidden_states = values["hidden_states"]  # [B, N + M, 64]
-        sig = call_signature(hidden_states, values["encoder_hidden_states"])
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # DENOISER_INPUTS -> [B, N + M, 64]
+        hidden_states = inputs["hidden_states"]  # [B, N + M, 64]
+        sig = call_signature(hidden_states, inputs["encoder_hidden_states"])
         if self._signatures is not None and sig not in self._signatures:
             raise ShapeNotServedError(
                 f"{self.name} was asked for (batch, image tokens, text tokens) = {sig}, "
@@ -125,7 +125,7 @@ class OrtDenoiser(DenoiserBase):
         dev_id = self.device.index or 0
         binding = self.session.io_binding()
         keep: list[torch.Tensor] = []  # inputs converted here stay alive until the run ends
-        for name, t in values.items():
+        for name, t in inputs.items():
             tdt, ndt = self._in_types[name]
             t = t.to(device=self.device, dtype=tdt).contiguous()
             keep.append(t)
