@@ -366,8 +366,8 @@ def test_evicted_plan_is_released_when_its_busy_worker_returns(
 def test_tensorrt_engine_on_gpu(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
     """On a GPU with TensorRT: build the tiny plan (fp8 on Ada/Hopper, else int8), warm up two workers
     (CUDA graphs), and match torch (T1: bf16 cannot be built, so the old test could never pass)."""
+    from engine.backends.fp8 import FP8_MIN_CAPABILITY
     from engine.backends.tensorrt_plans import cuda_device, require_tensorrt
-    from engine.backends.torch import FP8_MIN_CAPABILITY
 
     try:
         require_tensorrt()
