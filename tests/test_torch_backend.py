@@ -16,7 +16,14 @@ import torch
 
 from engine.backends.cuda_graphs import Captured, GraphedCall
 from engine.backends.fp8 import StaticFp8Linear, fp8_filter, is_modulation, quantize_static
-from engine.backends.torch import TorchDenoiser, fuse_qkv, torch_denoiser, velocity, weight_sharing_copy
+from engine.backends.torch import (
+    TorchDenoiser,
+    compile_blocks,
+    fuse_qkv,
+    torch_denoiser,
+    velocity,
+    weight_sharing_copy,
+)
 from engine.backends.torch_options import LEVERS, TorchOptions, check_options, parse_levers, parse_spec
 from engine.bench.isolation import changed, fingerprint
 from engine.calibration import calibrate_amax
@@ -142,6 +149,31 @@ def test_fused_qkv_on_a_copy_matches_and_leaves_the_original(tiny):
     assert hasattr(t.transformer_blocks[0].attn, "to_q") and not hasattr(
         t.transformer_blocks[0].attn, "to_qkv"
     )
+
+
+def test_regional_compile_traces_each_block_type_once_per_shape(tiny, monkeypatch):
+    """GPU-AUDIT #13: the first single block got contiguous inputs and the later ones slices of one
+    [B, L + N, D] tensor, so dynamo compiled the single block twice per shape (3 graphs per shape on tiny,
+    whose 1 double and 2 single blocks should make 2). Counted with a backend that only counts."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    module_compile = torch.nn.Module.compile
+
+    def counted(self, mode=None, dynamic=None):
+        module_compile(self, backend=counter, dynamic=dynamic)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", counted)
+    torch._dynamo.reset()
+    try:
+        view = compile_blocks(tiny.transformer)
+        for n, side in enumerate((128, 64)):
+            x = inputs(side=side, seed=n)
+            out = TorchDenoiser(view)(**x)
+            assert counter.frame_count == 2 * (n + 1)  # one graph per block type per shape
+            assert rel_l2(out, TorchDenoiser(tiny.transformer)(**x)) <= 1e-6
+    finally:
+        torch._dynamo.reset()
 
 
 def test_calibration_is_deterministic_and_covers_every_eligible_linear(tiny, amax):

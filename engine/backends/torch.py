@@ -105,8 +105,35 @@ def compile_blocks(
             c = copy.copy(block)  # shares the block's submodules and weights
             c.compile(mode=mode, dynamic=dynamic)  # sets c._compiled_call_impl only
             compiled.append(c)
+        if name == "single_transformer_blocks" and compiled:
+            compiled[0] = JointSlices(compiled[0])
         view._modules[name] = torch.nn.ModuleList(compiled)
     return view
+
+
+class JointSlices(torch.nn.Module):
+    """The first single-stream block, given its two streams as slices of one [B, L + N, D] tensor: the
+    layout diffusers' single block returns, so the layout every later single block receives.
+
+    Without it the first block's contiguous inputs (from the last double block) fail the stride guards
+    of the graph the later blocks share, and the single block compiles twice per shape (GPU-AUDIT #13).
+    Costs one concatenation per step, outside the compiled block (which concatenates the two anyway).
+    """
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, N, D]
+        encoder_hidden_states: torch.Tensor,  # [B, L, D]
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # ([B, L, D], [B, N, D])
+        text = encoder_hidden_states.shape[1]
+        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, L + N, D]
+        return self.block(joint[:, text:], joint[:, :text], *args, **kwargs)
 
 
 # Dynamo keeps the graphs of one block type on its forward's code object, one per (shape, weight type,
