@@ -58,7 +58,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     import engine
     from engine.backends.compile_cache import save_compile_cache
-    from engine.backends.torch import check_options, parse_levers
+    from engine.backends.torch_options import check_options, parse_levers
     from engine.bench.timing import process_age_s
     from engine.buckets import buckets
 

@@ -126,8 +126,8 @@ def _mem_used() -> int:
 
 def _build(run: Run, mode: str, precision: str = "fp32") -> Path:
     from engine.build.builder import BuildOptions, build
-    from engine.build.calibrate import CalibrationSpec
     from engine.build.tensorrt_build import TensorRTOptions
+    from engine.calibration import CalibrationSpec
 
     out = run.work / f"{run.model}-{mode}"
     if mode not in run.builds:
@@ -443,7 +443,7 @@ def g7_timing_cache(run: Run) -> tuple[str, str, dict[str, Any]]:
 def g8_eviction(run: Run) -> tuple[str, str, dict[str, Any]]:
     """Two families under a budget that holds one plan: memory after each switch stays one plan's."""
     from engine.build.builder import BuildOptions, build
-    from engine.build.calibrate import CalibrationSpec
+    from engine.calibration import CalibrationSpec
     from engine.manifest import read_manifest, write_manifest
 
     first = _build(run, "dynamic")

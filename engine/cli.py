@@ -331,7 +331,7 @@ def _edit(args: argparse.Namespace) -> int:
     and --then write OUT-1.png, OUT-2.png, ..."""
 
     from .assets import sample_image_path
-    from .backends.torch import check_options, parse_levers
+    from .backends.torch_options import check_options, parse_levers
     from .images import output_format
     from .model.lora import LoraSpec
     from .runtime import load
@@ -443,8 +443,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def _build(args: argparse.Namespace) -> int:
     from .build.builder import BuildOptions, build
-    from .build.calibrate import CalibrationSpec
     from .build.tensorrt_build import TensorRTOptions
+    from .calibration import CalibrationSpec
     from .model.lora import LoraSpec
 
     if args.verbose == 0:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import Denoiser, Signature, call_signature, describe_keys, key_signature
+from .backends import Denoiser, DenoiserBase, Signature, call_signature, describe_keys, key_signature
 from .buckets import ShapeKey, buckets, family_shape_keys, tokens
 from .errors import ConfigError, ShapeNotServedError
 
@@ -130,11 +130,12 @@ class Dispatcher:
         return DispatchingDenoiser(self)
 
 
-class DispatchingDenoiser:
+class DispatchingDenoiser(DenoiserBase):
     """Routes each call by its (batch, image tokens, text tokens): counted per call, not per edit.
 
     Keys that differ only in the target/context split share tensor shapes, so the call's shapes
-    decide without reading img_ids (no device sync).
+    decide without reading img_ids (no device sync). close() frees nothing: the engine owns the
+    dispatcher's denoisers.
     """
 
     def __init__(self, dispatcher: Dispatcher) -> None:
@@ -142,17 +143,6 @@ class DispatchingDenoiser:
         self.name = f"dispatch({dispatcher.primary.name})"
         self.shape_keys = dispatcher.shape_keys
 
-    def __call__(
-        self,
-        hidden_states: torch.Tensor,
-        img_ids: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        txt_ids: torch.Tensor,
-        pooled_projections: torch.Tensor,
-        timestep: torch.Tensor,
-        guidance: torch.Tensor,
-    ) -> torch.Tensor:
-        target = self.dispatcher.resolve_signature(call_signature(hidden_states, encoder_hidden_states))
-        return target(
-            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
-        )
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        sig = call_signature(inputs["hidden_states"], inputs["encoder_hidden_states"])
+        return self.dispatcher.resolve_signature(sig)(**inputs)

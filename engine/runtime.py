@@ -29,7 +29,8 @@ from PIL import Image
 
 from .backends import BACKENDS, Denoiser, GraphCapturing
 from .backends.inputs import dummy_inputs
-from .backends.torch import TORCH_MODES, TorchDenoiser, TorchOptions, default_dtype, torch_denoiser
+from .backends.torch import TorchDenoiser, default_dtype, torch_denoiser
+from .backends.torch_options import TORCH_MODES, TorchOptions
 from .buckets import ShapeKey, family_shape_keys
 from .config import DEFAULT_STEPS, PRESETS, LoadOptions, is_synthetic
 from .dispatch import MISS_POLICIES, Dispatcher, DispatchStats, served_buckets
@@ -407,7 +408,7 @@ def _torch_denoiser(
     FP8 scales are calibrated first, on the build's calibration edits."""
     amax = None
     if mode == "fp8" and options is not None and options.fp8_scales == "static":
-        from .backends.fp8_static import calibrate_amax
+        from .calibration import calibrate_amax
 
         amax = calibrate_amax(components, device=device, dtype=dtype)
     return torch_denoiser(

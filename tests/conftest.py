@@ -51,7 +51,7 @@ def tiny_build(tiny: Components, request: pytest.FixtureRequest) -> Path:
     import importlib.metadata as md
 
     from engine.build.builder import BuildOptions, build
-    from engine.build.calibrate import CalibrationSpec
+    from engine.calibration import CalibrationSpec
 
     libs = "-".join(md.version(d) for d in ("torch", "onnxruntime", "nvidia-modelopt", "diffusers"))
     out = Path(request.config.cache.mkdir("kontext-tiny-build")) / f"{tiny.weights_id}-{libs}".replace(
@@ -81,7 +81,7 @@ def built_tiny(tiny_build: Path, tiny: Components, tmp_path_factory: pytest.Temp
     import shutil
 
     from engine.build.builder import BuildOptions, build
-    from engine.build.calibrate import CalibrationSpec
+    from engine.calibration import CalibrationSpec
 
     out = tmp_path_factory.mktemp("built") / "tiny"
     shutil.copytree(tiny_build, out)

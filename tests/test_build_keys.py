@@ -25,7 +25,8 @@ from engine.backends.tensorrt_plans import (
 from engine.buckets import ShapeKey, family_shape_keys, reference_bucket, reference_buckets, tokens
 from engine.build import builder
 from engine.build.builder import BuildOptions, build, build_keys
-from engine.build.calibrate import CalibrationSpec, reference_edit
+from engine.build.calibrate import reference_edit
+from engine.calibration import CalibrationSpec
 from engine.cli import main
 from engine.errors import BuildError, ConfigError, ManifestError
 from engine.info import describe

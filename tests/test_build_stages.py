@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from engine.build.builder import BuildOptions, build
-from engine.build.calibrate import CalibrationSpec
 from engine.build.quantize import RECIPES
 from engine.build.stages import outputs_intact
+from engine.calibration import CalibrationSpec
 from engine.manifest import MANIFEST_NAME, read_manifest
 from engine.model.components import Components, fingerprint_module
 
@@ -141,7 +141,7 @@ _SCRIPT = textwrap.dedent("""
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
     logging.getLogger("engine.build").setLevel(logging.INFO)
     from engine.build.builder import BuildOptions, build
-    from engine.build.calibrate import CalibrationSpec
+    from engine.calibration import CalibrationSpec
     options = BuildOptions(calibration=CalibrationSpec(edits=4, steps=2), progress=False)
     build("tiny", out_dir=Path(sys.argv[1]), precisions=("fp32", "int8"), family="tiny",
           backend="onnxruntime", options=options)

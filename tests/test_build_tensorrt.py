@@ -65,7 +65,7 @@ def test_stub_only_tensorrt_is_not_tensorrt() -> None:
 def test_tensorrt_build_end_to_end(tmp_path: Path, tiny: Components, profiles: str) -> None:
     """fp32 (TF32 cleared, bound 1e-4) and int8, verified through TrtDenoiser with CUDA graphs (T2)."""
     from engine.build.builder import BuildOptions, build
-    from engine.build.calibrate import CalibrationSpec
+    from engine.calibration import CalibrationSpec
 
     options = BuildOptions(
         calibration=CalibrationSpec(edits=4, steps=2),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.backends import DENOISER_INPUTS
+from engine.backends import DENOISER_INPUTS, Denoiser, DenoiserBase
 from engine.backends.inputs import dummy_inputs
 from engine.buckets import ShapeKey, edit_key, family_shape_keys
 from engine.config import PRESETS
@@ -20,19 +20,58 @@ KEYS = family_shape_keys("tiny", 32)
 SQUARE = ShapeKey(1, 64, 64, 32)
 
 
-class Fake:
+class Fake(DenoiserBase):
     """A denoiser that returns a constant, to see which one ran."""
 
     def __init__(self, name: str, value: float, keys: frozenset[ShapeKey] | None) -> None:
         self.name, self.value, self.shape_keys = name, value, keys
 
-    def __call__(self, hidden_states, *args) -> torch.Tensor:
-        return torch.full_like(hidden_states, self.value)
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.full_like(inputs["hidden_states"], self.value)
 
 
 def _args(image_tokens: int) -> list[torch.Tensor]:
     x = dummy_inputs(PRESETS["tiny"].transformer, ShapeKey(1, image_tokens // 2, image_tokens // 2, 32))
     return [x[k] for k in DENOISER_INPUTS]
+
+
+def test_denoiser_base_packs_the_seven_arguments_once_for_every_denoiser():
+    """DenoiserBase: positional and keyword calls reach run() as the same {DENOISER_INPUTS name: tensor},
+    in that order; every backend and wrapper is one, with close() (the protocol's)."""
+    import inspect
+
+    from engine.backends.onnxruntime import OrtDenoiser
+    from engine.backends.recording import RecordingDenoiser
+    from engine.backends.tensorrt import TrtDenoiser
+    from engine.backends.torch import TorchDenoiser
+    from engine.bench.probes import TimedDenoiser
+    from engine.build.export import DenoiserExportWrapper
+    from engine.dispatch import DispatchingDenoiser
+
+    seen: list[dict[str, torch.Tensor]] = []
+
+    class Spy(DenoiserBase):
+        name = "spy"
+
+        def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            seen.append(inputs)
+            return inputs["hidden_states"]
+
+    args = _args(128)
+    Spy()(*args)
+    Spy()(**dict(zip(DENOISER_INPUTS, args, strict=True)))
+    for got in seen:
+        assert list(got) == list(DENOISER_INPUTS)
+        assert all(got[k] is a for k, a in zip(DENOISER_INPUTS, args, strict=True))
+    assert isinstance(Spy(), Denoiser) and Spy().shape_keys is None
+    Spy().close()
+    backends = (TorchDenoiser, OrtDenoiser, TrtDenoiser)
+    for cls in (*backends, RecordingDenoiser, TimedDenoiser, DispatchingDenoiser):
+        assert issubclass(cls, DenoiserBase), cls
+    wrapped = DenoiserExportWrapper(torch.nn.Identity())  # the ONNX graph's input names: the base's
+    assert list(inspect.signature(wrapped.forward).parameters) == list(DENOISER_INPUTS)
+    with pytest.raises(NotImplementedError, match="run"):
+        DenoiserBase()(*args)
 
 
 def test_keys_and_buckets():

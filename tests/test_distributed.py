@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from engine import sampling
-from engine.backends.torch import TorchDenoiser, TorchOptions, velocity, weight_sharing_copy
+from engine.backends.torch import TorchDenoiser, velocity, weight_sharing_copy
+from engine.backends.torch_options import TorchOptions
 from engine.distributed import (
     ContextParallelDenoiser,
     Group,

@@ -121,6 +121,39 @@ def test_benchmark_imports_neither_diffusers_nor_the_rest_of_engine() -> None:
     assert "engine.kernels.processor" not in loaded
 
 
+@pytest.mark.parametrize(("variant", "autotune"), [("bf16", False), ("bf16", True)])
+def test_dynamo_traces_the_launch_without_graph_breaks(monkeypatch: pytest.MonkeyPatch, variant: str,
+                                                       autotune: bool) -> None:  # fmt: skip
+    """GPU-AUDIT #8: under torch.compile, one attention call must become one graph holding the kernel.
+
+    Traced on fake CUDA tensors, no GPU: dynamo is told that Triton can run here (it asks for a device), and
+    Heuristics.run is made opaque to it, as torch 2.11's dynamo (the GPU image's) treats a
+    `triton.heuristics` launch: it recognizes only JITFunction and Autotuner launches. S = 250 is a multiple
+    of no tile, so the EVEN_M / EVEN_N path is the one a heuristic would have computed."""
+    if interpreted():
+        pytest.skip("dynamo traces compiled Triton kernels (checked in the parent process)")
+    import torch._dynamo
+    import torch.utils._triton
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from triton.runtime.autotuner import Heuristics
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    monkeypatch.setattr(Heuristics, "run", torch._dynamo.disable(Heuristics.run, recursive=True))
+
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention(q, k, v, variant, autotune=autotune)
+
+    torch._dynamo.reset()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        q = torch.empty(1, 2, 250, 64, dtype=torch.bfloat16, device="cuda")  # [B, H, S, D]
+        explained = torch._dynamo.explain(call)(q, torch.empty_like(q), torch.empty_like(q))
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
+    assert explained.graph_count == 1
+    targets = [str(n.target) for n in explained.graphs[0].graph.nodes]
+    assert sum("triton_kernel_wrapper" in t for t in targets) == 1, targets
+
+
 SM90_SHARED_BYTES = 232448  # H100: 227 KB of shared memory per block
 
 

@@ -92,7 +92,8 @@ def _scales(path: Path) -> dict[str, np.ndarray]:
 
 def test_same_calibration_gives_the_same_scales(built_tiny: Path, tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Seeded calibration: a second capture is identical, and quantizing it reproduces the build's scales."""
-    from engine.build.calibrate import CalibrationSpec, capture_calibration
+    from engine.build.calibrate import capture_calibration
+    from engine.calibration import CalibrationSpec
 
     from .conftest import BUILD_TEST_CALIBRATION
 

@@ -366,15 +366,15 @@ def test_evicted_plan_is_released_when_its_busy_worker_returns(
 def test_tensorrt_engine_on_gpu(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
     """On a GPU with TensorRT: build the tiny plan (fp8 on Ada/Hopper, else int8), warm up two workers
     (CUDA graphs), and match torch (T1: bf16 cannot be built, so the old test could never pass)."""
+    from engine.backends.fp8 import FP8_MIN_CAPABILITY
     from engine.backends.tensorrt_plans import cuda_device, require_tensorrt
-    from engine.backends.torch import FP8_MIN_CAPABILITY
 
     try:
         require_tensorrt()
     except BackendUnavailableError as e:
         pytest.skip(str(e))
     from engine.build.builder import BuildOptions, build
-    from engine.build.calibrate import CalibrationSpec
+    from engine.calibration import CalibrationSpec
     from engine.runtime import load
 
     from .conftest import gradient_image
@@ -409,7 +409,7 @@ def test_tensorrt_build_on_fakes_end_to_end(
 
     from engine.build import verify
     from engine.build.builder import BuildOptions, build
-    from engine.build.calibrate import CalibrationSpec
+    from engine.calibration import CalibrationSpec
     from engine.manifest import read_manifest
 
     out = tmp_path / "tiny"

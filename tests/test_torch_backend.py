@@ -15,22 +15,18 @@ import pytest
 import torch
 
 from engine.backends.cuda_graphs import Captured, GraphedCall
-from engine.backends.fp8_static import StaticFp8Linear, calibrate_amax, quantize_static
+from engine.backends.fp8 import StaticFp8Linear, fp8_linears, is_modulation, quantize_static
 from engine.backends.torch import (
-    LEVERS,
     TorchDenoiser,
-    TorchOptions,
-    check_options,
-    fp8_linears,
+    compile_blocks,
     fuse_qkv,
-    is_modulation,
-    parse_levers,
-    parse_spec,
     torch_denoiser,
     velocity,
     weight_sharing_copy,
 )
+from engine.backends.torch_options import LEVERS, TorchOptions, check_options, parse_levers, parse_spec
 from engine.bench.isolation import changed, fingerprint
+from engine.calibration import calibrate_amax
 from engine.errors import BackendUnavailableError, ConfigError
 from engine.metrics import rel_l2
 
@@ -90,8 +86,34 @@ def test_fp8_filters_differ_by_exactly_the_modulation_layers(tiny):
     cfg = tiny.preset.transformer
     assert len(extra) == 2 * cfg.num_layers + cfg.num_single_layers
     assert not any(
-        n.startswith(("x_embedder", "context_embedder", "time_text_embed", "proj_out")) for n in every
+        n.startswith(("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"))
+        for n in every
     )
+    # only the top-level proj_out is kept: every single block's proj_out is a block Linear like the others
+    singles = [f"single_transformer_blocks.{i}.proj_out" for i in range(cfg.num_single_layers)]
+    assert set(singles) <= set(tokens)
+
+
+def test_fp8_filter_on_the_full_kontext_config_selects_418_linears():
+    """GPU-AUDIT #3: on the real 12B layout (built on the meta device, no memory) the default filter
+    quantizes 418 Linears: 19 double blocks x 12 (q, k, v, added q, k, v, to_out, to_add_out, two FFNs
+    of two Linears) + 38 single blocks x 5 (q, k, v, proj_mlp, proj_out). `all` adds the 2 x 19 + 38
+    modulation Linears: 494. Matching FP8_KEEP on any path component kept the 38 single-block proj_out
+    in bf16 (380 and 456), which is not the recipe that measured 225 ms."""
+    from diffusers import FluxTransformer2DModel
+
+    from engine.config import KONTEXT_DEV_TRANSFORMER as cfg
+
+    with torch.device("meta"):
+        t = FluxTransformer2DModel(**cfg.to_diffusers())
+    tokens, every = fp8_linears(t, "tokens"), fp8_linears(t, "all")
+    assert (cfg.num_layers, cfg.num_single_layers) == (19, 38)
+    assert len(tokens) == 418
+    assert len(every) == 494
+    assert sum(n.endswith(".proj_out") for n in tokens) == 38
+    kept = [n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear) and n not in every]
+    top = {"x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"}
+    assert {n.split(".")[0] for n in kept} == top
 
 
 # ----------------------------------------------------------------------------- copies and levers
@@ -122,6 +144,31 @@ def test_fused_qkv_on_a_copy_matches_and_leaves_the_original(tiny):
     assert hasattr(t.transformer_blocks[0].attn, "to_q") and not hasattr(
         t.transformer_blocks[0].attn, "to_qkv"
     )
+
+
+def test_regional_compile_traces_each_block_type_once_per_shape(tiny, monkeypatch):
+    """GPU-AUDIT #13: the first single block got contiguous inputs and the later ones slices of one
+    [B, L + N, D] tensor, so dynamo compiled the single block twice per shape (3 graphs per shape on tiny,
+    whose 1 double and 2 single blocks should make 2). Counted with a backend that only counts."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    module_compile = torch.nn.Module.compile
+
+    def counted(self, mode=None, dynamic=None):
+        module_compile(self, backend=counter, dynamic=dynamic)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", counted)
+    torch._dynamo.reset()
+    try:
+        view = compile_blocks(tiny.transformer)
+        for n, side in enumerate((128, 64)):
+            x = inputs(side=side, seed=n)
+            out = TorchDenoiser(view)(**x)
+            assert counter.frame_count == 2 * (n + 1)  # one graph per block type per shape
+            assert rel_l2(out, TorchDenoiser(tiny.transformer)(**x)) <= 1e-6
+    finally:
+        torch._dynamo.reset()
 
 
 def test_calibration_is_deterministic_and_covers_every_eligible_linear(tiny, amax):
@@ -159,6 +206,27 @@ def test_static_fp8_linear_numerics():
     err = rel_l2(StaticFp8Linear(lin, amax)(x), ref)
     assert 1e-3 < err < STATIC_BOUND, err  # quantized (not a pass-through), within the bound
     assert rel_l2(StaticFp8Linear(lin, amax * 1e-3)(x), ref) > 0.5
+
+
+def test_static_fp8_linear_asks_for_fast_accumulation(monkeypatch):
+    """GPU-AUDIT #7: one _scaled_mm per call, with use_fast_accum=True as torchao's Float8 Linears (left
+    False, Hopper accumulates with periodic fp32 promotion: a slower GEMM than the dynamic contestant's)."""
+    calls: list[dict] = []
+    real = torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 5, 64)
+    y = StaticFp8Linear(lin, float(x.abs().amax()))(x)
+    assert y.shape == (2, 5, 48)
+    assert len(calls) == 1 and calls[0].get("use_fast_accum") is True
+    assert calls[0]["out_dtype"] == x.dtype
 
 
 def test_static_fp8_refuses_missing_calibration(tiny, amax):
@@ -234,6 +302,32 @@ def test_graphed_call_replays_per_signature_on_fresh_inputs(tiny):
     assert torch.equal(first, eager(**inputs(seed=0)))  # a returned output is not the static buffer
 
 
+def test_each_graphed_call_captures_into_its_own_memory_pool(tiny, monkeypatch):
+    """GPU-AUDIT #15: the graphs of one GraphedCall share its pool; two GraphedCalls never share one."""
+    from engine.backends import cuda_graphs
+
+    handles = iter(range(100))
+    pools: list[tuple[int, int]] = []  # (GraphedCall, pool) of every capture
+
+    owner = [0]  # which GraphedCall captures now
+
+    def fake_capture(fn, example, warmup=2, pool=None):
+        pools.append((owner[0], pool))
+        return replaying_capture(fn, example)
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: next(handles))
+    monkeypatch.setattr(cuda_graphs, "capture_cuda_graph", fake_capture)
+    t = tiny.transformer
+    with torch.inference_mode():
+        for n in (0, 1):
+            owner[0] = n
+            graphed = GraphedCall(lambda i: velocity(t, i))
+            graphed(inputs(seed=0))
+            graphed(inputs(side=64, seed=1))
+            assert graphed.captured == 2
+    assert pools == [(0, 0), (0, 0), (1, 1), (1, 1)]
+
+
 # ----------------------------------------------------------------------------- isolation
 
 
@@ -302,7 +396,7 @@ def test_cuda_graph_replay_equals_eager_on_gpu(mode):
 @cuda
 @pytest.mark.parametrize("levers", ["", "all", "static", "qkv+graphs"])
 def test_fp8_path_within_its_bound_on_gpu(levers):
-    from engine.backends.torch import device_capability, fp8_supported
+    from engine.backends.fp8 import device_capability, fp8_supported
     from engine.model.load import load_components
 
     if not fp8_supported(device_capability(torch.device("cuda"))):

@@ -3,6 +3,8 @@
 A Denoiser is the transformer's forward and nothing else: the sampling loop, packing, ids
 and schedule live once in sampling.py. Its argument names are the ONNX graph's input names.
 runtime.load_artifacts picks the backend; each backend module has one loader.
+Implementations and wrappers subclass `DenoiserBase`: they write `run(inputs)` over the named inputs,
+not the seven arguments again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ class Denoiser(Protocol):
         timestep: torch.Tensor,  # [B], sigma in [0, 1]
         guidance: torch.Tensor,  # [B] float32
     ) -> torch.Tensor:  # [B, N + M, 64]
+        ...
+
+    def close(self) -> None:
+        """Free what the denoiser owns (sessions, plans, device memory). Idempotent; a no-op for most."""
         ...
 
 
@@ -79,3 +85,37 @@ def describe_keys(keys: frozenset[ShapeKey]) -> str:
 def named_inputs(*tensors: torch.Tensor) -> dict[str, torch.Tensor]:
     """The Denoiser's positional arguments, in DENOISER_INPUTS order, as {ONNX input name: tensor}."""
     return dict(zip(DENOISER_INPUTS, tensors, strict=True))
+
+
+class DenoiserBase:
+    """The Denoiser's call written once: the seven arguments -> {DENOISER_INPUTS name: tensor} -> `run`.
+
+    Subclasses set `name` (and `shape_keys` when they serve only some keys) and implement `run`; a
+    wrapper calls its inner denoiser as `self.inner(**inputs)`. close() frees nothing unless overridden
+    (a wrapper does not own what it wraps).
+    """
+
+    name: str
+    shape_keys: frozenset[ShapeKey] | None = None  # None: any shape
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,  # [B, N + M, 64]
+        img_ids: torch.Tensor,  # [N + M, 3]
+        encoder_hidden_states: torch.Tensor,  # [B, L, D_txt]
+        txt_ids: torch.Tensor,  # [L, 3]
+        pooled_projections: torch.Tensor,  # [B, D_pooled]
+        timestep: torch.Tensor,  # [B], sigma in [0, 1]
+        guidance: torch.Tensor,  # [B] float32
+    ) -> torch.Tensor:  # [B, N + M, 64]
+        return self.run(
+            named_inputs(
+                hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
+            )
+        )
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # DENOISER_INPUTS -> [B, N + M, 64]
+        raise NotImplementedError(f"{type(self).__name__} must implement run(inputs)")
+
+    def close(self) -> None:
+        """Nothing to free."""

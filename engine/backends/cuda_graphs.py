@@ -4,8 +4,11 @@ A step of the 12B model launches about 1,500 kernels; replaying them as one grap
 gaps between them. Capture follows torch's recipe: warm-up calls on a side stream (so compiled code
 and cuBLAS handles exist before capture), then `torch.cuda.graph` records one call that reads static
 input buffers. A replay copies the call's inputs into those buffers, replays, and returns a clone of
-the static output (the next replay overwrites it). All graphs share one memory pool: replays never
-overlap (a lock serializes them), so their intermediates may reuse the same memory.
+the static output (the next replay overwrites it). The graphs of one GraphedCall share one memory pool:
+its replays never overlap (a lock serializes them), so their intermediates may reuse the same memory.
+Two GraphedCalls (two benchmark contestants, say) never share a pool: a block the first one's graphs
+left alive in a shared pool could trip the caching allocator when the second captures into it
+(GPU-AUDIT #15, read from the allocator's code, not reproduced).
 """
 
 from __future__ import annotations
@@ -37,8 +40,11 @@ def signature(inputs: dict[str, torch.Tensor]) -> Signature:
     return tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in inputs.items())
 
 
-def capture_cuda_graph(fn: StepFn, example: dict[str, torch.Tensor], warmup: int = 2) -> Captured:
-    """Warm `fn` up on a side stream, then capture one call of it on static copies of `example`."""
+def capture_cuda_graph(
+    fn: StepFn, example: dict[str, torch.Tensor], warmup: int = 2, pool: Any = None
+) -> Captured:
+    """Warm `fn` up on a side stream, then capture one call of it on static copies of `example`, into the
+    memory pool `pool` (torch.cuda.graph_pool_handle(); None: a private pool of this graph)."""
     static = {k: v.clone() for k, v in example.items()}
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -47,34 +53,30 @@ def capture_cuda_graph(fn: StepFn, example: dict[str, torch.Tensor], warmup: int
             fn(static)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=_shared_pool()):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn(static)
     return Captured(static, out, graph.replay)
-
-
-_POOL: Any = None
-
-
-def _shared_pool() -> Any:
-    """One graph memory pool per process for every GraphedCall (replays are serialized)."""
-    global _POOL
-    if _POOL is None:
-        _POOL = torch.cuda.graph_pool_handle()
-    return _POOL
 
 
 class GraphedCall:
     """`fn` replayed from a graph captured on the first call of each input signature.
 
-    capture: how a graph is made (default: CUDA). Tests on a CPU pass a capture that re-runs `fn` on the
-    static buffers at each replay, which checks the buffer plumbing without a GPU.
+    capture: how a graph is made (default: CUDA, into this call's own memory pool). Tests on a CPU pass a
+    capture that re-runs `fn` on the static buffers at each replay, which checks the buffer plumbing
+    without a GPU.
     """
 
-    def __init__(self, fn: StepFn, capture: Capture = capture_cuda_graph) -> None:
+    def __init__(self, fn: StepFn, capture: Capture | None = None) -> None:
         self.fn = fn
-        self._capture = capture
+        self._capture = capture or self._capture_cuda
         self._graphs: dict[Signature, Captured] = {}
         self._lock = threading.Lock()
+        self._pool: Any = None  # this call's graph memory pool, made at its first capture
+
+    def _capture_cuda(self, fn: StepFn, example: dict[str, torch.Tensor]) -> Captured:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return capture_cuda_graph(fn, example, pool=self._pool)
 
     @property
     def captured(self) -> int:

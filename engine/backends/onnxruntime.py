@@ -19,7 +19,7 @@ from ..buckets import ShapeKey
 from ..config import LoadOptions
 from ..errors import BackendUnavailableError, ShapeNotServedError
 from ..manifest import MachineFacts, Manifest, check_manifest, select_artifact
-from . import DENOISER_INPUTS, DENOISER_OUTPUT, call_signature, describe_keys, named_inputs, served_signatures
+from . import DENOISER_INPUTS, DENOISER_OUTPUT, DenoiserBase, call_signature, describe_keys, served_signatures
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def ort_version() -> str:
     return str(_ort().__version__)
 
 
-class OrtDenoiser:
+class OrtDenoiser(DenoiserBase):
     """A Denoiser over one ONNX Runtime model. Serves `shape_keys` only (None: any shape)."""
 
     def __init__(
@@ -113,30 +113,19 @@ class OrtDenoiser:
                 f"ONNX type {onnx_type} cannot be bound from torch tensors"
             ) from None
 
-    def __call__(
-        self,
-        hidden_states: torch.Tensor,  # [B, N + M, 64]
-        img_ids: torch.Tensor,  # [N + M, 3]
-        encoder_hidden_states: torch.Tensor,  # [B, L, D_txt]
-        txt_ids: torch.Tensor,  # [L, 3]
-        pooled_projections: torch.Tensor,  # [B, D_pooled]
-        timestep: torch.Tensor,  # [B]
-        guidance: torch.Tensor,  # [B]
-    ) -> torch.Tensor:  # [B, N + M, 64]
-        sig = call_signature(hidden_states, encoder_hidden_states)
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # DENOISER_INPUTS -> [B, N + M, 64]
+        hidden_states = inputs["hidden_states"]  # [B, N + M, 64]
+        sig = call_signature(hidden_states, inputs["encoder_hidden_states"])
         if self._signatures is not None and sig not in self._signatures:
             raise ShapeNotServedError(
                 f"{self.name} was asked for (batch, image tokens, text tokens) = {sig}, "
                 f"which none of its shape keys has ({describe_keys(self.shape_keys or frozenset())})"
             )
-        values = named_inputs(
-            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
-        )
         dev_type = "cuda" if self.device.type == "cuda" else "cpu"
         dev_id = self.device.index or 0
         binding = self.session.io_binding()
         keep: list[torch.Tensor] = []  # inputs converted here stay alive until the run ends
-        for name, t in values.items():
+        for name, t in inputs.items():
             tdt, ndt = self._in_types[name]
             t = t.to(device=self.device, dtype=tdt).contiguous()
             keep.append(t)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..buckets import ShapeKey
-from . import Denoiser, named_inputs
+from . import Denoiser, DenoiserBase
 
 
 @dataclass
@@ -21,7 +21,7 @@ class DenoiserCall:
     output: torch.Tensor  # [B, N + M, 64] detached copy
 
 
-class RecordingDenoiser:
+class RecordingDenoiser(DenoiserBase):
     """Runs `inner` and keeps copies of the calls whose index is in `keep` (None: every call)."""
 
     def __init__(self, inner: Denoiser, keep: Container[int] | None = None) -> None:
@@ -36,19 +36,7 @@ class RecordingDenoiser:
         """Forget the recorded calls and count from 0 again (one edit's steps are indices 0..steps-1)."""
         self.keep, self.count, self.calls = keep, 0, []
 
-    def __call__(
-        self,
-        hidden_states: torch.Tensor,
-        img_ids: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        txt_ids: torch.Tensor,
-        pooled_projections: torch.Tensor,
-        timestep: torch.Tensor,
-        guidance: torch.Tensor,
-    ) -> torch.Tensor:
-        inputs = named_inputs(
-            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
-        )
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.inner(**inputs)
         if self.keep is None or self.count in self.keep:
             copies = {k: v.detach().clone() for k, v in inputs.items()}

@@ -30,10 +30,10 @@ from ..manifest import Artifact, MachineFacts, Manifest, check_manifest, rebuild
 from . import (
     DENOISER_INPUTS,
     DENOISER_OUTPUT,
+    DenoiserBase,
     Signature,
     call_signature,
     key_signature,
-    named_inputs,
 )
 from .inputs import dummy_inputs, input_shapes
 from .tensorrt_plans import (
@@ -142,7 +142,7 @@ class _Worker:
             del self.entries[k]
 
 
-class TrtDenoiser:
+class TrtDenoiser(DenoiserBase):
     """A Denoiser over TensorRT plans of one precision. Serves its artifacts' shape keys only.
 
     plans: (artifact, absolute path) pairs, already checked against the manifest (load_tensorrt) or
@@ -305,21 +305,9 @@ class TrtDenoiser:
 
     # ------------------------------------------------------------------ the call
 
-    def __call__(
-        self,
-        hidden_states: torch.Tensor,  # [B, N + M, 64]
-        img_ids: torch.Tensor,  # [N + M, 3]
-        encoder_hidden_states: torch.Tensor,  # [B, L, D_txt]
-        txt_ids: torch.Tensor,  # [L, 3]
-        pooled_projections: torch.Tensor,  # [B, D_pooled]
-        timestep: torch.Tensor,  # [B]
-        guidance: torch.Tensor,  # [B]
-    ) -> torch.Tensor:  # [B, N + M, 64]
-        sig = call_signature(hidden_states, encoder_hidden_states)
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # DENOISER_INPUTS -> [B, N + M, 64]
+        sig = call_signature(inputs["hidden_states"], inputs["encoder_hidden_states"])
         route = route_for(self._table, sig, self.shape_keys or frozenset())
-        inputs = named_inputs(
-            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
-        )
         with torch.cuda.device(self.device):
             plan = self._acquire_plan(route.artifact)
             try:

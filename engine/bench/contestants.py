@@ -19,15 +19,9 @@ import torch
 from PIL import Image
 
 from ..backends import Denoiser, named_inputs
-from ..backends.torch import (
-    TorchDenoiser,
-    compile_vae,
-    dtype_name,
-    fp8_linears,
-    parse_spec,
-    torch_denoiser,
-    weight_sharing_copy,
-)
+from ..backends.fp8 import fp8_linears
+from ..backends.torch import TorchDenoiser, compile_vae, dtype_name, torch_denoiser, weight_sharing_copy
+from ..backends.torch_options import parse_spec
 from ..errors import ConfigError
 from ..model.components import Components
 from ..pipeline import KontextPipeline
@@ -279,7 +273,7 @@ def torch_contestant(
     def make() -> Denoiser:
         amax = None
         if options.fp8_scales == "static":
-            from ..backends.fp8_static import calibrate_amax
+            from ..calibration import calibrate_amax
 
             amax = calibrate_amax(components, device=device, dtype=dtype)
         if run_dtype != dtype:  # .to() on a weight-sharing copy would convert the shared weights too

@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from ..backends import Denoiser, named_inputs
+from ..backends import Denoiser, DenoiserBase
 from ..buckets import ShapeKey
 from .timing import CallClock
 
 
-class TimedDenoiser:
+class TimedDenoiser(DenoiserBase):
     """A Denoiser that times every call of the one it wraps on `clock`."""
 
     def __init__(self, inner: Denoiser, clock: CallClock) -> None:
@@ -22,19 +22,7 @@ class TimedDenoiser:
         self.name: str = inner.name
         self.shape_keys: frozenset[ShapeKey] | None = inner.shape_keys
 
-    def __call__(
-        self,
-        hidden_states: torch.Tensor,
-        img_ids: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        txt_ids: torch.Tensor,
-        pooled_projections: torch.Tensor,
-        timestep: torch.Tensor,
-        guidance: torch.Tensor,
-    ) -> torch.Tensor:
-        inputs = named_inputs(
-            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
-        )
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         self.clock.tic()
         out = self.inner(**inputs)
         self.clock.toc()

@@ -1,10 +1,9 @@
-"""Calibration and verification inputs, captured from OUR sampling loop on real edit pairs.
+"""The build's calibration and verification inputs, captured from OUR sampling loop, and their files.
 
 A recording Denoiser wraps the fp32 torch transformer and keeps every call's inputs (and its
-output, the reference velocity). Calibration edits pair the bundled images with the bundled
-instructions (round-robin over the five edit categories) at the buckets their aspect ratios pick;
-verification edits cover every shape key a build serves (one edit per key, with references and a
-batch where the key has them). Seeded: two builds record the same bytes.
+output, the reference velocity). Calibration runs engine.calibration's set and loop (the edits static
+FP8 calibrates on too); verification edits cover every shape key a build serves (one edit per key, with
+references and a batch where the key has them). Seeded: two builds record the same bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import itertools
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from ..backends import DENOISER_INPUTS, DENOISER_OUTPUT
 from ..backends.recording import DenoiserCall, RecordingDenoiser
 from ..backends.torch import TorchDenoiser
 from ..buckets import ShapeKey, buckets, nearest_bucket, reference_bucket, reference_buckets, tokens
+from ..calibration import CalibrationSpec, calibration_edits, run_calibration, run_edit
 from ..errors import BuildError
 from ..files import atomic_write_bytes
 from ..images import load_image, resize_to
@@ -39,32 +39,6 @@ from ..request import EditRequest
 log = logging.getLogger(__name__)
 
 Sample = dict[str, np.ndarray]  # one transformer call: DENOISER_INPUTS (+ DENOISER_OUTPUT) -> array
-
-
-@dataclass(frozen=True)
-class CalibrationSpec:
-    """Which edits calibration runs and which steps it records. Part of the calibration hash."""
-
-    edits: int = 32  # (image, instruction) pairs; the instructions cover all five categories
-    steps: int = 4  # sampling steps per edit (the schedule of a `steps`-step edit)
-    guidance: float = 2.5
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.edits < 1 or self.steps < 1:
-            raise BuildError(f"calibration needs edits and steps >= 1, got {self}")
-
-    @property
-    def samples(self) -> int:
-        return self.edits * self.steps
-
-
-@dataclass(frozen=True)
-class CalibrationEdit:
-    image: Path
-    category: str
-    prompt: str
-    seed: int
 
 
 def _samples(calls: Sequence[DenoiserCall], with_output: bool) -> list[Sample]:
@@ -78,23 +52,6 @@ def _samples(calls: Sequence[DenoiserCall], with_output: bool) -> list[Sample]:
     return out
 
 
-def calibration_edits(spec: CalibrationSpec) -> list[CalibrationEdit]:
-    """spec.edits pairs: instructions interleaved across categories, images cycled, seeds spec.seed + i."""
-    images = calibration_image_paths()
-    by_category: dict[str, list[str]] = {}
-    for category, prompt in calibration_prompts():
-        by_category.setdefault(category, []).append(prompt)
-    if not images or not by_category:
-        raise BuildError("the calibration set is empty (engine/assets/calibration); reinstall kontext-engine")
-    order: list[tuple[str, str]] = []
-    for i in range(max(len(v) for v in by_category.values())):
-        order += [(c, v[i]) for c, v in by_category.items() if i < len(v)]
-    return [
-        CalibrationEdit(images[i % len(images)], *order[i % len(order)], spec.seed + i)
-        for i in range(spec.edits)
-    ]
-
-
 def calibration_hash(spec: CalibrationSpec, family: str) -> str:
     """sha256 of the calibration set: the image bytes, the instructions, the spec and the bucket family."""
     h = hashlib.sha256(json.dumps({"spec": asdict(spec), "family": family}, sort_keys=True).encode())
@@ -104,24 +61,18 @@ def calibration_hash(spec: CalibrationSpec, family: str) -> str:
     return h.hexdigest()
 
 
-def _run_edit(pipe: KontextPipeline, rec: RecordingDenoiser, request: EditRequest) -> ShapeKey:
-    p = pipe.prepare(request)
-    with torch.inference_mode():
-        p.denoise(rec)
-    return p.shape_key
-
-
 def capture_calibration(
-    components: Components, spec: CalibrationSpec, family: str, device: str = "cpu"
+    components: Components, spec: CalibrationSpec, family: str, device: str = "cpu", progress: bool = True
 ) -> list[Sample]:
     """Run the calibration edits through the sampling loop; return the recorded transformer inputs."""
     rec = RecordingDenoiser(TorchDenoiser(components.transformer, name="torch-fp32"))
-    pipe = KontextPipeline(components, rec, device=device, bucket_family=family)
     samples: list[Sample] = []
-    for e in tqdm(calibration_edits(spec), desc="calibrate", unit="edit", leave=False):
-        rec.reset()  # every step's inputs
-        _run_edit(pipe, rec, EditRequest(load_image(e.image), e.prompt, spec.steps, spec.guidance, e.seed))
-        samples += _samples(rec.calls, with_output=False)
+
+    def keep(_edit: object) -> None:
+        samples.extend(_samples(rec.calls, with_output=False))  # every step's inputs
+        rec.reset()
+
+    run_calibration(components, rec, spec, device=device, family=family, after_edit=keep, progress=progress)
     return samples
 
 
@@ -132,6 +83,7 @@ def capture_reference(
     device: str = "cpu",
     keys: Sequence[ShapeKey] | None = None,
     refs: Sequence[int] = (0,),
+    progress: bool = True,
 ) -> dict[ShapeKey, list[Sample]]:
     """Inputs and fp32 torch outputs at the first and last step of one edit per shape key.
 
@@ -146,7 +98,8 @@ def capture_reference(
     prompts = calibration_prompts()
     out: dict[ShapeKey, list[Sample]] = {}
     seen: set[int] = set()
-    for i, bucket in enumerate(tqdm(buckets(family), desc="reference", unit="bucket", leave=False)):
+    bar = {"leave": False, "disable": not progress}
+    for i, bucket in enumerate(tqdm(buckets(family), desc="reference", unit="bucket", **bar)):
         n = (bucket[0] // 16) * (bucket[1] // 16)
         if n in seen:
             continue
@@ -155,18 +108,18 @@ def capture_reference(
             raise BuildError(f"bucket {bucket} of {family} is not its own nearest bucket; check buckets.py")
         image = resize_to(load_image(images[i % len(images)]), bucket)
         rec.reset(keep={0, steps - 1})
-        _run_edit(pipe, rec, EditRequest(image, prompts[i % len(prompts)][1], steps, seed=i))
+        run_edit(pipe, EditRequest(image, prompts[i % len(prompts)][1], steps, seed=i))
         samples = _samples(rec.calls, with_output=True)
         key = ShapeKey(1, n, n, samples[0]["txt_ids"].shape[0])
         if keys is None or key in keys:
             out[key] = samples
     others = [k for k in sorted(keys or ()) if k not in out]
-    for j, key in enumerate(tqdm(others, desc="reference (batch, refs)", unit="key", leave=False)):
+    for j, key in enumerate(tqdm(others, desc="reference (batch, refs)", unit="key", **bar)):
         image, references = reference_edit(key, family, refs, j)
         rec.reset(keep={0, steps - 1})
         edit = EditRequest(image, prompts[j % len(prompts)][1], steps, seed=j, references=tuple(references),
                            num_images=key.batch)  # fmt: skip
-        got = _run_edit(pipe, rec, edit)
+        got = run_edit(pipe, edit)
         if got != key:
             raise BuildError(f"the reference edit for {key} ran at {got}; check reference_edit")
         out[key] = _samples(rec.calls, with_output=True)

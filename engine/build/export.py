@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..backends import DENOISER_INPUTS, DENOISER_OUTPUT, named_inputs
+from ..backends import DENOISER_INPUTS, DENOISER_OUTPUT, DenoiserBase
 from ..backends.inputs import dummy_inputs
 from ..backends.torch import velocity
 from ..buckets import ShapeKey
@@ -68,23 +68,15 @@ def float32_rope(transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
 class DenoiserExportWrapper(torch.nn.Module):
     """forward(<DENOISER_INPUTS>) -> velocity: the transformer as the Denoiser contract sees it."""
 
+    # The Denoiser's seven-argument call (DenoiserBase's), whose parameter names become the graph's
+    # input names; it packs them and calls run().
+    forward = DenoiserBase.__call__
+
     def __init__(self, transformer: torch.nn.Module) -> None:
         super().__init__()
         self.transformer = transformer
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,  # [B, N + M, 64]
-        img_ids: torch.Tensor,  # [N + M, 3]
-        encoder_hidden_states: torch.Tensor,  # [B, L, D_txt]
-        txt_ids: torch.Tensor,  # [L, 3]
-        pooled_projections: torch.Tensor,  # [B, D_pooled]
-        timestep: torch.Tensor,  # [B]
-        guidance: torch.Tensor,  # [B]
-    ) -> torch.Tensor:  # [B, N + M, 64]
-        inputs = named_inputs(
-            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
-        )
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # DENOISER_INPUTS -> [B, N + M, 64]
         return velocity(self.transformer, inputs)
 
 

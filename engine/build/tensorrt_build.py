@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..backends.fp8 import FP8_MIN_CAPABILITY
 from ..backends.tensorrt_plans import cuda_device, family_profiles, profile_shapes, require_tensorrt
-from ..backends.torch import FP8_MIN_CAPABILITY
 from ..buckets import ShapeKey
 from ..config import TransformerConfig
 from ..errors import BuildError

@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 from ..backends import named_inputs
-from ..backends.torch import TorchOptions, weight_sharing_copy
+from ..backends.torch import weight_sharing_copy
+from ..backends.torch_options import TorchOptions
 from ..errors import BackendUnavailableError, ConfigError
 from .rank import (
     DEFAULT_TIMEOUT_S,

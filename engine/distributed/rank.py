@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from ..backends import named_inputs
-from ..backends.torch import TorchDenoiser, TorchOptions, torch_denoiser
+from ..backends.torch import TorchDenoiser, torch_denoiser
+from ..backends.torch_options import TorchOptions
 from .sharding import Group, Layout, install_processors, shard_inputs
 
 HOST = "127.0.0.1"  # the store and the gloo pairs: ranks on this machine only

@@ -4,6 +4,7 @@ launches the kernel: compiled for CUDA tensors, in Triton's interpreter (TRITON_
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import torch
 import triton
 
 from ..errors import BackendUnavailableError, ConfigError
-from . import kernel
+from .kernel import TUNE_CONFIGS, attention_fwd
 from .quant_kernel import quantize_qkv_fused
 from .variants import FP8_MAX, AttentionVariant, resolve_variant
 
@@ -51,24 +52,46 @@ CUDA_DEFAULT_QUANT = LaunchConfig(128, 128, num_warps=8, num_stages=3)
 INTERPRETER_DEFAULT = LaunchConfig(64, 64, num_warps=4, num_stages=1)
 
 
-def _even_blocks(args: dict[str, Any]) -> dict[str, bool]:
-    return {"EVEN_M": args["S"] % args["BLOCK_M"] == 0, "EVEN_N": args["S"] % args["BLOCK_N"] == 0}
+def even_blocks(seq: int, block_m: int, block_n: int) -> dict[str, bool]:
+    """The kernel's EVEN_M / EVEN_N constants: S is a multiple of the tile, so no bounds checks compile in.
+
+    Computed here, in Python, and passed to the plain @triton.jit kernel: torch.compile's dynamo traces a
+    launch of a JITFunction (or an Autotuner over one) into its graph; torch 2.11's dynamo does not know a
+    `triton.heuristics` object and broke the graph in every attention call (GPU-AUDIT #8).
+    """
+    return {"EVEN_M": seq % block_m == 0, "EVEN_N": seq % block_n == 0}
 
 
-_heuristics = triton.heuristics(
-    {"EVEN_M": lambda a: _even_blocks(a)["EVEN_M"], "EVEN_N": lambda a: _even_blocks(a)["EVEN_N"]}
-)
-_compiled = _heuristics(kernel.attention_fwd)
-_autotuned = triton.autotune(kernel.TUNE_CONFIGS, key=["S", "HEAD_DIM", "QUANT", "K_BLOCK"])(
-    _heuristics(kernel.attention_fwd)
-)
+# Autotuning: one Autotuner per pattern of which tile sizes divide S, its configs carrying EVEN_M / EVEN_N.
+_TUNE_BLOCKS = tuple(sorted({c.kwargs[k] for c in TUNE_CONFIGS for k in ("BLOCK_M", "BLOCK_N")}))
+
+
+def _tune_configs(divides: dict[int, bool]) -> list[triton.Config]:
+    return [
+        triton.Config(
+            {**c.kwargs, "EVEN_M": divides[c.kwargs["BLOCK_M"]], "EVEN_N": divides[c.kwargs["BLOCK_N"]]},
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
+        for c in TUNE_CONFIGS
+    ]
+
+
+_AUTOTUNED = {
+    flags: triton.autotune(
+        _tune_configs(dict(zip(_TUNE_BLOCKS, flags, strict=True))), key=["S", "HEAD_DIM", "QUANT", "K_BLOCK"]
+    )(attention_fwd)
+    for flags in itertools.product((False, True), repeat=len(_TUNE_BLOCKS))
+}
+# Whether triton was imported under TRITON_INTERPRET=1 (a constant of the process: see interpreted()).
+_INTERPRETED = not isinstance(attention_fwd, triton.runtime.JITFunction)
 
 
 def interpreted() -> bool:
     """Whether the kernel was defined under Triton's interpreter (TRITON_INTERPRET=1 when triton was first
     imported). `@triton.jit` decides this once, at decoration time, for our kernel and for triton.language's
     own helpers (tl.sum, tl.zeros...), so a process runs either compiled kernels or interpreted ones."""
-    return not isinstance(kernel.attention_fwd, triton.runtime.JITFunction)
+    return _INTERPRETED
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionVariant) -> None:
@@ -143,12 +166,13 @@ def attention(
         P_MANTISSA=_P_GRID[q.dtype][0], P_EMIN=_P_GRID[q.dtype][1],
     )  # fmt: skip
 
-    def grid(meta: dict[str, Any]) -> tuple[int, int]:
-        return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
-
     if autotune and not on_cpu:
-        launch: Callable[..., Any] = _autotuned[grid]
-        launch(*args, **constants)
+        divides = tuple(seq % b == 0 for b in _TUNE_BLOCKS)
+
+        def grid(meta: dict[str, Any]) -> tuple[int, int]:
+            return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
+
+        _launch(q.device, _AUTOTUNED[divides][grid], args, constants)
         return out
     if config is None:
         config = INTERPRETER_DEFAULT if on_cpu else CUDA_DEFAULT_QUANT if spec.quantized else CUDA_DEFAULT
@@ -157,10 +181,21 @@ def attention(
         BLOCK_N=config.block_n,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **even_blocks(seq, config.block_m, config.block_n),
     )
-    if on_cpu:
-        _compiled[grid](*args, **constants)
-    else:
-        with torch.cuda.device(q.device):
-            _compiled[grid](*args, **constants)
+    fixed_grid = ((seq + config.block_m - 1) // config.block_m, batch * heads)
+    _launch(q.device, attention_fwd[fixed_grid], args, constants)
     return out
+
+
+def _launch(
+    device: torch.device, launch: Callable[..., Any], args: list[Any], constants: dict[str, Any]
+) -> None:
+    """Run one kernel launch on `device`. Eager CUDA launches go under that device (Triton launches on the
+    current one); under torch.compile the launch is a node of the graph, which inductor runs under the
+    graph's device, and dynamo would trace the device switch itself."""
+    if device.type == "cpu" or torch.compiler.is_compiling():
+        launch(*args, **constants)
+    else:
+        with torch.cuda.device(device):
+            launch(*args, **constants)
