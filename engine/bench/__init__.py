@@ -5,7 +5,8 @@ distribution, whose wheel ships only `engine`; benchmarks/ keeps measured result
 """
 
 from .report import ResultFiles, format_table, result_records, run_record, write_results
-from .runner import BenchConfig, BenchRun, default_buckets, run_bench
+from .run import BenchConfig, BenchRun
+from .runner import default_buckets, run_bench
 
 __all__ = [
     "BenchConfig",

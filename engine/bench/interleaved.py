@@ -12,22 +12,22 @@ from tqdm.auto import tqdm
 
 from .contestants import EditRunner
 from .isolation import fingerprint
-from .runner import (
+from .run import (
     BenchRun,
+    Case,
     Entry,
-    _Case,
-    _check_isolation,
-    _open,
-    _quality,
-    _reference,
-    _serves,
-    _timed_run,
+    case_reference,
+    check_isolation,
     failure,
+    measure,
+    open_contestant,
+    serves,
+    timed_run,
 )
 from .timing import PeakMemory, memory_in_use
 
 
-def run_interleaved(run: BenchRun, cases: list[_Case]) -> None:
+def run_interleaved(run: BenchRun, cases: list[Case]) -> None:
     config = run.config
     baseline_print = fingerprint(run.components.transformer)
     base = memory_in_use(run.device)  # the shared components: every contestant's weights count above it
@@ -44,7 +44,7 @@ def run_interleaved(run: BenchRun, cases: list[_Case]) -> None:
         if i == 0:
             for name, entry in entries.items():
                 entry.load_s = run.load_seconds.get(name)
-        live = [r for r in runners if _serves(r, case.key, entries[r.contestant.name])]
+        live = [r for r in runners if serves(r, case.key, entries[r.contestant.name])]
         bar.total -= (config.warmup + config.repeats) * (len(runners) - len(live))
         for rnd in range(config.warmup + config.repeats):
             warm = rnd < config.warmup
@@ -54,12 +54,12 @@ def run_interleaved(run: BenchRun, cases: list[_Case]) -> None:
                 if not entry.skipped:
                     phase = "warm-up" if warm else f"round {rnd - config.warmup + 1}"
                     bar.set_postfix_str(f"{case.bucket[0]}x{case.bucket[1]} {phase} {runner.contestant.name}")
-                    _timed_run(runner, case, run.config.prompt, entry, meter, keep=not warm)
+                    timed_run(runner, case, run.config.prompt, entry, meter, keep=not warm)
                 bar.update()
         bar.set_postfix_str(f"{case.bucket[0]}x{case.bucket[1]} quality vs the reference")
-        reference = _reference(run, case)
+        reference = case_reference(run, case)
         for runner in live:
-            _quality(entries[runner.contestant.name], runner, reference, run)
+            measure(entries[runner.contestant.name], runner, reference, run)
         run.entries.extend(entries.values())
     run.entries.extend(unopened)
     bar.close()
@@ -68,15 +68,15 @@ def run_interleaved(run: BenchRun, cases: list[_Case]) -> None:
             runner.close()
         except Exception as e:
             run.notes.append(f"{runner.contestant.name}: close failed: {failure(e)}")
-    _check_isolation(run, "all contestants", baseline_print)
+    check_isolation(run, "all contestants", baseline_print)
 
 
-def _open_all(run: BenchRun, cases: list[_Case]) -> tuple[list[EditRunner], list[Entry]]:
+def _open_all(run: BenchRun, cases: list[Case]) -> tuple[list[EditRunner], list[Entry]]:
     """Every contestant opened; those that could not be, as entries saying why."""
     runners, unopened = [], []
     for c in tqdm(run.contestants, desc="load contestants", leave=False, disable=not run.config.progress):
         probes = [Entry(c, case.bucket, case.key) for case in cases]
-        runner = _open(run, c, probes)
+        runner = open_contestant(run, c, probes)
         if runner is None:
             unopened.extend(probes)
         else:

@@ -22,7 +22,7 @@ from ..flops import ForwardFlops, gpu_peaks, linear_flops_by_name, mixed_peak_tf
 from .contestants import BASELINE, STAGES
 from .goals import evaluate_goals, format_goals, goals_apply
 from .machine import FP8_PRECISIONS, device_name, library_versions, peak_tflops, slug
-from .runner import BenchRun, Entry, median_total
+from .run import BenchRun, Entry, median_total
 from .timing import summarize
 
 log = logging.getLogger(__name__)
@@ -289,8 +289,10 @@ def format_table(run_rec: dict[str, Any], records: list[dict[str, Any]]) -> str:
     counted = [r for r in records if r.get("dynamo") and r["dynamo"]["graphs"]]
     for r in {r["contestant"]: r for r in counted}.values():
         d = r["dynamo"]
-        lines.append(f"dynamo {r['contestant']}: {d['graphs']} graphs, {d['graph_breaks']} graph breaks, "
-                     f"{d['recompiles']} recompiles")  # fmt: skip
+        lines.append(
+            f"dynamo {r['contestant']}: {d['graphs']} graphs, {d['graph_breaks']} graph breaks, "
+            f"{d['recompiles']} recompiles"
+        )
     lines += [f"note: {n}" for n in run_rec["notes"]]
     broken = {k: v for k, v in run_rec["isolation"].items() if v != "ok"}
     if run_rec["isolation"]:

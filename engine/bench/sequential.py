@@ -22,20 +22,20 @@ from tqdm.auto import tqdm
 from .contestants import Contestant, EditRunner
 from .isolation import fingerprint
 from .quality import Reference
-from .runner import (
+from .run import (
     BenchRun,
+    Case,
     Entry,
     Progress,
-    _Case,
-    _check_isolation,
-    _free,
-    _open,
-    _profile_step,
-    _quality,
-    _reference,
-    _serves,
-    _timed_run,
+    case_reference,
+    check_isolation,
     failure,
+    free_memory,
+    measure,
+    open_contestant,
+    profile_step,
+    serves,
+    timed_run,
 )
 from .timing import PeakMemory, memory_in_use, process_age_s
 
@@ -50,10 +50,10 @@ def time_left(deadline_s: float | None) -> float | None:
     return None if deadline_s is None else deadline_s - process_age_s()
 
 
-def run_sequential(run: BenchRun, cases: list[_Case], on_progress: Progress | None) -> None:
+def run_sequential(run: BenchRun, cases: list[Case], on_progress: Progress | None) -> None:
     """One contestant at a time: open, warm up and time every bucket, replay, close, free."""
     config = run.config
-    references = {case.bucket: _reference(run, case) for case in cases}
+    references = {case.bucket: case_reference(run, case) for case in cases}
     baseline_print = fingerprint(run.components.transformer)
     meter = PeakMemory(run.device)
     shared = memory_in_use(run.device)  # components + references: no contestant's own
@@ -81,11 +81,15 @@ def run_sequential(run: BenchRun, cases: list[_Case], on_progress: Progress | No
                     entry.skipped = why
             run.notes.append(f"{contestant.name} {why}")
             log.warning("%s %s", contestant.name, why, exc_info=True)
-        _check_isolation(run, contestant.name, baseline_print)
+        check_isolation(run, contestant.name, baseline_print)
         held = memory_in_use(run.device) - shared
         if held > HELD_WARN_BYTES:
-            log.warning("%s freed, but %.1f GiB above the shared components is still held: the next "
-                        "contestant's peak includes it", contestant.name, held / 2**30)  # fmt: skip
+            log.warning(
+                "%s freed, but %.1f GiB above the shared components is still held: the next "
+                "contestant's peak includes it",
+                contestant.name,
+                held / 2**30,
+            )
         last_cost = time.monotonic() - t0
         if on_progress is not None:
             on_progress(run)
@@ -94,7 +98,7 @@ def run_sequential(run: BenchRun, cases: list[_Case], on_progress: Progress | No
 def _one_contestant(
     run: BenchRun,
     contestant: Contestant,
-    cases: list[_Case],
+    cases: list[Case],
     entries: list[Entry],
     references: dict[tuple[int, int], Reference],
     meter: PeakMemory,
@@ -104,20 +108,20 @@ def _one_contestant(
     base = memory_in_use(run.device)
     for entry in entries:
         entry.memory_base = base
-    runner = _open(run, contestant, entries)
+    runner = open_contestant(run, contestant, entries)
     if runner is None:
         return
     try:
         for case, entry in zip(cases, entries, strict=True):
-            if not _serves(runner, case.key, entry):
+            if not serves(runner, case.key, entry):
                 continue
             _time_bucket(run, runner, case, entry, meter)
             if entry.skipped:
                 continue
-            _quality(entry, runner, references[case.bucket], run, QUALITY_STEPS)
+            measure(entry, runner, references[case.bucket], run, QUALITY_STEPS)
             if contestant.name in config.profile:
                 try:
-                    entry.profile = _profile_step(runner, references[case.bucket])
+                    entry.profile = profile_step(runner, references[case.bucket])
                 except Exception as e:
                     run.notes.append(f"{contestant.name}: profile failed: {failure(e)}")
     finally:
@@ -129,18 +133,18 @@ def _one_contestant(
         except Exception as e:
             run.notes.append(f"{contestant.name}: close failed: {failure(e)}")
         del runner
-        _free(run.device)
+        free_memory(run.device)
 
 
-def _time_bucket(run: BenchRun, runner: EditRunner, case: _Case, entry: Entry, meter: PeakMemory) -> None:
+def _time_bucket(run: BenchRun, runner: EditRunner, case: Case, entry: Entry, meter: PeakMemory) -> None:
     """Warm-up (none for the baseline, see the module doc), then up to `repeats` timed rounds."""
     config = run.config
     warmup = 0 if runner.contestant.is_baseline else config.warmup
     for _ in range(warmup):
-        if _timed_run(runner, case, config.prompt, entry, meter, keep=False) is None:
+        if timed_run(runner, case, config.prompt, entry, meter, keep=False) is None:
             return
     for rnd in range(config.repeats):
-        seconds = _timed_run(runner, case, config.prompt, entry, meter, keep=True)
+        seconds = timed_run(runner, case, config.prompt, entry, meter, keep=True)
         if seconds is None:
             return
         left = time_left(config.deadline_s)
