@@ -43,8 +43,10 @@ def main() -> None:
                 err = (batch.latents[i] - single.latents[0]).abs().max().item()
                 px = np.abs(np.asarray(batch.images[i], np.int16) - np.asarray(single.image, np.int16)).max()
                 scale = single.latents.abs().max().item()
-                print(f"{args.model} seed {5 + i}: max abs latent diff {err:.2g} "
-                      f"(latents up to {scale:.2g}), max pixel diff {px}")  # fmt: skip
+                print(
+                    f"{args.model} seed {5 + i}: max abs latent diff {err:.2g} "
+                    f"(latents up to {scale:.2g}), max pixel diff {px}"
+                )
             return
         print(f"{args.model}, {args.steps} steps, {platform.processor() or platform.machine()}")
         print("batch | median s per edit | images/s | x batch 1")

@@ -108,10 +108,26 @@ def run_child(args: argparse.Namespace, phase: str, timeout: float) -> dict[str,
         env["TRITON_CACHE_DIR"] = str(Path(scratch) / "triton")
         result_path = Path(scratch) / "result.json"
         cmd = [
-            sys.executable, "-m", "benchmarks.cold_start", "--child", phase, "--out", str(result_path),
-            "--model", args.model, "--device", args.device, "--torch-mode", args.torch_mode,
-            "--levers", args.levers, "--cache-dir", str(args.cache_dir), "--steps", str(args.steps),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "benchmarks.cold_start",
+            "--child",
+            phase,
+            "--out",
+            str(result_path),
+            "--model",
+            args.model,
+            "--device",
+            args.device,
+            "--torch-mode",
+            args.torch_mode,
+            "--levers",
+            args.levers,
+            "--cache-dir",
+            str(args.cache_dir),
+            "--steps",
+            str(args.steps),
+        ]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(

@@ -62,8 +62,12 @@ def slot(budget_s: int, elapsed_s: int, phases: list[Phase], name: str) -> Slot:
             kept.append(p.name)
     room = left - reserved
     if room < me.min_s:
-        return Slot(name, 0, f"{max(left, 0)} s left, {reserved} s reserved for later phases: "
-                    f"under its minimum of {me.min_s} s")  # fmt: skip
+        return Slot(
+            name,
+            0,
+            f"{max(left, 0)} s left, {reserved} s reserved for later phases: "
+            f"under its minimum of {me.min_s} s",
+        )
     seconds = min(room, me.cap_s) if me.cap_s else room
     kept_text = f" (reserved {reserved} s for {', '.join(kept)})" if kept else ""
     return Slot(name, seconds, f"{seconds} s of {left} s left{kept_text}")

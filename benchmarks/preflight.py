@@ -59,8 +59,10 @@ def main() -> int:
     t0 = time.perf_counter()
     failed = check()
     if failed:
-        print("preflight: these imports fail; add the missing package to GPU_WHEELS (make gpu-wheels):",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "preflight: these imports fail; add the missing package to GPU_WHEELS (make gpu-wheels):",
+            file=sys.stderr,
+        )
         for line in failed:
             print(f"  {line}", file=sys.stderr)
         return 2

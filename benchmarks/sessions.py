@@ -19,8 +19,16 @@ from engine import assets
 from engine.images import load_image
 from engine.metrics import rel_l2
 
-PROMPTS = ("add a red hat", "make it night", "add snow", "paint it in watercolor",
-           "turn the sky purple", "add a small dog", "make it autumn", "add a lighthouse")  # fmt: skip
+PROMPTS = (
+    "add a red hat",
+    "make it night",
+    "add snow",
+    "paint it in watercolor",
+    "turn the sky purple",
+    "add a small dog",
+    "make it autumn",
+    "add a lighthouse",
+)
 
 
 def main() -> None:
@@ -39,8 +47,10 @@ def main() -> None:
             runs[reencode] = [
                 session.edit(PROMPTS[k % len(PROMPTS)], seed=k, steps=args.steps) for k in range(args.turns)
             ]
-    print(f"{args.model}, {args.steps} steps, {platform.processor() or platform.machine()}, "
-          f"bucket {runs[True][0].size[0]}x{runs[True][0].size[1]}")  # fmt: skip
+    print(
+        f"{args.model}, {args.steps} steps, {platform.processor() or platform.machine()}, "
+        f"bucket {runs[True][0].size[0]}x{runs[True][0].size[1]}"
+    )
     print("turn | vae_encode s reencode | vae_encode s latents | rel L2 latents (latents vs reencode)")
     for k, (a, b) in enumerate(zip(runs[True], runs[False], strict=True), start=1):
         dist = rel_l2(b.latents.float().numpy(), a.latents.float().numpy())
@@ -50,9 +60,11 @@ def main() -> None:
     saved = sum(a.timings["vae_encode"] - b.timings["vae_encode"] for a, b in later)
     per_turn = statistics.median(a.timings["vae_encode"] for a, _ in later) if later else 0.0
     total = sum(r.timings["total"] for r in runs[True])
-    print(f"VAE encode time saved on turns 2..{args.turns}: {saved:.3f} s "
-          f"(median {per_turn:.3f} s per turn), {100 * saved / total:.1f}% of the re-encoding "
-          f"session's {total:.2f} s")  # fmt: skip
+    print(
+        f"VAE encode time saved on turns 2..{args.turns}: {saved:.3f} s "
+        f"(median {per_turn:.3f} s per turn), {100 * saved / total:.1f}% of the re-encoding "
+        f"session's {total:.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -120,9 +120,13 @@ def calibrate_amax(
     amax, handles = collect_amax(module)
     try:
         run_calibration(
-            components, TorchDenoiser(module), CalibrationSpec(edits=edits, steps=steps),
-            device=device, dtype=dtype, progress=progress,
-        )  # fmt: skip
+            components,
+            TorchDenoiser(module),
+            CalibrationSpec(edits=edits, steps=steps),
+            device=device,
+            dtype=dtype,
+            progress=progress,
+        )
     finally:
         for h in handles:
             h.remove()

@@ -76,14 +76,20 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     e.add_argument("--ref", action="append", default=[], metavar="IMG", help="a reference image (up to 3)")
     e.add_argument(
-        "--then", action="append", default=[], metavar="PROMPT",
+        "--then",
+        action="append",
+        default=[],
+        metavar="PROMPT",
         help="edit the previous output again (repeatable): writes OUT-1.png, OUT-2.png, ...",
-    )  # fmt: skip
+    )
     e.add_argument("--num-images", type=int, default=1, help="images per edit, seeds SEED, SEED+1, ...")
     e.add_argument(
-        "--lora", action="append", default=[], metavar="PATH[:SCALE]",
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
         help="a LoRA (.safetensors, diffusers or kohya format) fused at load, at SCALE (default 1)",
-    )  # fmt: skip
+    )
     e.add_argument(
         "--torch-mode", default="eager", help="torch backend: eager | compile | fp8 (FP8 needs cc >= 8.9)"
     )
@@ -159,17 +165,26 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--fp8-attention", action="store_true", help="fp8: quantize attention too (Hopper)")
     k.add_argument("--device", default=None, help="calibration's device (default: cuda, bf16; else cpu)")
     k.add_argument(
-        "--refs", type=_int_list, default=(0,), metavar="N[,N]",
+        "--refs",
+        type=_int_list,
+        default=(0,),
+        metavar="N[,N]",
         help="reference-image counts to serve, e.g. 0,1 (default 0: the input image alone)",
-    )  # fmt: skip
+    )
     k.add_argument(
-        "--batch", type=_int_list, default=(1,), metavar="B[,B]",
+        "--batch",
+        type=_int_list,
+        default=(1,),
+        metavar="B[,B]",
         help="batch sizes to serve (images per denoiser call), e.g. 1,2,4 (default 1)",
-    )  # fmt: skip
+    )
     k.add_argument(
-        "--lora", action="append", default=[], metavar="PATH[:SCALE]",
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
         help="fuse a LoRA (safetensors) into the weights before export; repeatable; load with the same",
-    )  # fmt: skip
+    )
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     i = sub.add_parser("info", help="what this machine can run: torch, CUDA, TensorRT, ONNX Runtime, presets")
@@ -347,12 +362,18 @@ def _edit(args: argparse.Namespace) -> int:
     check_options(args.torch_mode, torch_options)
     policy, signer = _safety(args)
     source = args.engine if args.engine is not None else args.model
-    options = LoadOptions(backend=args.backend, precision=args.precision, device=_device(args.device),
-                          miss_policy=args.miss_policy, threads=args.threads,
-                          torch_mode=args.torch_mode)  # fmt: skip
+    options = LoadOptions(
+        backend=args.backend,
+        precision=args.precision,
+        device=_device(args.device),
+        miss_policy=args.miss_policy,
+        threads=args.threads,
+        torch_mode=args.torch_mode,
+    )
     progress = not args.no_progress
-    with load(source, options=options, safety=policy, signer=signer, torch_options=torch_options,
-              loras=loras) as kontext:  # fmt: skip
+    with load(
+        source, options=options, safety=policy, signer=signer, torch_options=torch_options, loras=loras
+    ) as kontext:
         extra = {  # recorded in every output's metadata
             "references": ",".join(Path(r).name for r in args.ref) or None,
             "loras": ",".join(f"{spec.path.name}:{spec.scale:g}" for spec in loras) or None,
@@ -377,9 +398,16 @@ def _edit_request(args: argparse.Namespace, image: Path) -> EditRequest:
     """The EditRequest of `kontext edit`'s flags: steps None stays None (the engine's default_steps)."""
     from .request import EditRequest
 
-    return EditRequest.of(image, args.prompt, references=[Path(r) for r in args.ref], steps=args.steps,
-                          guidance=args.guidance, seed=args.seed, size=args.size,
-                          num_images=args.num_images)  # fmt: skip
+    return EditRequest.of(
+        image,
+        args.prompt,
+        references=[Path(r) for r in args.ref],
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        size=args.size,
+        num_images=args.num_images,
+    )
 
 
 def _numbered(output: Path, n: int) -> Path:
@@ -397,15 +425,23 @@ def _save(
     extra: dict[str, str | None],
 ) -> None:
     """Write image `index` of `result` through the engine (metadata, C2PA, review hold), and say where."""
-    saved = kontext.outputs.save(result, path, index=index, source=source,
-                                 include_prompt=not args.no_prompt_metadata, review_dir=args.review_dir,
-                                 extra=extra)  # fmt: skip
+    saved = kontext.outputs.save(
+        result,
+        path,
+        index=index,
+        source=source,
+        include_prompt=not args.no_prompt_metadata,
+        review_dir=args.review_dir,
+        extra=extra,
+    )
     what = f"{result.size[0]}x{result.size[1]}, {len(result.step_times)} steps, " + (
         f"{result.timings['total']:.2f}s, {result.backend}" + (", C2PA-signed" if saved.signed else "")
     )
     if saved.held:
-        print(f"held for review: {saved.path} ({what}); a person must approve it before it is shared: "
-              f"move it to {path}")  # fmt: skip
+        print(
+            f"held for review: {saved.path} ({what}); a person must approve it before it is shared: "
+            f"move it to {path}"
+        )
     else:
         print(f"wrote {saved.path} ({what})")
 
@@ -417,8 +453,12 @@ def _safety(args: argparse.Namespace) -> tuple[SafetyPolicy | None, ProvenanceSi
 
     policy = None
     if args.safety is not None:
-        policy = build_policy(args.safety, models_dir=args.safety_models, blocklist=args.blocklist,
-                              device=_device(args.safety_device))  # fmt: skip
+        policy = build_policy(
+            args.safety,
+            models_dir=args.safety_models,
+            blocklist=args.blocklist,
+            device=_device(args.safety_device),
+        )
     elif args.blocklist is not None or args.safety_models is not None:
         raise ConfigError(
             "--blocklist and --safety-models take effect with --safety (e.g. --safety nsfw,blocklist)"
@@ -463,8 +503,15 @@ def _build(args: argparse.Namespace) -> int:
         batches=args.batch,
         loras=tuple(LoraSpec.parse(text) for text in args.lora),
     )
-    m = build(args.model, out_dir=args.out, precisions=precisions, family=args.family, backend=args.backend,
-              force=args.force, options=options)  # fmt: skip
+    m = build(
+        args.model,
+        out_dir=args.out,
+        precisions=precisions,
+        family=args.family,
+        backend=args.backend,
+        force=args.force,
+        options=options,
+    )
     for a in m.artifacts:
         worst = max((v.rel_l2 for v in a.verification.values()), default=0.0)
         mode = f", {a.profile_mode} profiles" if a.backend == "tensorrt" else ""
@@ -555,11 +602,17 @@ def _serve(args: argparse.Namespace) -> int:
         gpus = (
             args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
         )
-        options = RayOptions(replicas=args.replicas, max_replicas=args.max_replicas, gpus_per_replica=gpus,
-                             address=args.address)  # fmt: skip
+        options = RayOptions(
+            replicas=args.replicas,
+            max_replicas=args.max_replicas,
+            gpus_per_replica=gpus,
+            address=args.address,
+        )
         if policy is not None and policy.names not in ((), ("off",), ("review",)):
-            raise ConfigError("kontext serve --ray takes --safety off or review; filters with models run in "
-                              "the local server (kontext serve without --ray) for now")  # fmt: skip
+            raise ConfigError(
+                "kontext serve --ray takes --safety off or review; filters with models run in "
+                "the local server (kontext serve without --ray) for now"
+            )
         if signer is not None:
             raise ConfigError("kontext serve --ray does not sign outputs yet; drop --c2pa-cert/--c2pa-key")
         safety = policy.names[0] if policy is not None and policy.names else None

@@ -100,8 +100,10 @@ def describe(build_dir: Path) -> str:
         f"  serves {refs} reference image(s), batch {batches} (kontext build --refs {refs} --batch {batches})"
     )
     for x in m.loras:
-        lines.append(f"  LoRA {x['path']} at scale {x['scale']:g} (sha256 {x['sha256'][:12]}...): load with "
-                     f"--lora {lora_arg(x)}")  # fmt: skip
+        lines.append(
+            f"  LoRA {x['path']} at scale {x['scale']:g} (sha256 {x['sha256'][:12]}...): load with "
+            f"--lora {lora_arg(x)}"
+        )
     for a in m.artifacts:
         worst = max((v.rel_l2 for v in a.verification.values()), default=float("nan"))
         mode = f" ({a.profile_mode} profiles)" if a.backend == "tensorrt" else ""

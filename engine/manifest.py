@@ -267,11 +267,15 @@ def check_manifest(manifest: Manifest, build_dir: Path, artifact: Artifact, mach
         raise ManifestError(f"{build_dir} holds an unfinished or failed build; finish it with `{fix}`")
     if manifest.weights_id != machine.weights_id:
         if manifest.loras:
-            named = ", ".join(f"{Path(x['path']).name} at scale {x['scale']:g} (sha256 {x['sha256'][:12]}...)"
-                              for x in manifest.loras)  # fmt: skip
+            named = ", ".join(
+                f"{Path(x['path']).name} at scale {x['scale']:g} (sha256 {x['sha256'][:12]}...)"
+                for x in manifest.loras
+            )
             args = " ".join(f"--lora {lora_arg(x)}" for x in manifest.loras)
-            loras = (f"; it was built with the LoRA(s) {named}: load it with those LoRAs, in that order "
-                     f"(`{args}`, or engine.load(..., loras=[...]))")  # fmt: skip
+            loras = (
+                f"; it was built with the LoRA(s) {named}: load it with those LoRAs, in that order "
+                f"(`{args}`, or engine.load(..., loras=[...]))"
+            )
         else:
             loras = "; it was built without LoRAs (drop loras=/--lora if you passed any)"
         raise ManifestError(

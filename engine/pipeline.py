@@ -102,9 +102,18 @@ class PreparedEdit:
     ) -> torch.Tensor:
         """Run the sampling loop over this edit with `denoiser` -> final latents [B, N, 64]."""
         return sampling.denoise(
-            denoiser, self.img, self.img_ids, self.ctx, self.ctx_ids, self.txt, self.txt_ids, self.vec,
-            self.schedule, self.guidance, callback,
-        )  # fmt: skip
+            denoiser,
+            self.img,
+            self.img_ids,
+            self.ctx,
+            self.ctx_ids,
+            self.txt,
+            self.txt_ids,
+            self.vec,
+            self.schedule,
+            self.guidance,
+            callback,
+        )
 
 
 class KontextPipeline:
@@ -297,8 +306,13 @@ class KontextPipeline:
         timings["total"] = time.perf_counter() - t_start
         log.info(
             "edit %dx%d, %d image(s), %d reference(s), %d steps, %.2fs (%s)",
-            *p.size, len(images), len(p.references), p.schedule.steps, timings["total"], self.denoiser.name,
-        )  # fmt: skip
+            *p.size,
+            len(images),
+            len(p.references),
+            p.schedule.steps,
+            timings["total"],
+            self.denoiser.name,
+        )
         return EditResult(
             images[0],
             latents,

@@ -192,8 +192,14 @@ class KontextEngine:
         worker = self._pool.get()
         try:
             waited = time.perf_counter() - t0
-            pipe = KontextPipeline(worker, denoiser, device=self.device, dtype=self.dtype,
-                                   bucket_family=self.family, prompt_cache=self.prompt_cache)  # fmt: skip
+            pipe = KontextPipeline(
+                worker,
+                denoiser,
+                device=self.device,
+                dtype=self.dtype,
+                bucket_family=self.family,
+                prompt_cache=self.prompt_cache,
+            )
             if batched:
                 result = pipe.edit(request, progress=progress)
             else:
@@ -250,9 +256,8 @@ class KontextEngine:
             return
         self._closed = True
         for d in (self.dispatcher.primary, self.dispatcher.fallback):
-            close = getattr(d, "close", None)
-            if close is not None:
-                close()
+            if d is not None:
+                d.close()
 
     def __enter__(self) -> KontextEngine:
         return self
@@ -368,9 +373,16 @@ def load(
     beside `options`. loras: LoRA files (LoraSpec, or "PATH[:SCALE]"), fused into the transformer at
     load; they change weights_id.
     """
-    keywords = LoadOptions(backend=backend, precision=precision, device=device, miss_policy=miss_policy,
-                           workers=workers, threads=threads, torch_mode=torch_mode,
-                           plan_memory_budget=plan_memory_budget)  # fmt: skip
+    keywords = LoadOptions(
+        backend=backend,
+        precision=precision,
+        device=device,
+        miss_policy=miss_policy,
+        workers=workers,
+        threads=threads,
+        torch_mode=torch_mode,
+        plan_memory_budget=plan_memory_budget,
+    )
     if options is not None and keywords != LoadOptions():
         raise ConfigError("pass the load options either as options=LoadOptions(...) or as keywords, not both")
     r = resolve(source, options or keywords)

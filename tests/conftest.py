@@ -86,6 +86,13 @@ def built_tiny(tiny_build: Path, tiny: Components, tmp_path_factory: pytest.Temp
     out = tmp_path_factory.mktemp("built") / "tiny"
     shutil.copytree(tiny_build, out)
     options = BuildOptions(calibration=CalibrationSpec(**BUILD_TEST_CALIBRATION), progress=False)
-    build("tiny", out_dir=out, precisions=("fp32", "int8", "fp8"), family="tiny", backend="onnxruntime",
-          options=options, components=tiny)  # fmt: skip
+    build(
+        "tiny",
+        out_dir=out,
+        precisions=("fp32", "int8", "fp8"),
+        family="tiny",
+        backend="onnxruntime",
+        options=options,
+        components=tiny,
+    )
     return out

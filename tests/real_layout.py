@@ -122,43 +122,65 @@ def write_download(root: Path) -> Path:
         m.eval().requires_grad_(False)
         for p in m.parameters():  # visible weights: a zero-initialised tensor would match anything
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
-    _json(root / "model_index.json", {
-        "_class_name": "FluxKontextPipeline", "_diffusers_version": "0.35.0.dev0",
-        "feature_extractor": [None, None], "image_encoder": [None, None],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-    })  # fmt: skip
-    _json(root / "scheduler/scheduler_config.json",
-          {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.34.0.dev0",
-           **SCHEDULER_CONFIG})  # fmt: skip
+    _json(
+        root / "model_index.json",
+        {
+            "_class_name": "FluxKontextPipeline",
+            "_diffusers_version": "0.35.0.dev0",
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "T5TokenizerFast"],
+            "transformer": ["diffusers", "FluxTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        },
+    )
+    _json(
+        root / "scheduler/scheduler_config.json",
+        {
+            "_class_name": "FlowMatchEulerDiscreteScheduler",
+            "_diffusers_version": "0.34.0.dev0",
+            **SCHEDULER_CONFIG,
+        },
+    )
     # CLIP-L's config keeps bos 0 / eos 2 / pad 1 (the legacy pooling at the highest id)
     clip_cfg = clip.config.to_dict() | {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
     clip_cfg |= {"architectures": ["CLIPTextModel"], "dtype": "bfloat16", "transformers_version": "4.43.3"}
     clip.config.bos_token_id, clip.config.eos_token_id, clip.config.pad_token_id = 0, 2, 1
     _json(root / "text_encoder/config.json", clip_cfg)
     _safetensors(root / "text_encoder/model.safetensors", _bf16(clip.state_dict()))
-    _json(root / "text_encoder_2/config.json",
-          t5.config.to_dict() | {"architectures": ["T5EncoderModel"], "dtype": "bfloat16"})  # fmt: skip
+    _json(
+        root / "text_encoder_2/config.json",
+        t5.config.to_dict() | {"architectures": ["T5EncoderModel"], "dtype": "bfloat16"},
+    )
     t5_state = {k: v for k, v in _bf16(t5.state_dict()).items() if k != "encoder.embed_tokens.weight"}
     _shards(root / "text_encoder_2", "model", t5_state, 2)
-    _json(root / "transformer/config.json", {
-        "_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.34.0.dev0",
-        **TRANSFORMER.to_diffusers(), "out_channels": None,
-    })  # fmt: skip
+    _json(
+        root / "transformer/config.json",
+        {
+            "_class_name": "FluxTransformer2DModel",
+            "_diffusers_version": "0.34.0.dev0",
+            **TRANSFORMER.to_diffusers(),
+            "out_channels": None,
+        },
+    )
     transformer_state = _bf16(transformer.state_dict())
     _shards(root / "transformer", "diffusion_pytorch_model", transformer_state, 3)
     vae.save_config(root / "vae")
     _safetensors(root / "vae/diffusion_pytorch_model.safetensors", _bf16(vae.state_dict()))
     _safetensors(root / BFL_FILE, to_bfl(transformer_state))
     vae_fp32 = {k: v.float() for k, v in vae.state_dict().items()}  # BFL's ae: fp32, LDM names (unread)
-    _safetensors(root / "ae.safetensors", {
-        "encoder.conv_in.weight": vae_fp32["encoder.conv_in.weight"],
-        "decoder.conv_out.weight": vae_fp32["decoder.conv_out.weight"],
-        "encoder.mid.attn_1.q.weight": vae_fp32["encoder.mid_block.attentions.0.to_q.weight"][..., None],
-    })  # fmt: skip
+    _safetensors(
+        root / "ae.safetensors",
+        {
+            "encoder.conv_in.weight": vae_fp32["encoder.conv_in.weight"],
+            "decoder.conv_out.weight": vae_fp32["decoder.conv_out.weight"],
+            "encoder.mid.attn_1.q.weight": vae_fp32["encoder.mid_block.attentions.0.to_q.weight"][..., None],
+        },
+    )
     _write(root / "tokenizer_2/spiece.model", spiece)
     (root / ".cache/huggingface/download").mkdir(parents=True)
     _write(root / ".cache/huggingface/.gitignore", b"*\n")
@@ -178,17 +200,32 @@ def _tokenizers(root: Path) -> tuple[object, object, bytes]:
     clip_dir = root / "tokenizer"
     _json(clip_dir / "vocab.json", clip_mem.get_vocab())
     _write(clip_dir / "merges.txt", b"#version: 0.2\n")
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>"}  # fmt: skip
+    specials = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }
     _json(clip_dir / "special_tokens_map.json", specials)
     clip_config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True}
     _json(clip_dir / "tokenizer_config.json", {**clip_config, "errors": "replace", **specials})
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS * 4), model_writer=model, vocab_size=120, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(_CORPUS * 4),
+        model_writer=model,
+        vocab_size=120,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     t5_dir = root / "tokenizer_2"
     _write(t5_dir / "spiece.model", model.getvalue())
     t5_specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}

@@ -200,8 +200,10 @@ def test_torch_modes_on_gpu(mode):
     if mode == "fp8" and not fp8_supported(cap):
         pytest.skip(f"FP8 needs compute capability >= 8.9, this GPU has {cap}")
     d = torch_denoiser(comps.transformer, mode=mode, device="cuda")
-    x = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() and k != "guidance" else v.dtype)
-         for k, v in _inputs(128).items()}  # fmt: skip
+    x = {
+        k: v.to("cuda", torch.bfloat16 if v.is_floating_point() and k != "guidance" else v.dtype)
+        for k, v in _inputs(128).items()
+    }
     out = d(**x).float().cpu()
     assert rel(out, ref) < (0.15 if mode == "fp8" else 0.05)
 

@@ -82,8 +82,22 @@ def test_cli_num_images_and_references(tmp_path):
     ref = tmp_path / "ref.png"
     save_png(gradient_image(96, 160, seed=8), ref, {})
     out = tmp_path / "out.png"
-    code = main(["edit", "--num-images", "2", "--seed", "4", "--ref", str(ref), "--steps", "1",
-                 "--no-progress", "-o", str(out)])  # fmt: skip
+    code = main(
+        [
+            "edit",
+            "--num-images",
+            "2",
+            "--seed",
+            "4",
+            "--ref",
+            str(ref),
+            "--steps",
+            "1",
+            "--no-progress",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0 and not out.exists()
     metas = [read_png_metadata(tmp_path / f"out-{k}.png") for k in (1, 2)]
     assert [m["seed"] for m in metas] == ["4", "5"] and metas[0]["references"] == "ref.png"

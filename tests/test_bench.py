@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.backends import DenoiserBase
 from engine.backends.torch import TorchDenoiser
 from engine.bench import BenchConfig, default_buckets, run_bench, write_results
 from engine.bench.contestants import BASELINE, Contestant, torch_contestant
@@ -24,7 +25,7 @@ BUCKET = (128, 128)
 SCALE = 1.01  # the scaled contestant's output is the reference's times SCALE: rel L2 = 0.01 exactly
 
 
-class ScaledDenoiser:
+class ScaledDenoiser(DenoiserBase):
     """A known-wrong contestant: the torch transformer's output times SCALE."""
 
     def __init__(self, inner: TorchDenoiser, shape_keys=None) -> None:
@@ -32,7 +33,7 @@ class ScaledDenoiser:
         self.name = "scaled"
         self.shape_keys = shape_keys
 
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.inner(**inputs) * SCALE
 
 
@@ -172,9 +173,25 @@ def test_bad_settings_are_typed_errors():
 
 
 def test_cli_bench_prints_the_table(tmp_path, capsys):
-    argv = ["bench", "--steps", "1", "--repeats", "1", "--warmup", "0", "--buckets", "192x80",
-            "--contestants", "diffusers,torch-eager", "--build-dir", str(tmp_path / "none"),
-            "--out", str(tmp_path), "--no-progress", "--no-chart"]  # fmt: skip
+    argv = [
+        "bench",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--buckets",
+        "192x80",
+        "--contestants",
+        "diffusers,torch-eager",
+        "--build-dir",
+        str(tmp_path / "none"),
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--no-chart",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "torch-eager-fp32" in out and "192x80" in out and "wrote" in out
@@ -206,9 +223,15 @@ def test_gpu_peaks_by_name(name, precision, peak):
 def test_engine_contestants_come_from_the_manifest(tiny, tiny_build, tmp_path):
     """Every artifact of a build is a contestant, loaded through the runtime's loader, timed and checked."""
     config = BenchConfig(
-        model="tiny", steps=1, repeats=1, warmup=0, buckets=((80, 192),), build_dir=tiny_build,
-        contestants=("diffusers", "engines"), progress=False,
-    )  # fmt: skip
+        model="tiny",
+        steps=1,
+        repeats=1,
+        warmup=0,
+        buckets=((80, 192),),
+        build_dir=tiny_build,
+        contestants=("diffusers", "engines"),
+        progress=False,
+    )
     run = run_bench(config, tiny)
     _, files = write_results(run, tmp_path, chart=False)
     results = _results([json.loads(x) for x in files.jsonl.read_text().splitlines()])
@@ -230,9 +253,15 @@ def test_sequential_deadline_skips_whole_contestants_and_reports_progress(tiny):
     """deadline 0: nothing fits, every contestant is skipped with the reason, and progress is reported
     after each one and at the end (what lets a killed GPU run keep its results)."""
     config = BenchConfig(
-        model="tiny", steps=1, repeats=1, warmup=0, buckets=(BUCKET,), progress=False,
-        schedule="sequential", deadline_s=0.0,
-    )  # fmt: skip
+        model="tiny",
+        steps=1,
+        repeats=1,
+        warmup=0,
+        buckets=(BUCKET,),
+        progress=False,
+        schedule="sequential",
+        deadline_s=0.0,
+    )
     cpu, fp32 = torch.device("cpu"), torch.float32
     contestants = [
         Contestant(BASELINE, "diffusers", "fp32"),
@@ -258,9 +287,14 @@ def test_cold_start_column_is_load_plus_first_edit_minus_median(bench_out):
 def _goal_records(total_s: float, base_s: float, psnr: float, rel: float = 0.05) -> tuple[dict, list[dict]]:
     def rec(name: str, seconds: float, baseline: bool) -> dict:
         quality = {"psnr_db": psnr, "psnr_identical": False, "step_rel_l2_max": rel}
-        return {"contestant": name, "bucket": "1024x1024", "baseline": baseline,
-                "stages": {"total": {"median_s": seconds}}, "ratio_total": base_s / seconds,
-                "quality": None if baseline else quality}  # fmt: skip
+        return {
+            "contestant": name,
+            "bucket": "1024x1024",
+            "baseline": baseline,
+            "stages": {"total": {"median_s": seconds}},
+            "ratio_total": base_s / seconds,
+            "quality": None if baseline else quality,
+        }
 
     run = {"device_type": "cuda", "buckets": ["1024x1024"], "steps": 28}
     return run, [

@@ -45,8 +45,14 @@ PROMPT = "add a red hat"
 
 
 def _build(tiny: Components, out: Path, **options) -> object:
-    return build("tiny", out_dir=out, precisions=("fp32",), backend="onnxruntime", components=tiny,
-                 options=BuildOptions(calibration=LIGHT, progress=False, **options))  # fmt: skip
+    return build(
+        "tiny",
+        out_dir=out,
+        precisions=("fp32",),
+        backend="onnxruntime",
+        components=tiny,
+        options=BuildOptions(calibration=LIGHT, progress=False, **options),
+    )
 
 
 # ----------------------------------------------------------------------------- keys and profiles
@@ -137,9 +143,16 @@ def keyed_build(tiny: Components, tiny_build: Path, tmp_path_factory: pytest.Tem
     reference stage captures the 52 new keys, and the fp32 artifact is verified on all 56."""
     out = tmp_path_factory.mktemp("keys") / "tiny"
     shutil.copytree(tiny_build, out)
-    m = build("tiny", out_dir=out, precisions=("fp32",), backend="onnxruntime", components=tiny,
-              options=BuildOptions(calibration=CalibrationSpec(**BUILD_TEST_CALIBRATION), progress=False,
-                                   refs=(0, 1), batches=(1, 2)))  # fmt: skip
+    m = build(
+        "tiny",
+        out_dir=out,
+        precisions=("fp32",),
+        backend="onnxruntime",
+        components=tiny,
+        options=BuildOptions(
+            calibration=CalibrationSpec(**BUILD_TEST_CALIBRATION), progress=False, refs=(0, 1), batches=(1, 2)
+        ),
+    )
     assert m.stages["export"] == read_manifest(tiny_build).stages["export"]  # the keys do not re-export
     return out
 
@@ -170,9 +183,26 @@ def test_cli_build_with_refs_and_batch_reuses_every_stage(keyed_build, tmp_path,
     out = tmp_path / "tiny"
     shutil.copytree(keyed_build, out)
     before = read_manifest(out).stages
-    args = ["build", "--model", "tiny", "--out", str(out), "--precision", "fp32", "--backend", "onnxruntime",
-            "--refs", "1,0", "--batch", "2,1", "--calib-samples", "4", "--calib-steps", "2",
-            "--no-progress"]  # fmt: skip
+    args = [
+        "build",
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--precision",
+        "fp32",
+        "--backend",
+        "onnxruntime",
+        "--refs",
+        "1,0",
+        "--batch",
+        "2,1",
+        "--calib-samples",
+        "4",
+        "--calib-steps",
+        "2",
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert "fp32: onnxruntime/transformer_fp32.onnx (onnxruntime, 56 shape keys" in capsys.readouterr().out
     assert read_manifest(out).stages == before  # the same request spelled otherwise: nothing re-ran

@@ -56,8 +56,15 @@ def copy(built_tiny: Path, tmp_path: Path) -> Path:
 def _build(out: Path, comps: Components, caplog: pytest.LogCaptureFixture, **changes: object) -> set[str]:
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="engine.build"):
-        m = build("tiny", out_dir=out, precisions=PRECISIONS, family="tiny", backend="onnxruntime",
-                  options=_options(**changes), components=comps)  # fmt: skip
+        m = build(
+            "tiny",
+            out_dir=out,
+            precisions=PRECISIONS,
+            family="tiny",
+            backend="onnxruntime",
+            options=_options(**changes),
+            components=comps,
+        )
     assert m.complete and len(m.artifacts) == 3
     return _ran(caplog)
 
@@ -78,8 +85,13 @@ def test_second_build_without_components_does_not_load_the_model(
     """A no-op `make engine` must not import diffusers or build the model: the request hash decides."""
     import engine.build.builder as builder
 
-    args = {"out_dir": copy, "precisions": PRECISIONS, "family": "tiny", "backend": "onnxruntime",
-            "options": _options()}  # fmt: skip
+    args = {
+        "out_dir": copy,
+        "precisions": PRECISIONS,
+        "family": "tiny",
+        "backend": "onnxruntime",
+        "options": _options(),
+    }
     first = builder.build(
         "tiny", **args
     )  # loads the model once; every stage is up to date; records the request

@@ -72,8 +72,15 @@ def test_tensorrt_build_end_to_end(tmp_path: Path, tiny: Components, profiles: s
         tensorrt=TensorRTOptions(profiles=profiles),
         progress=False,
     )
-    m = build("tiny", out_dir=tmp_path, precisions=("fp32", "int8"), family="tiny", backend="tensorrt",
-              options=options, components=tiny)  # fmt: skip
+    m = build(
+        "tiny",
+        out_dir=tmp_path,
+        precisions=("fp32", "int8"),
+        family="tiny",
+        backend="tensorrt",
+        options=options,
+        components=tiny,
+    )
     assert m.backend == "tensorrt" and m.gpu
     n_profiles = 4 if profiles == "static" else 1
     for a in m.artifacts:

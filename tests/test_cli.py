@@ -130,8 +130,9 @@ def test_a_build_and_local_weights_default_to_their_model_steps(tiny_build, tmp_
     (folder / "transformer" / "config.json").write_text(
         json.dumps(PRESETS["tiny"].transformer.to_diffusers())
     )
-    (folder / SIDECAR).write_text(json.dumps({"preset": "tiny", "bucket_family": "tiny",
-                                              "max_sequence_length": 32, "default_steps": 5}))  # fmt: skip
+    (folder / SIDECAR).write_text(
+        json.dumps({"preset": "tiny", "bucket_family": "tiny", "max_sequence_length": 32, "default_steps": 5})
+    )
     assert default_steps(folder) == 5
     (folder / SIDECAR).unlink()
     assert (

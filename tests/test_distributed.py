@@ -263,8 +263,9 @@ def test_control_rope_ids_split_unlike_tokens_fails_parity(positional: torch.nn.
 def edit(pipe: KontextPipeline, size: tuple[int, int] | None, refs: int, num_images: int) -> torch.Tensor:
     references = tuple(gradient_image(96, 144, seed=7 + i) for i in range(refs))
     image = gradient_image(128, 128)
-    request = EditRequest(image, "a tiny edit", steps=STEPS, seed=3, size=size, references=references,
-                          num_images=num_images)  # fmt: skip
+    request = EditRequest(
+        image, "a tiny edit", steps=STEPS, seed=3, size=size, references=references, num_images=num_images
+    )
     result = pipe.edit(request, progress=False)
     assert result.latents.shape[0] == num_images
     return result.latents  # [B, N, 64]
@@ -325,8 +326,9 @@ def test_a_failing_worker_fails_the_edit_and_leaves_no_process(tiny: Components,
     with pytest.raises(
         RankFailedError, match=r"rank 1 of 2 failed: RuntimeError: boom in the worker forward"
     ):
-        pipe.edit(EditRequest(gradient_image(128, 128), "x", steps=2, num_images=WORKER_FAULT_BATCH),
-                  progress=False)  # fmt: skip
+        pipe.edit(
+            EditRequest(gradient_image(128, 128), "x", steps=2, num_images=WORKER_FAULT_BATCH), progress=False
+        )
     assert cp.closed and _dead(cp)
     with pytest.raises(BackendUnavailableError, match="load the engine again"):
         cp(**ODD)

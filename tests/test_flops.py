@@ -36,25 +36,30 @@ HAND_SHAPE = ShapeKey(batch=2, target_tokens=3, context_tokens=5, text_tokens=2)
 def test_hand_count_small_config() -> None:
     b, d, img, txt, joint = 2, 8, 8, 2, 10
     conditioning = (
-        2 * b * 256 * d + 2 * b * d * d  # timestep embedder 256 -> D -> D
-        + 2 * b * 256 * d + 2 * b * d * d  # guidance embedder 256 -> D -> D
-        + 2 * b * 12 * d + 2 * b * d * d  # pooled text projection 12 -> D -> D
-    )  # fmt: skip
+        2 * b * 256 * d
+        + 2 * b * d * d  # timestep embedder 256 -> D -> D
+        + 2 * b * 256 * d
+        + 2 * b * d * d  # guidance embedder 256 -> D -> D
+        + 2 * b * 12 * d
+        + 2 * b * d * d  # pooled text projection 12 -> D -> D
+    )
     x_embedder = 2 * (b * img) * 4 * d
     context_embedder = 2 * (b * txt) * 16 * d
     double = (
         2 * (2 * b * d * 6 * d)  # norm1.linear + norm1_context.linear on temb
         + 4 * (2 * b * img * d * d)  # to_q, to_k, to_v, to_out.0
-        + 2 * b * img * d * 4 * d + 2 * b * img * 4 * d * d  # ff up, down
+        + 2 * b * img * d * 4 * d
+        + 2 * b * img * 4 * d * d  # ff up, down
         + 4 * (2 * b * txt * d * d)  # add_q/k/v_proj, to_add_out
-        + 2 * b * txt * d * 4 * d + 2 * b * txt * 4 * d * d  # ff_context up, down
-    )  # fmt: skip
+        + 2 * b * txt * d * 4 * d
+        + 2 * b * txt * 4 * d * d  # ff_context up, down
+    )
     single = (
         2 * b * d * 3 * d  # norm.linear on temb
         + 3 * (2 * b * joint * d * d)  # to_q, to_k, to_v
         + 2 * b * joint * d * 4 * d  # proj_mlp
         + 2 * b * joint * 5 * d * d  # proj_out from cat([attn, mlp])
-    )  # fmt: skip
+    )
     norm_out = 2 * b * d * 2 * d
     proj_out = 2 * (b * img) * d * 4
     expected_linear = conditioning + x_embedder + context_embedder + double + single + norm_out + proj_out

@@ -53,8 +53,11 @@ def test_dry_run_succeeds_without_wheels_inside_its_budget(dry_run):
 
 def test_dry_run_phases_run_in_priority_order(dry_run):
     proc, _ = dry_run
-    order = [line.split("] ", 1)[1].split(":")[0] for line in proc.stdout.splitlines()
-             if line.startswith("== gpu_bench [") and " s left" in line]  # fmt: skip
+    order = [
+        line.split("] ", 1)[1].split(":")[0]
+        for line in proc.stdout.splitlines()
+        if line.startswith("== gpu_bench [") and " s left" in line
+    ]
     assert order == ["headline", "cold", "rest", "attention", "report", "pytest"]
 
 

@@ -51,8 +51,11 @@ def test_the_script_calls_it_from_the_command_line():
     spec = "headline:150:0,cold:90:150,rest:90:0,attention:20:90,report:10:15,pytest:10:30"
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.phases", "480", "30", "headline", spec],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.split()[0] == "230" and "reserved 220 s" in out
     assert KILL_GRACE_S == 5  # gpu_bench.sh's run_phase asks a phase to stop 5 s before its deadline
 
@@ -61,8 +64,11 @@ def test_the_scripts_own_plans_fit_their_budgets():
     """gpu_bench.sh's phase lists (GPU, then dry run): every minimum fits the default budget, so a run
     without overruns reaches every phase, and the slots add up to the budget."""
     script = (ROOT / "benchmarks" / "gpu_bench.sh").read_text()
-    specs = [line.split('phases="', 1)[1].split('"', 1)[0] for line in script.splitlines()
-             if line.strip().startswith("phases=")]  # fmt: skip
+    specs = [
+        line.split('phases="', 1)[1].split('"', 1)[0]
+        for line in script.splitlines()
+        if line.strip().startswith("phases=")
+    ]
     assert len(specs) == 2
     for spec, budget in zip(specs, (480, 240), strict=True):
         phases = parse_phases(spec)

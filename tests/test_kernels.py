@@ -122,8 +122,9 @@ def test_benchmark_imports_neither_diffusers_nor_the_rest_of_engine() -> None:
 
 
 @pytest.mark.parametrize(("variant", "autotune"), [("bf16", False), ("bf16", True)])
-def test_dynamo_traces_the_launch_without_graph_breaks(monkeypatch: pytest.MonkeyPatch, variant: str,
-                                                       autotune: bool) -> None:  # fmt: skip
+def test_dynamo_traces_the_launch_without_graph_breaks(
+    monkeypatch: pytest.MonkeyPatch, variant: str, autotune: bool
+) -> None:
     """GPU-AUDIT #8: under torch.compile, one attention call must become one graph holding the kernel.
 
     Traced on fake CUDA tensors, no GPU: dynamo is told that Triton can run here (it asks for a device), and
@@ -171,11 +172,19 @@ def compile_for_hopper(variant: str, config: LaunchConfig) -> Any:
     quant = {"bf16": 0, "fp8": 1, "int8-fp8": 2}[spec.precision]
     v_unit = "stride_vs" if spec.quantized else "stride_vd"  # quantized V is stored tokens-innermost
     const: dict[str, Any] = dict(
-        HEAD_DIM=128, BLOCK_M=config.block_m, BLOCK_N=config.block_n, QUANT=quant, P_SCALE=448.0,
+        HEAD_DIM=128,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        QUANT=quant,
+        P_SCALE=448.0,
         K_BLOCK=spec.block if spec.quantized and spec.granularity == "block" else 0,
-        INTERPRETER=False, P_MANTISSA=7, P_EMIN=-126, EVEN_M=False, EVEN_N=False,
+        INTERPRETER=False,
+        P_MANTISSA=7,
+        P_EMIN=-126,
+        EVEN_M=False,
+        EVEN_N=False,
         **{name: 1 for name in ("stride_qd", "stride_kd", "stride_od", v_unit)},
-    )  # fmt: skip
+    )
     qk_type = {0: "*bf16", 1: "*fp8e4nv", 2: "*i8"}[quant]
     pointers = {"Q": qk_type, "K": qk_type, "V": "*fp8e4nv" if quant else "*bf16", "Out": "*bf16"}
     pointers |= {"SQ": "*fp32", "SK": "*fp32", "SV": "*fp32"}
@@ -250,9 +259,15 @@ def test_prepass_compiles_to_hopper_code(out_type: str, rounding: str) -> None:
     from engine.kernels.quant_kernel import MODE_BLOCK, quantize_tiles
 
     const: dict[str, Any] = dict(
-        HEAD_DIM=128, BLOCK=128, MODE=MODE_BLOCK, SUBTRACT_MEAN=True, TO_INT8=out_type == "*i8",
-        INTERPRETER=False, stride_xd=1, stride_yd=1,
-    )  # fmt: skip
+        HEAD_DIM=128,
+        BLOCK=128,
+        MODE=MODE_BLOCK,
+        SUBTRACT_MEAN=True,
+        TO_INT8=out_type == "*i8",
+        INTERPRETER=False,
+        stride_xd=1,
+        stride_yd=1,
+    )
     pointers = {"X": "*bf16", "Y": out_type, "SCALE": "*fp32", "MEAN": "*fp32"}
     fn = quantize_tiles
     signature = {

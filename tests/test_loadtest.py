@@ -15,9 +15,17 @@ from tests.serve_harness import SAMPLE, serve, tiny_editor
 def test_short_loadtest(tmp_path: Path) -> None:
     with serve(tmp_path, tiny_editor, queue=2) as s:
         config = LoadConfig(
-            url=s.url, key=s.keys["alice"], image=SAMPLE, steps=1, queue=2, requests=2, soak=6,
-            open_seconds=1.5, levels=(1, 2), pid=os.getpid(),
-        )  # fmt: skip
+            url=s.url,
+            key=s.keys["alice"],
+            image=SAMPLE,
+            steps=1,
+            queue=2,
+            requests=2,
+            soak=6,
+            open_seconds=1.5,
+            levels=(1, 2),
+            pid=os.getpid(),
+        )
         report = run_loadtest(config)
     names = [p.name for p in report.phases]
     assert names[:3] == ["closed c=1", "closed c=2", "closed c=6"]

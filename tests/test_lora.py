@@ -79,8 +79,15 @@ def velocity(transformer: torch.nn.Module) -> torch.Tensor:
     n, l = 128, 32  # noqa: E741
     ids = torch.cat([torch.zeros(64, 3), torch.ones(64, 3)])
     ids[:, 1:] = torch.arange(64).repeat(2)[:, None] % 8
-    args = (_randn(1, n, 64, seed=1), ids, _randn(1, l, 32, seed=2), torch.zeros(l, 3), _randn(1, 32, seed=3),
-            torch.tensor([0.6]), torch.tensor([2.5]))  # fmt: skip
+    args = (
+        _randn(1, n, 64, seed=1),
+        ids,
+        _randn(1, l, 32, seed=2),
+        torch.zeros(l, 3),
+        _randn(1, 32, seed=3),
+        torch.tensor([0.6]),
+        torch.tensor([2.5]),
+    )
     return TorchDenoiser(transformer)(*args)
 
 

@@ -196,10 +196,18 @@ def _check_call(tiny) -> None:
     pipe = tiny.diffusers_pipeline()
     pipe.set_progress_bar_config(disable=True)
     image, (w, h) = gradient_image(80, 192), (80, 192)
-    theirs = pipe(image=image, prompt=PROMPT, height=h, width=w, max_area=w * h, _auto_resize=False,
-                  num_inference_steps=2, guidance_scale=DEFAULT_GUIDANCE,
-                  generator=torch.Generator("cpu").manual_seed(7),
-                  max_sequence_length=tiny.preset.max_sequence_length).images[0]  # fmt: skip
+    theirs = pipe(
+        image=image,
+        prompt=PROMPT,
+        height=h,
+        width=w,
+        max_area=w * h,
+        _auto_resize=False,
+        num_inference_steps=2,
+        guidance_scale=DEFAULT_GUIDANCE,
+        generator=torch.Generator("cpu").manual_seed(7),
+        max_sequence_length=tiny.preset.max_sequence_length,
+    ).images[0]
     ours = KontextPipeline(tiny, TorchDenoiser(tiny.transformer))
     out = ours.edit(EditRequest(image, PROMPT, steps=2, seed=7, size=(w, h)), progress=False).image
     diff = np.abs(np.asarray(out, np.int16) - np.asarray(theirs, np.int16))

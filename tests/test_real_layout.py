@@ -63,8 +63,12 @@ def assert_equals_disk(c: Components, root: Path) -> None:
     """Every tensor of every module is the bytes on disk (bf16 in, bf16 loaded), nothing left at init."""
     t5 = c.text_encoder_2.state_dict()
     assert torch.equal(t5["encoder.embed_tokens.weight"], t5["shared.weight"])  # tied, only shared on disk
-    pairs = [(c.transformer, "transformer"), (c.text_encoder, "text_encoder"),
-             (c.text_encoder_2, "text_encoder_2"), (c.vae, "vae")]  # fmt: skip
+    pairs = [
+        (c.transformer, "transformer"),
+        (c.text_encoder, "text_encoder"),
+        (c.text_encoder_2, "text_encoder_2"),
+        (c.vae, "vae"),
+    ]
     for module, sub in pairs:
         disk = disk_tensors(root, sub)
         state = {k: v for k, v in module.state_dict().items() if k != "encoder.embed_tokens.weight"}
@@ -220,8 +224,20 @@ def test_a_broken_download_is_one_line_naming_the_file(case, bfl, real_folder, t
     folder = copy(real_folder, tmp_path)
     breaks(folder / rel)
     model = folder / BFL_FILE if bfl else folder
-    code = cli.main(["edit", "--model", str(model), "-o", str(tmp_path / "out.png"), "--steps", "1",
-                     "--device", "cpu", "--no-progress"])  # fmt: skip
+    code = cli.main(
+        [
+            "edit",
+            "--model",
+            str(model),
+            "-o",
+            str(tmp_path / "out.png"),
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     errors = [line for line in err if line.startswith("kontext edit: error:")]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine import sampling
+from engine.backends import DenoiserBase
 from engine.backends.torch import TorchDenoiser
 from engine.buckets import (
     FAMILIES,
@@ -40,7 +41,7 @@ from .conftest import gradient_image
 PROMPT = "put the hat from the second image on the cat"
 
 
-class Recording:
+class Recording(DenoiserBase):
     """The torch denoiser, keeping the img_ids of its last call."""
 
     def __init__(self, transformer) -> None:
@@ -48,9 +49,9 @@ class Recording:
         self.name, self.shape_keys = self.inner.name, None
         self.img_ids: torch.Tensor | None = None
 
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        self.img_ids = kwargs["img_ids"]
-        return self.inner(*args, **kwargs)
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.img_ids = inputs["img_ids"]
+        return self.inner(**inputs)
 
 
 def _pre_change_latents(pipe: KontextPipeline, image, settings: EditRequest) -> torch.Tensor:

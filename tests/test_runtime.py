@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import engine
+from engine.backends import DenoiserBase
 from engine.buckets import ShapeKey, family_shape_keys
 from engine.config import LoadOptions
 from engine.dispatch import Dispatcher
@@ -89,7 +90,7 @@ def test_load_options_or_keywords(tiny_build):
         engine.load(tiny_build, miss_policy="ignore")
 
 
-class _Capturing:
+class _Capturing(DenoiserBase):
     """A denoiser that captures CUDA graphs (as TensorRT's does): warmup must ask it, key by key."""
 
     name, shape_keys = "capturing", frozenset(family_shape_keys("tiny", 32))
@@ -97,7 +98,7 @@ class _Capturing:
     def __init__(self) -> None:
         self.captured: list[ShapeKey] = []
 
-    def __call__(self, hidden_states, *args):
+    def run(self, inputs):
         raise AssertionError("warmup must capture, not call")
 
     def capture_graphs(self, key: ShapeKey) -> None:

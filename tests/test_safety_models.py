@@ -98,12 +98,23 @@ def tiny_pixtral(seed: int = 0) -> tuple[Any, Any, Any]:
     tokenizer.add_special_tokens({"additional_special_tokens": specials[3:]})
     config = LlavaConfig(
         vision_config=PixtralVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=64,
-            patch_size=8, head_dim=16,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=8,
+            head_dim=16,
         ),
         text_config=MistralConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=8192,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=8192,
             tie_word_embeddings=False,
         ),
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
@@ -112,7 +123,7 @@ def tiny_pixtral(seed: int = 0) -> tuple[Any, Any, Any]:
         vision_feature_select_strategy="full",
         multimodal_projector_bias=True,
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     processor = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8})

@@ -148,8 +148,12 @@ def test_auth_refusals_and_isolation(server: Running) -> None:
     with server.client("alice") as alice, server.client("bob") as bob:
         job = submit(alice).json()["id"]
         assert bob.get("/v1/get_result", params={"id": job}).json() == {
-            "id": job, "status": "Task not found", "result": None, "progress": None, "details": None
-        }  # fmt: skip
+            "id": job,
+            "status": "Task not found",
+            "result": None,
+            "progress": None,
+            "details": None,
+        }
         assert poll(alice, job)["status"] == "Ready"
         assert bob.get("/v1/get_result", params={"id": job}).json()["status"] == "Task not found"
         assert alice.get("/v1/get_result", params={"id": "no-such-task"}).json()["status"] == "Task not found"

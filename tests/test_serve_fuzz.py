@@ -62,9 +62,18 @@ def test_openapi_describes_every_route(fuzz_server: Running) -> None:
 
     spec = httpx.get(f"{fuzz_server.url}/openapi.json").json()
     paths = set(spec["paths"])
-    assert {"/v1/flux-kontext-dev", "/v1/flux-kontext-pro", "/v1/get_result", "/v1/edit", "/healthz",
-            "/readyz", "/metrics", "/v1/samples/{token}.{ext}", "/v1/review",
-            "/v1/images/edits"} <= paths  # fmt: skip
+    assert {
+        "/v1/flux-kontext-dev",
+        "/v1/flux-kontext-pro",
+        "/v1/get_result",
+        "/v1/edit",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/samples/{token}.{ext}",
+        "/v1/review",
+        "/v1/images/edits",
+    } <= paths
     status = spec["components"]["schemas"]["Status"]["enum"]
     assert status == ["Pending", "Ready", "Error", "Request Moderated", "Content Moderated", "Task not found"]
     assert "X-Key" in str(spec["components"]["securitySchemes"])

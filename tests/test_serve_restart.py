@@ -21,8 +21,24 @@ STEPS = 8  # long enough (~0.5 s per job on 2 cores) that jobs are still pending
 
 
 def start(data: Path, keys: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", "tiny", "--device", "cpu", "--keys",
-           str(keys), "--data", str(data), "--port", str(port), "--drain-timeout", "120"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "serve",
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--keys",
+        str(keys),
+        "--data",
+        str(data),
+        "--port",
+        str(port),
+        "--drain-timeout",
+        "120",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

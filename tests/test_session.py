@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.backends import DenoiserBase
 from engine.backends.torch import TorchDenoiser
 from engine.buckets import FAMILIES, buckets, nearest_bucket
 from engine.cli import main
@@ -18,7 +19,7 @@ from .conftest import gradient_image
 TURNS = [("add a red hat", 1), ("make it night", 2), ("paint it in watercolor", 3)]
 
 
-class Recording:
+class Recording(DenoiserBase):
     """The torch denoiser, keeping the hidden_states of its first call of each edit."""
 
     def __init__(self, transformer) -> None:
@@ -26,9 +27,9 @@ class Recording:
         self.name, self.shape_keys = self.inner.name, None
         self.calls: list[torch.Tensor] = []
 
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        self.calls.append(kwargs["hidden_states"].clone())
-        return self.inner(*args, **kwargs)
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.calls.append(inputs["hidden_states"].clone())
+        return self.inner(**inputs)
 
 
 def test_an_output_stays_in_its_bucket():
@@ -83,8 +84,22 @@ def test_cli_then_writes_one_file_per_turn(tmp_path):
     src = tmp_path / "in.png"
     save_png(gradient_image(128, 128), src, {})
     out = tmp_path / "out.png"
-    code = main(["edit", str(src), "add a hat", "--then", "make it night", "--then", "add snow",
-                 "--steps", "1", "--no-progress", "-o", str(out)])  # fmt: skip
+    code = main(
+        [
+            "edit",
+            str(src),
+            "add a hat",
+            "--then",
+            "make it night",
+            "--then",
+            "add snow",
+            "--steps",
+            "1",
+            "--no-progress",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0 and not out.exists()
     metas = [read_png_metadata(tmp_path / f"out-{k}.png") for k in (1, 2, 3)]
     assert [m["prompt"] for m in metas] == ["add a hat", "make it night", "add snow"]

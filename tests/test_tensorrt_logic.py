@@ -158,8 +158,15 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> trt_fakes.FakeState:
     return trt_fakes.install_fake_tensorrt(monkeypatch)
 
 
-def _build_plan(tmp: Path, family: str, mode: str, *, recipe_mode: str | None = "fp8", hp: str = "fp16",
-                cache: Path | None = None) -> Path:  # fmt: skip
+def _build_plan(
+    tmp: Path,
+    family: str,
+    mode: str,
+    *,
+    recipe_mode: str | None = "fp8",
+    hp: str = "fp16",
+    cache: Path | None = None,
+) -> Path:
     from engine.build.tensorrt_build import TensorRTOptions, allows_tf32, build_plan
 
     onnx = tmp / "t.onnx"
@@ -227,8 +234,9 @@ def test_plan_profiles_are_the_manifests(fake: trt_fakes.FakeState, tmp_path: Pa
 # ----------------------------------------------------------------------------- the runtime, with fakes
 
 
-def _denoiser(tmp: Path, families: dict[str, str], *, workers: int = 1, budget: int | None = None,
-              nbytes: int = 10):  # type: ignore[no-untyped-def]  # fmt: skip
+def _denoiser(
+    tmp: Path, families: dict[str, str], *, workers: int = 1, budget: int | None = None, nbytes: int = 10
+):  # type: ignore[no-untyped-def]
     """A TrtDenoiser over fake plans built by build_plan, one per family (family -> profile mode)."""
     from engine.backends.tensorrt import TrtDenoiser
 
@@ -236,8 +244,9 @@ def _denoiser(tmp: Path, families: dict[str, str], *, workers: int = 1, budget: 
     for family, mode in families.items():
         path = _build_plan(tmp, family, mode)
         plans.append((_artifact(path.name, family, mode, nbytes=nbytes, text=32), path))
-    return TrtDenoiser(plans, transformer=CFG, device="cpu", workers=workers, plan_memory_budget=budget,
-                       rebuild=REBUILD)  # fmt: skip
+    return TrtDenoiser(
+        plans, transformer=CFG, device="cpu", workers=workers, plan_memory_budget=budget, rebuild=REBUILD
+    )
 
 
 def _call(d, key: ShapeKey, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -338,8 +347,9 @@ def test_evicted_plan_is_released_when_its_busy_worker_returns(
 ) -> None:
     """R14: a worker busy while its plan is evicted drops that plan's contexts (which keep the engine and
     its weights alive) when it comes back."""
-    d = _denoiser(tmp_path, {"tiny": "static", "small": "static", "0.25mp": "static"}, workers=2, budget=20,
-                  nbytes=10)  # fmt: skip
+    d = _denoiser(
+        tmp_path, {"tiny": "static", "small": "static", "0.25mp": "static"}, workers=2, budget=20, nbytes=10
+    )
     tiny, small, quarter = (sorted(family_shape_keys(f, 32))[0] for f in ("tiny", "small", "0.25mp"))
     _call(d, tiny)
     _call(d, tiny)  # both workers now hold contexts of the tiny plan

@@ -28,8 +28,15 @@ import torch
 
 VERSION = "10.13.0.35"
 GPU = "NVIDIA H100 80GB HBM3"
-INPUTS = ("hidden_states", "img_ids", "encoder_hidden_states", "txt_ids", "pooled_projections", "timestep",
-          "guidance")  # fmt: skip
+INPUTS = (
+    "hidden_states",
+    "img_ids",
+    "encoder_hidden_states",
+    "txt_ids",
+    "pooled_projections",
+    "timestep",
+    "guidance",
+)
 
 
 @dataclass

@@ -272,8 +272,13 @@ class TrtDenoiser(DenoiserBase):
                 other.context.set_device_memory(w.block.data_ptr(), w.block.numel())
                 other.graph = None  # graphs baked in the old address
             if captured:
-                log.info("worker %d: device memory grew to %d bytes; %d CUDA graphs dropped until the next "
-                         "warmup()", w.index, need, captured)  # fmt: skip
+                log.info(
+                    "worker %d: device memory grew to %d bytes; %d CUDA graphs dropped until the next "
+                    "warmup()",
+                    w.index,
+                    need,
+                    captured,
+                )
         ctx = plan.engine.create_execution_context(self._strategy)
         ctx.set_device_memory(w.block.data_ptr(), w.block.numel())
         ctx.set_optimization_profile_async(route.profile, w.stream.cuda_stream)  # raises on failure
@@ -288,8 +293,10 @@ class TrtDenoiser(DenoiserBase):
                 buffers[name] = torch.empty(shape, dtype=plan.dtypes[name], device=self.device)
             out_shape = tuple(ctx.get_tensor_shape(DENOISER_OUTPUT))
             if any(d < 0 for d in out_shape):
-                raise ManifestError(f"{route.artifact}: output shape {out_shape} is unresolved; rebuild with "
-                                    f"`{self._rebuild}`")  # fmt: skip
+                raise ManifestError(
+                    f"{route.artifact}: output shape {out_shape} is unresolved; rebuild with "
+                    f"`{self._rebuild}`"
+                )
             buffers[DENOISER_OUTPUT] = torch.empty(
                 out_shape, dtype=plan.dtypes[DENOISER_OUTPUT], device=self.device
             )
@@ -326,8 +333,10 @@ class TrtDenoiser(DenoiserBase):
             for name, t in inputs.items():
                 buf = entry.buffers[name]
                 if t.shape != buf.shape:
-                    raise ShapeNotServedError(f"{name} has shape {tuple(t.shape)}, the plan expects "
-                                              f"{tuple(buf.shape)} (another model's inputs?)")  # fmt: skip
+                    raise ShapeNotServedError(
+                        f"{name} has shape {tuple(t.shape)}, the plan expects "
+                        f"{tuple(buf.shape)} (another model's inputs?)"
+                    )
                 buf.copy_(t, non_blocking=True)
             if entry.graph is not None:
                 entry.graph.replay()
@@ -386,8 +395,11 @@ class TrtDenoiser(DenoiserBase):
             )
             return None
         if not enqueued:
-            log.warning("TensorRT could not enqueue %s inside a CUDA graph capture on worker %d; "
-                        "it runs eagerly", route, w.index)  # fmt: skip
+            log.warning(
+                "TensorRT could not enqueue %s inside a CUDA graph capture on worker %d; it runs eagerly",
+                route,
+                w.index,
+            )
             return None
         return graph
 

@@ -178,8 +178,10 @@ def device_memory_block(sizes: Mapping[int, int]) -> int:
 # ----------------------------------------------------------------------------- plan names
 
 # plan_name: transformer_<precision>_<family>_trt<version>_<gpu slug>.plan
-_PLAN = re.compile(r"^transformer_(?P<precision>[a-z0-9]+)_(?P<family>[a-z0-9.]+)_trt(?P<trt>[a-z0-9.-]+)"
-                   r"_(?P<gpu>[a-z0-9.-]+)\.plan$")  # fmt: skip
+_PLAN = re.compile(
+    r"^transformer_(?P<precision>[a-z0-9]+)_(?P<family>[a-z0-9.]+)_trt(?P<trt>[a-z0-9.-]+)"
+    r"_(?P<gpu>[a-z0-9.-]+)\.plan$"
+)
 
 
 def slug(text: str) -> str:

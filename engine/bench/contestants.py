@@ -119,9 +119,7 @@ class PipelineRunner:
         return RunSample(stages=stages, step_times=self.clock.drain(), image=result.image)
 
     def close(self) -> None:
-        close = getattr(self.replay_denoiser, "close", None)
-        if close is not None:
-            close()
+        self.replay_denoiser.close()
 
 
 class DiffusersRunner:
@@ -241,9 +239,7 @@ class CastDenoiser:
         return self.inner(**cast).to(self.out_dtype)
 
     def close(self) -> None:
-        close = getattr(self.inner, "close", None)
-        if close is not None:
-            close()
+        self.inner.close()
 
 
 def torch_contestant(

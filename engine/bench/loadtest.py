@@ -102,8 +102,11 @@ class Client:
         headers = {"X-Key": config.key} if config.key else {}
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         self.http = httpx.AsyncClient(base_url=config.url, headers=headers, timeout=60.0, limits=limits)
-        self.body = {"prompt": "add a red hat", "input_image": base64.b64encode(config.image).decode(),
-                     "steps": config.steps}  # fmt: skip
+        self.body = {
+            "prompt": "add a red hat",
+            "input_image": base64.b64encode(config.image).decode(),
+            "steps": config.steps,
+        }
 
     async def one(self, seed: int) -> Outcome:
         """Submit, poll until final, fetch the sample (the whole client path)."""

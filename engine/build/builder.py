@@ -294,9 +294,13 @@ def _export(ctx: BuildContext) -> Stage:
 
 def _write_export(ctx: BuildContext) -> list[Path]:
     with _float32(ctx.components.transformer):
-        result = export.export_transformer(ctx.components.transformer, ctx.root / ONNX_REL,
-                                           cfg=ctx.components.preset.transformer, opset=ctx.options.opset,
-                                           text_tokens=ctx.keys[0].text_tokens)  # fmt: skip
+        result = export.export_transformer(
+            ctx.components.transformer,
+            ctx.root / ONNX_REL,
+            cfg=ctx.components.preset.transformer,
+            opset=ctx.options.opset,
+            text_tokens=ctx.keys[0].text_tokens,
+        )
     return list(result.files)
 
 
@@ -324,8 +328,9 @@ def _calibrate(ctx: BuildContext) -> Stage:
 def _write_samples(ctx: BuildContext) -> list[Path]:
     c = ctx.components
     with _float32(c.transformer, c.vae):
-        samples = calibrate.capture_calibration(c, ctx.options.calibration, ctx.family,
-                                                ctx.options.device or "cpu")  # fmt: skip
+        samples = calibrate.capture_calibration(
+            c, ctx.options.calibration, ctx.family, ctx.options.device or "cpu", progress=ctx.options.progress
+        )
     calibrate.save_samples(ctx.root / CALIBRATION_REL, samples)
     return [ctx.root / CALIBRATION_REL]
 
@@ -345,8 +350,15 @@ def _reference(ctx: BuildContext) -> Stage:
 def _write_reference(ctx: BuildContext) -> list[Path]:
     c, device = ctx.components, ctx.options.device or "cpu"
     with _float32(c.transformer, c.vae):
-        reference = calibrate.capture_reference(c, ctx.family, REFERENCE_STEPS, device,
-                                                keys=ctx.keys, refs=ctx.options.refs)  # fmt: skip
+        reference = calibrate.capture_reference(
+            c,
+            ctx.family,
+            REFERENCE_STEPS,
+            device,
+            keys=ctx.keys,
+            refs=ctx.options.refs,
+            progress=ctx.options.progress,
+        )
     calibrate.save_reference(ctx.root / REFERENCE_REL, reference)
     return [ctx.root / REFERENCE_REL]
 
@@ -369,8 +381,9 @@ def _quantize(ctx: BuildContext, recipe: quantize.Recipe) -> tuple[str, str]:
 
 def _write_quantized(ctx: BuildContext, recipe: quantize.Recipe, rel: str) -> list[Path]:
     eps = ["cuda:0", "cpu"] if ctx.backend == "tensorrt" else ["cpu"]
-    quantize.quantize_onnx(ctx.root / ONNX_REL, ctx.root / rel, recipe, ctx.samples(), DENOISER_INPUTS,
-                           calibration_eps=eps)  # fmt: skip
+    quantize.quantize_onnx(
+        ctx.root / ONNX_REL, ctx.root / rel, recipe, ctx.samples(), DENOISER_INPUTS, calibration_eps=eps
+    )
     return _files_of(ctx.root / rel)
 
 
@@ -397,8 +410,12 @@ def _compile(ctx: BuildContext, recipe: quantize.Recipe, src_rel: str, src_sha: 
         mode = ctx.options.tensorrt.profiles
         build_options["tensorrt"] = dataclasses.asdict(ctx.options.tensorrt)
         build_options["tf32"] = allows_tf32(recipe.mode, recipe.high_precision_dtype)
-        inputs.update(gpu=ctx.facts.gpu, capability=ctx.facts.compute_capability,
-                      options=build_options["tensorrt"], tf32=build_options["tf32"])  # fmt: skip
+        inputs.update(
+            gpu=ctx.facts.gpu,
+            capability=ctx.facts.compute_capability,
+            options=build_options["tensorrt"],
+            tf32=build_options["tf32"],
+        )
         work = _files(partial(_write_plan, ctx, recipe, src_rel, rel))
     profiles = family_profiles(ctx.keys, mode)
     inputs["profiles"] = profiles
@@ -466,12 +483,16 @@ def _measure(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> 
     raised, so a failed build still says by how much."""
     denoiser = verify.artifact_denoiser(ctx.root, artifact, ctx.components.preset.transformer)
     try:
-        results = verify.verify(denoiser, ctx.reference(), sorted(artifact.profiles), recipe.bound_rel_l2,
-                                recipe.name, progress=ctx.options.progress)  # fmt: skip
+        results = verify.verify(
+            denoiser,
+            ctx.reference(),
+            sorted(artifact.profiles),
+            recipe.bound_rel_l2,
+            recipe.name,
+            progress=ctx.options.progress,
+        )
     finally:
-        close = getattr(denoiser, "close", None)
-        if close is not None:
-            close()
+        denoiser.close()
     checked = dataclasses.replace(artifact, verification=results)
     write_manifest(ctx.root, ctx.manifest(complete=False, pending=(checked,)))  # kept even on failure
     verify.check(results, f"{recipe.name} ({artifact.path})")
@@ -496,8 +517,10 @@ def _recipes(precisions: Sequence[str], backend: str, opts: BuildOptions) -> lis
             "build fp32 or int8 here, or use --backend tensorrt on a GPU"
         )
     if any(r.mode is None and r.high_precision_dtype != "fp32" for r in selected):
-        raise BuildError("bf16 needs the graph converted to bf16 (modelopt.onnx.autocast), which this build "
-                         "step does not do yet; build fp8 or int8 (or fp32) instead")  # fmt: skip
+        raise BuildError(
+            "bf16 needs the graph converted to bf16 (modelopt.onnx.autocast), which this build "
+            "step does not do yet; build fp8 or int8 (or fp32) instead"
+        )
     return selected
 
 

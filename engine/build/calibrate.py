@@ -117,8 +117,14 @@ def capture_reference(
     for j, key in enumerate(tqdm(others, desc="reference (batch, refs)", unit="key", **bar)):
         image, references = reference_edit(key, family, refs, j)
         rec.reset(keep={0, steps - 1})
-        edit = EditRequest(image, prompts[j % len(prompts)][1], steps, seed=j, references=tuple(references),
-                           num_images=key.batch)  # fmt: skip
+        edit = EditRequest(
+            image,
+            prompts[j % len(prompts)][1],
+            steps,
+            seed=j,
+            references=tuple(references),
+            num_images=key.batch,
+        )
         got = run_edit(pipe, edit)
         if got != key:
             raise BuildError(f"the reference edit for {key} ran at {got}; check reference_edit")

@@ -213,8 +213,13 @@ def _split_qdq(path: Path, external: bool) -> None:
     log.info("%s: %d activation Q/DQ pairs split per MatMul consumer", path.name, added)
     for f in path.parent.glob(path.name + "?*"):  # external data is rewritten below
         f.unlink()
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=path.name + ".data")  # fmt: skip
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+    )
 
 
 def qdq_counts(path: Path) -> dict[str, int]:

@@ -82,8 +82,11 @@ def set_timing_cache(config: trt.IBuilderConfig, cache_path: Path) -> bool:
             cache = None
         if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
             return True
-        log.warning("TensorRT refused the timing cache %s (another GPU or TensorRT version?); "
-                    "deleting it and starting a new one", cache_path)  # fmt: skip
+        log.warning(
+            "TensorRT refused the timing cache %s (another GPU or TensorRT version?); "
+            "deleting it and starting a new one",
+            cache_path,
+        )
         cache_path.unlink(missing_ok=True)
     fresh = config.create_timing_cache(b"")
     if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
@@ -146,5 +149,9 @@ def build_plan(
     cache = config.get_timing_cache()
     if cache is not None:
         atomic_write_bytes(timing_cache, memoryview(cache.serialize()))
-    log.info("TensorRT %s: wrote %s (%d profile(s))", trt_module.__version__, plan_path.name,
-             len(set(profiles.values())))  # fmt: skip
+    log.info(
+        "TensorRT %s: wrote %s (%d profile(s))",
+        trt_module.__version__,
+        plan_path.name,
+        len(set(profiles.values())),
+    )

@@ -333,9 +333,11 @@ def context_parallel_denoiser(
         for rank in range(1, world_size):
             parent_end, child_end = ctx.Pipe()
             process = ctx.Process(
-                target=worker_main, args=(rank, spec, transformer, child_end), name=f"kontext-cp-rank{rank}",
+                target=worker_main,
+                args=(rank, spec, transformer, child_end),
+                name=f"kontext-cp-rank{rank}",
                 daemon=True,
-            )  # fmt: skip
+            )
             process.start()
             child_end.close()
             workers.append(_Worker(rank, process, parent_end))

@@ -162,9 +162,14 @@ def attention(
         args += list(t.stride())
     args += [heads, seq, n_scales, q_block, LOG2_E / math.sqrt(head_dim)]
     constants: dict[str, Any] = dict(
-        HEAD_DIM=head_dim, K_BLOCK=k_block, QUANT=quant, P_SCALE=FP8_MAX, INTERPRETER=on_cpu,
-        P_MANTISSA=_P_GRID[q.dtype][0], P_EMIN=_P_GRID[q.dtype][1],
-    )  # fmt: skip
+        HEAD_DIM=head_dim,
+        K_BLOCK=k_block,
+        QUANT=quant,
+        P_SCALE=FP8_MAX,
+        INTERPRETER=on_cpu,
+        P_MANTISSA=_P_GRID[q.dtype][0],
+        P_EMIN=_P_GRID[q.dtype][1],
+    )
 
     if autotune and not on_cpu:
         divides = tuple(seq % b == 0 for b in _TUNE_BLOCKS)

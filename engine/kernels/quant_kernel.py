@@ -90,12 +90,24 @@ def _launch(
     b, h, s, d = x.shape
     out = y if y is not None else x  # MODE_AMAX stores nothing into Y
     quantize_tiles[(triton.cdiv(s, block), b * h)](
-        x, out, scale, mean if mean is not None else scale,
-        *x.stride(), *out.stride(), h, s, scale.shape[-1], qmax,
-        HEAD_DIM=d, BLOCK=block, MODE=mode, SUBTRACT_MEAN=mean is not None,
-        TO_INT8=out.dtype == torch.int8, INTERPRETER=x.device.type == "cpu",
+        x,
+        out,
+        scale,
+        mean if mean is not None else scale,
+        *x.stride(),
+        *out.stride(),
+        h,
+        s,
+        scale.shape[-1],
+        qmax,
+        HEAD_DIM=d,
+        BLOCK=block,
+        MODE=mode,
+        SUBTRACT_MEAN=mean is not None,
+        TO_INT8=out.dtype == torch.int8,
+        INTERPRETER=x.device.type == "cpu",
         num_warps=8 if block * d >= 128 * 128 else 4,
-    )  # fmt: skip
+    )
 
 
 def _quantize(

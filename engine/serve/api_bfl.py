@@ -61,8 +61,11 @@ def submit(service: Service, body: KontextRequest, request: Request, owner: str)
             if not body.webhook_url.lower().startswith(("http://", "https://")):
                 raise InputError("webhook_url must be an http(s) URL")
         image = input_file(service, body.input_image, "input_image", owner)
-        extra = {"input_image_2": body.input_image_2, "input_image_3": body.input_image_3,
-                 "input_image_4": body.input_image_4}  # fmt: skip
+        extra = {
+            "input_image_2": body.input_image_2,
+            "input_image_3": body.input_image_3,
+            "input_image_4": body.input_image_4,
+        }
         references = tuple(  # reference images (character, style, object) beside the input
             input_file(service, value, name, owner) for name, value in extra.items() if value is not None
         )

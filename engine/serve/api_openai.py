@@ -159,8 +159,12 @@ async def _images(service: Service, form: FormData) -> list[bytes]:
     if not files:
         raise _invalid(service, "image", "image is required: the image to edit (multipart file field)")
     if len(files) > 1 + MAX_REFERENCES:
-        raise _invalid(service, "image", f"at most {1 + MAX_REFERENCES} images: the input and "
-                       f"{MAX_REFERENCES} references, got {len(files)}")  # fmt: skip
+        raise _invalid(
+            service,
+            "image",
+            f"at most {1 + MAX_REFERENCES} images: the input and "
+            f"{MAX_REFERENCES} references, got {len(files)}",
+        )
     out = []
     for k, f in enumerate(files):
         if not isinstance(f, UploadFile):
@@ -187,13 +191,22 @@ async def images_edits(request: Request, user: User, service: ServiceDep) -> JSO
     check_accepting(service)
     assert service.editor is not None  # check_accepting() passed: the editor is loaded
     if service.review_on:
-        raise refuse(service, "review", 403, "results on this server wait for a reviewer, which a "
-                     "synchronous answer cannot give; use BFL's API (POST /v1/flux-kontext-dev, then poll "
-                     "/v1/get_result)")  # fmt: skip
+        raise refuse(
+            service,
+            "review",
+            403,
+            "results on this server wait for a reviewer, which a "
+            "synchronous answer cannot give; use BFL's API (POST /v1/flux-kontext-dev, then poll "
+            "/v1/get_result)",
+        )
     async with request.form(max_files=2 * (1 + MAX_REFERENCES), max_fields=64) as form:
         if form.get("mask") is not None:
-            raise _invalid(service, "mask", "mask is not supported: FLUX.1 Kontext edits by instruction; "
-                           "say in the prompt what to change")  # fmt: skip
+            raise _invalid(
+                service,
+                "mask",
+                "mask is not supported: FLUX.1 Kontext edits by instruction; "
+                "say in the prompt what to change",
+            )
         prompt = _text(service, form, "prompt")
         if not prompt or len(prompt) > MAX_PROMPT_CHARS:
             raise _invalid(service, "prompt", f"prompt is required, 1 to {MAX_PROMPT_CHARS} characters")
@@ -237,12 +250,14 @@ async def images_edits(request: Request, user: User, service: ServiceDep) -> JSO
         raise _failed(service, job_id, job)
     w, h = Image.open(io.BytesIO(data[0])).size
     items = [
-        ImageData(b64_json=base64.b64encode(d).decode()) if response_format == "b64_json"
+        ImageData(b64_json=base64.b64encode(d).decode())
+        if response_format == "b64_json"
         else ImageData(url=sample_url(base, job, i))
         for i, d in enumerate(data)
-    ]  # fmt: skip
-    body = ImagesResponse(created=int(job.finished or time.time()), data=items, output_format=output_format,
-                          size=f"{w}x{h}")  # fmt: skip
+    ]
+    body = ImagesResponse(
+        created=int(job.finished or time.time()), data=items, output_format=output_format, size=f"{w}x{h}"
+    )
     return JSONResponse(body.model_dump(exclude_none=True), headers={"X-Task-Id": job_id})
 
 
@@ -258,8 +273,11 @@ def _failed(service: Service, job_id: str, job: J.Job | None) -> Refused:
     if job.state in MODERATED:
         reason = details.get("reason") or "flagged"
         what = "request" if job.state == J.REQUEST_MODERATED else "output"
-        return Refused(400, f"Your request was rejected by the safety system ({what}: {reason})",
-                       code="moderation_blocked")  # fmt: skip
+        return Refused(
+            400,
+            f"Your request was rejected by the safety system ({what}: {reason})",
+            code="moderation_blocked",
+        )
     if job.state == J.HELD:
         return Refused(403, f"the result is held for review; poll /v1/get_result?id={job_id}")
     error = str(details.get("error", "the edit failed"))

@@ -21,10 +21,20 @@ from .service import NotAccepting, Service
 log = logging.getLogger(__name__)
 
 OPENAI_PREFIX = "/v1/images/"  # routes whose errors take OpenAI's shape
-OPENAI_TYPES = {401: "invalid_request_error", 403: "invalid_request_error", 404: "invalid_request_error",
-                413: "invalid_request_error", 429: "requests"}  # fmt: skip
-OPENAI_CODES = {401: "invalid_api_key", 413: "request_too_large", 429: "rate_limit_exceeded",
-                503: "service_unavailable", 504: "timeout"}  # fmt: skip
+OPENAI_TYPES = {
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "requests",
+}
+OPENAI_CODES = {
+    401: "invalid_api_key",
+    413: "request_too_large",
+    429: "rate_limit_exceeded",
+    503: "service_unavailable",
+    504: "timeout",
+}
 
 
 class Refused(Exception):
@@ -141,8 +151,14 @@ def install_handlers(app: FastAPI, service: Service) -> None:
 
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> JSONResponse:
-        return error_response(request.url.path, exc.status, exc.message, retry_after=exc.retry_after,
-                              param=exc.param, code=exc.code)  # fmt: skip
+        return error_response(
+            request.url.path,
+            exc.status,
+            exc.message,
+            retry_after=exc.retry_after,
+            param=exc.param,
+            code=exc.code,
+        )
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -153,8 +169,10 @@ def install_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Never echo the input back (it may be a 40 MB base64 image): location, message, type only.
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]  # fmt: skip
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
         service.metrics.rejected.labels("invalid").inc()
         status = 400 if is_openai(request.url.path) else 422
         param = str(errors[0]["loc"][-1]) if errors and errors[0]["loc"] else None
