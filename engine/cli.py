@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .build.backend import BUILD_BACKENDS
-from .config import DEFAULT_GUIDANCE, DEFAULT_PROMPT, LoadOptions
+from .config import DEFAULT_GUIDANCE, DEFAULT_PROMPT, DTYPES, LoadOptions
 from .errors import ConfigError, KontextError, ModeratedError
 from .manifest import PROFILE_MODES
 
@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default=None, help="with --engine: fp32 | int8 | fp8 | bf16")
     e.add_argument("--miss-policy", default="error", choices=("error", "torch"), help="unbuilt shapes")
     e.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    _torch_path_flags(e)
     e.add_argument("--ref", action="append", default=[], metavar="IMG", help="a reference image (up to 3)")
     e.add_argument(
         "--then",
@@ -129,6 +130,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--deadline-s", type=float, default=None, help="sequential: skip contestants past it")
     b.add_argument("--profile", default="", help="comma list of contestants whose one step is profiled")
+    b.add_argument(
+        "--context-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also run each torch contestant split over N processes (+cpN), beside the one-process run",
+    )
     b.add_argument("--build-dir", type=Path, default=None, help="the build to bench (default build/<model>)")
     b.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results root folder")
     b.add_argument("--image", type=Path, default=None, help="input image (default: the bundled sample)")
@@ -231,6 +239,7 @@ def _serve_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     s.add_argument("--backend", default=None, help="with --engine: onnxruntime | tensorrt | torch")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--miss-policy", default="error", choices=("error", "torch"), help="unbuilt shapes")
+    _torch_path_flags(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--workers", type=int, default=1, help="edits run at once (engine workers)")
@@ -340,6 +349,20 @@ def _device(requested: str | None) -> str:
     return requested
 
 
+def _torch_path_flags(p: argparse.ArgumentParser) -> None:
+    """The torch path's weights dtype and context parallelism (kontext edit and serve)."""
+    p.add_argument(
+        "--dtype", default=None, choices=DTYPES, help="torch weights (default: bf16 on CUDA, fp32 on a CPU)"
+    )
+    p.add_argument(
+        "--context-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split each transformer forward over N processes (torch path; N GPUs on CUDA; default 1)",
+    )
+
+
 def _edit(args: argparse.Namespace) -> int:
     """`kontext edit`: a preset or weights path (torch eager), or `--engine build/...` (its artifacts),
     both through the runtime API that servers embed. --then chains edits through a session; --num-images
@@ -369,6 +392,8 @@ def _edit(args: argparse.Namespace) -> int:
         miss_policy=args.miss_policy,
         threads=args.threads,
         torch_mode=args.torch_mode,
+        dtype=args.dtype,
+        context_parallel=args.context_parallel,
     )
     progress = not args.no_progress
     with load(
@@ -564,7 +589,9 @@ def _bench_config(args: argparse.Namespace) -> BenchConfig:
         repeats=args.repeats,
         warmup=args.warmup,
         buckets=bucket_list or None,
-        contestants=names(args.contestants),
+        contestants=_with_context_parallel(
+            names(args.contestants), args.context_parallel, _device(args.device)
+        ),
         build_dir=args.build_dir,
         device=_device(args.device),
         prompt=args.prompt,
@@ -576,6 +603,24 @@ def _bench_config(args: argparse.Namespace) -> BenchConfig:
         deadline_s=args.deadline_s,
         profile=names(args.profile) or (),
     )
+
+
+def _with_context_parallel(
+    chosen: tuple[str, ...] | None, n: int, device: str | None
+) -> tuple[str, ...] | None:
+    """The bench's contestants plus a +cpN twin of each torch one, timed side by side (n > 1)."""
+    if n == 1:
+        return chosen
+    if n < 1:
+        raise ConfigError(f"--context-parallel must be 1 (off) or more processes, got {n}")
+    import torch
+
+    from .bench.runner import default_contestants
+
+    base = chosen or default_contestants(
+        torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    )
+    return (*base, *(f"{c}+cp{n}" for c in base if c.startswith("torch-")))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -594,10 +639,18 @@ def _serve(args: argparse.Namespace) -> int:
     if args.verbose == 0:
         logging.getLogger("engine.serve").setLevel(logging.INFO)  # recoveries, drains, reaps
     load_options = LoadOptions(
-        backend=args.backend, precision=args.precision, device=device, miss_policy=args.miss_policy
+        backend=args.backend,
+        precision=args.precision,
+        device=device,
+        miss_policy=args.miss_policy,
+        dtype=args.dtype,
+        context_parallel=args.context_parallel,
     )
     if args.ray:
         from .serve.ray_app import RayOptions, run_ray
+
+        if args.context_parallel > 1:
+            raise ConfigError("--context-parallel runs in the local server: drop --ray or --context-parallel")
 
         gpus = (
             args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)

@@ -16,6 +16,7 @@ DEFAULT_STEPS = 28  # diffusers' FluxKontextPipeline (BFL's CLI uses 30)
 SYNTHETIC_STEPS = 8  # the random-weight presets gain nothing past 8
 DEFAULT_GUIDANCE = 2.5  # the model card and BFL's CLI (diffusers defaults to 3.5)
 DEFAULT_PROMPT = "add a small red hat"  # what `kontext edit` and `kontext bench` run when given none
+DTYPES = ("fp32", "bf16")  # what the torch path's weights may be in (LoadOptions.dtype, --dtype)
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,9 @@ class LoadOptions:
     torch sees a GPU, else cpu. miss_policy: error | torch. workers: concurrent edits. threads: ONNX
     Runtime intra-op threads. torch_mode: eager | compile | fp8. plan_memory_budget: bytes of TensorRT
     plans kept loaded (None: 80% of the GPU's memory); plans of other families are evicted LRU.
+    dtype: fp32 | bf16 of the torch path's weights (None: bf16 on CUDA, fp32 on a CPU; bf16 pays on CPUs
+    with AMX or AVX512-BF16). context_parallel: processes each torch forward is split over
+    (engine/distributed; 1: off).
     """
 
     backend: str | None = None
@@ -247,8 +251,16 @@ class LoadOptions:
     threads: int | None = None
     torch_mode: str = "eager"
     plan_memory_budget: int | None = None
+    dtype: str | None = None
+    context_parallel: int = 1
 
     def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.context_parallel < 1:
+            raise ConfigError(
+                f"context_parallel must be 1 (off) or more processes, got {self.context_parallel}"
+            )
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
         if self.threads is not None and self.threads < 0:

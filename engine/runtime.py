@@ -34,6 +34,7 @@ from .backends.torch_options import TORCH_MODES, TorchOptions
 from .buckets import ShapeKey, family_shape_keys
 from .config import DEFAULT_STEPS, PRESETS, LoadOptions, is_synthetic
 from .dispatch import MISS_POLICIES, Dispatcher, DispatchStats, served_buckets
+from .distributed import check_context_parallel, context_parallel_denoiser
 from .errors import BackendUnavailableError, ConfigError
 from .images import load_image
 from .manifest import MANIFEST_NAME, Manifest, read_manifest, rebuild_command
@@ -323,7 +324,18 @@ def resolve(source: str | Path, opts: LoadOptions) -> Resolved:
         require_tensorrt()  # before loading anything onto a GPU that may not exist
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BackendUnavailableError(f"device {device!r} asked for, but torch sees no CUDA device; use cpu")
-    dtype = torch.float32 if backend == "onnxruntime" else default_dtype(device)  # ORT: fp32 encoders
+    if opts.dtype is not None and backend != "torch":
+        raise ConfigError(
+            f"dtype={opts.dtype!r} sets the torch path's weights; a {backend} build has its own"
+        )
+    if opts.context_parallel > 1 and backend != "torch":
+        check_context_parallel(opts.context_parallel, backend=backend)  # refuses, naming the fix
+    if backend == "onnxruntime":
+        dtype = torch.float32  # ORT: fp32 encoders
+    else:
+        dtype = (
+            torch.bfloat16 if opts.dtype == "bf16" else torch.float32 if opts.dtype else default_dtype(device)
+        )
     model = manifest.model if manifest is not None else str(source)
     return Resolved(model, replace(opts, backend=backend, device=device), dtype, build_dir, manifest)
 
@@ -336,7 +348,13 @@ def assemble(r: Resolved, components: Components, torch_options: TorchOptions | 
     if opts.miss_policy == "torch" and opts.backend != "torch":
         fallback = TorchDenoiser(components.transformer, name="torch-eager-fallback")
     if r.manifest is None or r.build_dir is None:
-        primary: Denoiser = _torch_denoiser(components, opts.torch_mode, torch_options, r.device, r.dtype)
+        primary: Denoiser
+        if opts.context_parallel > 1:  # the workers get the plain transformer; rank 0 a weight-sharing copy
+            primary = context_parallel_denoiser(
+                components.transformer, opts.context_parallel, mode=opts.torch_mode, options=torch_options
+            )
+        else:
+            primary = _torch_denoiser(components, opts.torch_mode, torch_options, r.device, r.dtype)
         family, hint = components.preset.bucket_family, f"`kontext build --model {r.model}`"
     else:
         primary = load_artifacts(r.manifest, r.build_dir, weights_id=components.weights_id, options=opts)
@@ -357,6 +375,8 @@ def load(
     torch_mode: str = "eager",
     torch_options: TorchOptions | None = None,
     plan_memory_budget: int | None = None,
+    dtype: str | None = None,
+    context_parallel: int = 1,
     safety: SafetyPolicy | str | None = None,
     signer: ProvenanceSigner | None = None,
     loras: Sequence[LoraSpec | str] = (),
@@ -382,10 +402,16 @@ def load(
         threads=threads,
         torch_mode=torch_mode,
         plan_memory_budget=plan_memory_budget,
+        dtype=dtype,
+        context_parallel=context_parallel,
     )
     if options is not None and keywords != LoadOptions():
         raise ConfigError("pass the load options either as options=LoadOptions(...) or as keywords, not both")
     r = resolve(source, options or keywords)
+    if r.options.context_parallel > 1:  # before any weights: one line for what cannot run split
+        check_context_parallel(
+            r.options.context_parallel, mode=r.options.torch_mode, options=torch_options, device=r.device
+        )
     from .safety.policy import resolve_policy
 
     policy = resolve_policy(safety, synthetic=is_synthetic(r.model))  # before the weights: fail fast

@@ -62,6 +62,8 @@ def test_size_override(tmp_path):
         (["edit", "--steps", "0"], "steps must be"),
         (["edit", "--size", "100x64"], "multiples of 16"),
         (["edit", "--model", "/no/such/model"], "hf download"),
+        (["edit", "--context-parallel", "2", "--levers", "graphs"], "cannot replay cuda graphs"),
+        (["edit", "--context-parallel", "0"], "context_parallel must be 1"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path):

@@ -375,3 +375,25 @@ def test_a_worker_that_fails_while_starting_fails_the_load_and_leaves_no_process
     with pytest.raises(RankFailedError, match=r"rank 1 exited with code 1 while starting"):
         context_parallel_denoiser(poisoned, 2, threads=1, timeout_s=60)
     assert set(multiprocessing.active_children()) <= children  # the dead worker was joined
+
+
+# --------------------------------------------------------------------------- engine.load(context_parallel=N)
+
+
+def test_load_with_context_parallel_edits_like_one_process() -> None:
+    """The wiring: engine.load("tiny", context_parallel=2) gives one process's latents (fp32, 1e-5)."""
+    import engine
+
+    image = gradient_image(128, 96)
+    with engine.load("tiny") as one, engine.load("tiny", context_parallel=2) as two:
+        assert two.dispatcher.primary.name != one.dispatcher.primary.name
+        a = one.edit(image, "a tiny edit", steps=2, seed=4).latents
+        b = two.edit(image, "a tiny edit", steps=2, seed=4).latents
+    assert rel_l2(b, a) < PARITY
+
+
+def test_load_refuses_context_parallel_for_built_engines(tiny_build) -> None:
+    import engine
+
+    with pytest.raises(ConfigError, match="built onnxruntime engine runs as one process"):
+        engine.load(tiny_build, context_parallel=2)

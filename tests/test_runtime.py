@@ -144,3 +144,20 @@ def test_outputs_carry_the_request_and_never_a_path(tiny_engine, tmp_path):
     (tmp_path / "served.png").write_bytes(built.encode(result))  # the server's bytes: no prompt unless asked
     served = read_png_metadata(tmp_path / "served.png")
     assert served["engine"] == "tiny-fp32" and "prompt" not in served and str(tmp_path) not in str(served)
+
+
+def test_dtype_sets_the_torch_path_and_is_refused_for_a_build(tiny_build):
+    """--dtype bf16 on a CPU (fast with AMX): the weights and the pipeline run in bf16, and the edit stays
+    close to fp32's; a built engine keeps its own precision and refuses the option in one line."""
+    image = gradient_image(128, 96)
+    with engine.load("tiny") as fp32, engine.load("tiny", dtype="bf16") as bf16:
+        assert bf16.dtype == torch.bfloat16 and fp32.dtype == torch.float32
+        assert next(bf16.components.transformer.parameters()).dtype == torch.bfloat16
+        a = fp32.edit(image, "x", steps=2).latents
+        b = bf16.edit(image, "x", steps=2).latents.float()
+    err = float((a - b).norm() / a.norm())
+    assert 0 < err < 0.1  # bf16 differs, but by rounding, not by a broken path
+    with pytest.raises(ConfigError, match="a onnxruntime build has its own"):
+        engine.load(tiny_build, dtype="bf16")
+    with pytest.raises(ConfigError, match="dtype must be one of fp32, bf16"):
+        engine.load("tiny", dtype="fp16")

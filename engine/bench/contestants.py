@@ -22,6 +22,7 @@ from ..backends import Denoiser, named_inputs
 from ..backends.fp8 import fp8_linears
 from ..backends.torch import TorchDenoiser, compile_vae, dtype_name, torch_denoiser, weight_sharing_copy
 from ..backends.torch_options import parse_spec
+from ..distributed import check_context_parallel, context_parallel_denoiser
 from ..errors import ConfigError
 from ..model.components import Components
 from ..pipeline import KontextPipeline
@@ -36,6 +37,7 @@ BASELINE = "diffusers"
 TORCH_PREFIX = "torch-"  # torch-{eager|compile}[-fp32|-bf16][+lever...][+cache] or torch-fp8[+lever...]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # torch-<mode>-<dtype>
 CACHE_LEVER = "cache"  # bench-side lever: prompt embeddings cached across the contestant's edits
+CP_LEVER = "cp"  # bench-side lever cpN: each forward split over N processes (engine.distributed)
 ENGINES = "engines"  # every artifact of the manifest
 STAGES = ("text_encode", "vae_encode", "step", "denoise", "vae_decode", "total")
 
@@ -258,15 +260,24 @@ def torch_contestant(
     tokens = spec.split("+")
     head, own_dtype = split_dtype(tokens[0])
     cache = CACHE_LEVER in tokens[1:]
-    mode, options = parse_spec("+".join([head, *(t for t in tokens[1:] if t != CACHE_LEVER)]))
+    cp = [t for t in tokens[1:] if t.startswith(CP_LEVER) and t[len(CP_LEVER) :].isdigit()]
+    processes = int(cp[-1][len(CP_LEVER) :]) if cp else 1
+    levers = [t for t in tokens[1:] if t != CACHE_LEVER and t not in cp]
+    mode, options = parse_spec("+".join([head, *levers]))
     if own_dtype is not None and mode == "fp8":
         raise ConfigError(f"{spec!r}: torch-fp8 takes no dtype suffix (its unquantized layers run in bf16)")
     run_dtype = own_dtype or dtype
     precision = "fp8" if mode == "fp8" else dtype_name(run_dtype)
     base = "torch-fp8" if mode == "fp8" else f"torch-{mode}-{precision}"  # torch-eager-fp32, torch-fp8
-    name = "+".join((base, *options.levers, *([CACHE_LEVER] if cache else [])))
+    name = "+".join((base, *options.levers, *cp[-1:], *([CACHE_LEVER] if cache else [])))
+    if processes > 1:  # refused in one line before anything loads
+        check_context_parallel(processes, mode=mode, options=options, device=device)
+        if own_dtype is not None:
+            raise ConfigError(f"{spec!r}: context parallelism runs in the bench's dtype; drop the suffix")
 
     def make() -> Denoiser:
+        if processes > 1:  # the workers get the plain transformer; rank 0 runs a weight-sharing copy
+            return context_parallel_denoiser(components.transformer, processes, mode=mode, options=options)
         amax = None
         if options.fp8_scales == "static":
             from ..calibration import calibrate_amax

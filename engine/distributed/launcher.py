@@ -37,6 +37,7 @@ import torch.distributed as dist
 from ..backends import named_inputs
 from ..backends.torch import weight_sharing_copy
 from ..backends.torch_options import TorchOptions
+from ..buckets import ShapeKey
 from ..errors import BackendUnavailableError, ConfigError
 from .rank import (
     DEFAULT_TIMEOUT_S,
@@ -134,7 +135,7 @@ class ContextParallelDenoiser:
     Call close() (or let the engine close it) to stop the workers.
     """
 
-    shape_keys = None  # any shape, as the torch denoiser
+    shape_keys: frozenset[ShapeKey] | None = None  # any shape, as the torch denoiser
 
     def __init__(self, runner: RankRunner, workers: list[_Worker], store: Any, name: str) -> None:
         self.runner = runner
