@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
         "--compile-cache",
         type=Path,
         default=None,
-        help="folder of the persistent torch compile cache (e.g. build/full/compile-cache)",
+        help="folder of the persistent torch compile cache (e.g. build/full/compile-cache): read at load, "
+        "written after the edits, so the next process skips the compiles",
     )
     _safety_flags(e)
 
@@ -411,12 +412,23 @@ def _edit(args: argparse.Namespace) -> int:
                 path = _numbered(args.output, turn)
                 _save(kontext, result, 0, path, previous, args, extra)
                 previous = path
+            _save_compile_cache(kontext)
             return 0
         result = kontext.edit(request, progress=progress)
         for i in range(len(result.images)):
             path = args.output if args.num_images == 1 else _numbered(args.output, i + 1)
             _save(kontext, result, i, path, image_path, args, extra)
+        _save_compile_cache(kontext)
     return 0
+
+
+def _save_compile_cache(kontext: KontextEngine) -> None:
+    """After the edits (everything compiled by now): write the torch compile cache, if one was named."""
+    from .backends.torch import TorchDenoiser
+
+    primary = kontext.dispatcher.primary
+    if isinstance(primary, TorchDenoiser) and (saved := primary.save_compile_cache()) is not None:
+        log.info("compile cache written to %s", saved)
 
 
 def _edit_request(args: argparse.Namespace, image: Path) -> EditRequest:

@@ -218,17 +218,6 @@ def is_synthetic(model: str) -> bool:
     return model in PRESETS and PRESETS[model].synthetic
 
 
-def get_preset(name: str) -> ModelPreset:
-    """The preset called `name`, or a ConfigError listing the known ones."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        known = ", ".join(sorted(PRESETS))
-        raise ConfigError(
-            f"unknown model preset {name!r}; choose one of: {known}, or pass a local path"
-        ) from None
-
-
 @dataclass(frozen=True)
 class LoadOptions:
     """How runtime.load builds an engine; passed down once, to the backend's loader.

@@ -289,11 +289,6 @@ def encode_image(image: Image.Image, fmt: str, metadata: Mapping[str, str]) -> b
     return buf.getvalue()
 
 
-def save_png(image: Image.Image, path: str | os.PathLike[str], metadata: Mapping[str, str]) -> Path:
-    """Write `image` as a PNG with one text chunk per metadata item, atomically (engine.files)."""
-    return write_bytes(path, encode_image(image, "PNG", metadata))
-
-
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """An encoded image to `path`, atomically; an OSError becomes an ImageError naming the file."""
     target = Path(path)

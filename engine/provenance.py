@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ProvenanceError
 from .files import atomic_write_bytes, atomic_writer
-from .images import MIME_TYPES, sniff_format, write_bytes
+from .images import MIME_TYPES, sniff_format
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,6 @@ class ProvenanceSigner:
         except c2pa.C2paError as e:
             raise ProvenanceError(f"C2PA signing failed: {e}") from e
         return out.getvalue()
-
-    def sign_file(self, path: str | Path, *, parent: bytes, model: str) -> Path:
-        """Sign the PNG/JPEG at `path` in place (atomically)."""
-        p = Path(path)
-        return write_bytes(p, self.sign(p.read_bytes(), parent=parent, model=model, title=p.name))
 
     def _signer(self) -> Any:
         import c2pa

@@ -96,3 +96,10 @@ def built_tiny(tiny_build: Path, tiny: Components, tmp_path_factory: pytest.Temp
         components=tiny,
     )
     return out
+
+
+def save_png(image, path, metadata):
+    """A PNG with `metadata` as text chunks, written atomically: the engine's own encoder and writer."""
+    from engine.images import encode_image, write_bytes
+
+    return write_bytes(path, encode_image(image, "PNG", metadata))

@@ -140,3 +140,17 @@ def test_a_build_and_local_weights_default_to_their_model_steps(tiny_build, tmp_
     assert (
         default_steps(folder) == DEFAULT_STEPS
     )  # a non-standard config without kontext.json: the real defaults
+
+
+def test_edit_writes_the_compile_cache_it_names(tmp_path, monkeypatch):
+    """--compile-cache is read at load and written after the edits (it was read and never written)."""
+    import torch
+
+    from engine.backends.compile_cache import cache_file
+
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
+    cache = tmp_path / "cache"
+    args = ["edit", "--steps", "1", "--torch-mode", "compile", "--no-progress", "--compile-cache", str(cache)]
+    args += ["-o", str(tmp_path / "o.png")]
+    assert main(args) == 0
+    assert cache_file(cache).read_bytes() == b"compiled"

@@ -22,11 +22,11 @@ from engine.images import (
     load_image,
     read_png_metadata,
     resize_to,
-    save_png,
     to_pil,
     to_rgb,
     to_tensor,
 )
+from tests.conftest import save_png
 
 HANG_BOUND_S = 1.0  # a bound on a hang, not a performance test
 

@@ -11,10 +11,10 @@ from engine.backends.torch import TorchDenoiser
 from engine.buckets import FAMILIES, buckets, nearest_bucket
 from engine.cli import main
 from engine.errors import BucketError, ConfigError
-from engine.images import load_image, read_png_metadata, save_png
+from engine.images import load_image, read_png_metadata
 from engine.request import EditRequest, EncodedImage
 
-from .conftest import gradient_image
+from .conftest import gradient_image, save_png
 
 TURNS = [("add a red hat", 1), ("make it night", 2), ("paint it in watercolor", 3)]
 

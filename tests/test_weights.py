@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import PRESETS, get_preset
-from engine.errors import ConfigError, WeightsError
+from engine.config import PRESETS
+from engine.errors import WeightsError
 from engine.model.components import fingerprint_module
 from engine.model.load import load_components
 from engine.model.synthetic import build_modules, build_synthetic
@@ -14,7 +14,7 @@ from engine.model.tokenizers import build_tokenizers
 
 
 def test_tiny_is_deterministic_and_in_eval_mode(tiny):
-    again = build_synthetic(get_preset("tiny"))
+    again = build_synthetic(PRESETS["tiny"])
     assert again.weights_id == tiny.weights_id
     for a, b in zip(
         tiny.transformer.state_dict().values(), again.transformer.state_dict().values(), strict=True
@@ -28,13 +28,13 @@ def test_tiny_is_deterministic_and_in_eval_mode(tiny):
 def test_tiny_weights_do_not_depend_on_global_rng(tiny):
     torch.manual_seed(12345)
     before = torch.random.get_rng_state()
-    again = build_synthetic(get_preset("tiny"))
+    again = build_synthetic(PRESETS["tiny"])
     assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is left untouched
     assert again.weights_id == tiny.weights_id
 
 
 def test_fingerprint_changes_with_one_weight(tiny):
-    clone = build_synthetic(get_preset("tiny")).transformer
+    clone = build_synthetic(PRESETS["tiny"]).transformer
     with torch.no_grad():
         next(iter(clone.parameters())).view(-1)[0] += 1e-3
     assert fingerprint_module(clone) != tiny.weights_id
@@ -92,6 +92,7 @@ def test_folder_without_model_index_is_refused(tmp_path):
         load_components(tmp_path)
 
 
-def test_unknown_preset_is_a_config_error():  # bad edit values: tests/test_request.py
-    with pytest.raises(ConfigError, match="tiny"):
-        get_preset("huge")
+def test_unknown_preset_names_the_presets_or_the_download():  # bad edit values: tests/test_request.py
+    with pytest.raises(WeightsError, match=r"'huge' is neither a preset \(tiny, small, full\)") as e:
+        load_components("huge")
+    assert "hf download black-forest-labs/FLUX.1-Kontext-dev" in str(e.value)
