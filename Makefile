@@ -1,4 +1,5 @@
-# Kontext engine. `make bench` is the one command a newcomer runs; `make test` is what CI runs.
+# Kontext engine. `make bench` is the one command a newcomer runs; CI (.ci/run) runs `make test`, `make lint`
+# and `make rehearse`.
 #
 # torch is installed first, pinned, so nothing later pulls a second build:
 #   - PyPI's torch==2.13.0 for Linux x86_64 is the CUDA build (what a GPU machine wants);

@@ -129,7 +129,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=("interleaved", "sequential"),
         help="interleaved rounds (all contestants loaded), or one contestant at a time (12B on a GPU)",
     )
-    b.add_argument("--deadline-s", type=float, default=None, help="sequential: skip contestants past it")
+    b.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="sequential: seconds from this process's start (imports and the model build count); "
+        "contestants that would end past it are skipped",
+    )
     b.add_argument("--profile", default="", help="comma list of contestants whose one step is profiled")
     b.add_argument(
         "--context-parallel",
