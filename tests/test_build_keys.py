@@ -277,9 +277,20 @@ def test_tensorrt_refs_and_batch_build(tmp_path: Path, tiny: Components) -> None
 # ----------------------------------------------------------------------------- the build's torch dtype
 
 
-def test_a_bf16_build_verifies_its_fp32_graph_and_gives_the_weights_back_in_bf16(tiny, tmp_path):
+def test_a_bf16_build_verifies_its_fp32_graph_and_gives_the_weights_back_in_bf16(tiny, tmp_path, monkeypatch):
     """What a GPU build does by default (BuildOptions.resolved: cuda, bf16), run on the CPU: the weights
-    held in bf16, the graph exported and the reference taken in fp32 (an exact round trip), verified."""
+    held in bf16 and calibrated in bf16 (no fp32 copy of a 12B model), the graph exported and the
+    reference taken in fp32 (an exact round trip), verified."""
+    from engine.build import calibrate
+
+    calibrated_in: list[torch.dtype] = []
+
+    def spy(*args, **kwargs):
+        calibrated_in.append(kwargs["dtype"])
+        return run_calibration(*args, **kwargs)
+
+    run_calibration = calibrate.run_calibration
+    monkeypatch.setattr(calibrate, "run_calibration", spy)
     comps = dataclasses.replace(tiny, transformer=copy.deepcopy(tiny.transformer))
     comps = dataclasses.replace(comps, vae=copy.deepcopy(tiny.vae))
     for m in (comps.transformer, comps.vae):
@@ -291,3 +302,4 @@ def test_a_bf16_build_verifies_its_fp32_graph_and_gives_the_weights_back_in_bf16
     after = comps.transformer.state_dict()
     assert all(after[k].dtype == torch.bfloat16 and torch.equal(after[k], before[k]) for k in before)
     assert next(comps.vae.parameters()).dtype == torch.bfloat16
+    assert calibrated_in == [torch.bfloat16]

@@ -307,9 +307,10 @@ def _write_export(ctx: BuildContext) -> list[Path]:
 @contextmanager
 def _float32(*modules: Any) -> Iterator[None]:
     """The modules in float32 for the block, cast in place on their device and back after (bf16 -> fp32
-    -> bf16 is exact). The graph is exported in fp32, and calibration and the reference run the sampling
+    -> bf16 is exact). The graph is exported in fp32, and the verification reference runs the sampling
     loop in fp32 (calibrate.py's pipeline): the transformer and the VAE take its fp32 tensors, while the
-    text encoders take token ids and stay in the build's dtype (their outputs are cast)."""
+    text encoders take token ids and stay in the build's dtype (their outputs are cast). Calibration
+    runs in the build's dtype."""
     dtypes = [next(m.parameters()).dtype for m in modules]
     for m in modules:
         torch.nn.Module.to(m, dtype=torch.float32)
@@ -322,15 +323,18 @@ def _float32(*modules: Any) -> Iterator[None]:
 
 def _calibrate(ctx: BuildContext) -> Stage:
     inputs = {"weights": ctx.components.weights_id, "calibration": ctx.facts.calibration_sha256}
+    dtype = next(ctx.components.transformer.parameters()).dtype
+    if dtype != torch.float32:  # recorded in another dtype: other samples (fp32 builds keep their hash)
+        inputs["dtype"] = str(dtype).removeprefix("torch.")
     return _stage(ctx, "calibrate", inputs, _files(partial(_write_samples, ctx))).stage
 
 
 def _write_samples(ctx: BuildContext) -> list[Path]:
     c = ctx.components
-    with _float32(c.transformer, c.vae):
-        samples = calibrate.capture_calibration(
-            c, ctx.options.calibration, ctx.family, ctx.options.device or "cpu", progress=ctx.options.progress
-        )
+    # calibration runs in the weights' dtype (bf16 in a GPU build); export and the reference in fp32
+    samples = calibrate.capture_calibration(
+        c, ctx.options.calibration, ctx.family, ctx.options.device or "cpu", progress=ctx.options.progress
+    )
     calibrate.save_samples(ctx.root / CALIBRATION_REL, samples)
     return [ctx.root / CALIBRATION_REL]
 

@@ -64,15 +64,19 @@ def calibration_hash(spec: CalibrationSpec, family: str) -> str:
 def capture_calibration(
     components: Components, spec: CalibrationSpec, family: str, device: str = "cpu", progress: bool = True
 ) -> list[Sample]:
-    """Run the calibration edits through the sampling loop; return the recorded transformer inputs."""
-    rec = RecordingDenoiser(TorchDenoiser(components.transformer, name="torch-fp32"))
+    """Run the calibration edits through the sampling loop in the weights' own dtype (bf16 for a GPU build:
+    the real model calibrates on the GPU without an fp32 copy); return the recorded inputs in fp32."""
+    dtype = next(components.transformer.parameters()).dtype
+    rec = RecordingDenoiser(TorchDenoiser(components.transformer, name="torch-calibration"))
     samples: list[Sample] = []
 
     def keep(_edit: object) -> None:
         samples.extend(_samples(rec.calls, with_output=False))  # every step's inputs
         rec.reset()
 
-    run_calibration(components, rec, spec, device=device, family=family, after_edit=keep, progress=progress)
+    run_calibration(
+        components, rec, spec, device=device, dtype=dtype, family=family, after_edit=keep, progress=progress
+    )
     return samples
 
 
