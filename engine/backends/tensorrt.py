@@ -9,6 +9,9 @@ TensorRT 10). Graphs are captured only by `capture_graphs` (KontextEngine.warmup
 before serving. Plans of other bucket families load on first use, outside the lock calls take, and
 are freed least-recently-used under a byte budget. Every TensorRT call runs under the denoiser's
 CUDA device. CUDA is checked before any TensorRT call: deserializing without a GPU segfaults.
+
+Over 400 lines on purpose: the worker pool, the per-key contexts and the graph capture share one lock
+discipline, and splitting them would spread it across files (the plan bookkeeping is tensorrt_plans.py).
 """
 
 from __future__ import annotations
