@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from ..backends import Denoiser, named_inputs
+from ..backends import Denoiser, DenoiserBase
 from ..backends.fp8 import fp8_linears
 from ..backends.torch import TorchDenoiser, compile_vae, dtype_name, torch_denoiser, weight_sharing_copy
 from ..backends.torch_options import parse_spec
@@ -213,7 +213,7 @@ def split_dtype(head: str) -> tuple[str, torch.dtype | None]:
     return head, None
 
 
-class CastDenoiser:
+class CastDenoiser(DenoiserBase):
     """A denoiser run in its own dtype inside a pipeline of another: inputs cast in, the output cast back
     (torch-eager-bf16 on a CPU, where the pipeline and the reference are fp32)."""
 
@@ -221,22 +221,10 @@ class CastDenoiser:
         self.inner = inner
         self.dtype = dtype
         self.out_dtype = out_dtype
-        self.name = getattr(inner, "name", "cast")
-        self.shape_keys = getattr(inner, "shape_keys", None)
+        self.name = inner.name
+        self.shape_keys = inner.shape_keys
 
-    def __call__(
-        self,
-        hidden_states: torch.Tensor,  # [B, N + M, 64]
-        img_ids: torch.Tensor,  # [N + M, 3]
-        encoder_hidden_states: torch.Tensor,  # [B, L, D_txt]
-        txt_ids: torch.Tensor,  # [L, 3]
-        pooled_projections: torch.Tensor,  # [B, D_pooled]
-        timestep: torch.Tensor,  # [B]
-        guidance: torch.Tensor,  # [B]
-    ) -> torch.Tensor:  # [B, N + M, 64] in out_dtype
-        inputs = named_inputs(
-            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
-        )
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # -> [B, N + M, 64] in out_dtype
         cast = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         return self.inner(**cast).to(self.out_dtype)
 

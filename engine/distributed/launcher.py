@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..backends import named_inputs
+from ..backends import DenoiserBase
 from ..backends.torch import weight_sharing_copy
 from ..backends.torch_options import TorchOptions
 from ..buckets import ShapeKey
@@ -128,7 +128,7 @@ class _Worker:
     conn: Any  # rank 0's end of the pipe
 
 
-class ContextParallelDenoiser:
+class ContextParallelDenoiser(DenoiserBase):
     """The Denoiser contract over N processes: rank 0 is this object, ranks 1..N-1 its workers.
 
     Calls are serialized (a lock): every rank must issue the same collectives in the same order.
@@ -153,21 +153,10 @@ class ContextParallelDenoiser:
     def closed(self) -> bool:
         return self._closed
 
-    def __call__(
-        self,
-        hidden_states: torch.Tensor,  # [B, N + M, 64]
-        img_ids: torch.Tensor,  # [N + M, 3]
-        encoder_hidden_states: torch.Tensor,  # [B, L, D_txt]
-        txt_ids: torch.Tensor,  # [L, 3]
-        pooled_projections: torch.Tensor,  # [B, D_pooled]
-        timestep: torch.Tensor,  # [B]
-        guidance: torch.Tensor,  # [B]
-    ) -> torch.Tensor:  # [B, N + M, 64]
-        inputs = named_inputs(
-            hidden_states, img_ids, encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance
-        )
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # DENOISER_INPUTS -> [B, N + M, 64]
         inputs = {k: v.contiguous() for k, v in inputs.items()}
-        Layout.of(encoder_hidden_states.shape[1], hidden_states.shape[1], self.world_size)  # refuse early
+        text, image = inputs["encoder_hidden_states"].shape[1], inputs["hidden_states"].shape[1]
+        Layout.of(text, image, self.world_size)  # refuse early
         shapes = [(tuple(v.shape), v.dtype) for v in inputs.values()]
         with self._lock:
             if self._closed:
