@@ -389,7 +389,7 @@ def load(
     safety: a SafetyPolicy (engine.safety.build_policy), or "off" / "review"; None: off for the random
     presets, review for the real model (its licence asks for filters or human review). signer: a
     provenance.ProvenanceSigner; outputs.save then C2PA-signs every output. torch_options: the torch
-    path's levers (backends.torch.TorchOptions). These are objects, not options, so they are keywords
+    path's levers (backends.torch_options.TorchOptions). These are objects, not options, so they are keywords
     beside `options`. loras: LoRA files (LoraSpec, or "PATH[:SCALE]"), fused into the transformer at
     load; they change weights_id.
     """
