@@ -30,6 +30,10 @@ budget=480 model=full device=cuda steps=28 buckets=1024x1024 repeats=3 warmup=1 
 headline="diffusers,torch-fp8,torch-fp8+qkv+graphs"
 contestants="torch-fp8+graphs,torch-fp8+all,torch-fp8+static,torch-fp8+attn-fp8-block,torch-fp8+attn-bf16"
 contestants+=",torch-compile,torch-fp8+qkv+graphs+vae"
+# Several GPUs: one edit split over all of them too (engine.distributed, NCCL), in the rest phase, right
+# after the one-GPU contestants it is compared with. Never run: no machine so far had more than one GPU.
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+[[ ${gpus:-0} -ge 2 ]] && contestants="torch-fp8+cp${gpus},torch-eager+cp${gpus},$contestants"
 profile="torch-fp8"
 cold_levers="dynamic" cold_mode="fp8" cold_steps=28
 # name:minimum:cap seconds, in priority order (see benchmarks/phases.py)
