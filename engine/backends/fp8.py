@@ -96,7 +96,7 @@ def quantize_fp8(
     in place.
 
     set_inductor_config=False keeps inductor's defaults: torchao's own settings (coordinate-descent
-    tuning) multiplied compile time, and the 225 ms H100 figure was measured without them.
+    tuning) multiplied compile time, and the FP8 recipe of docs/hardware.md was measured without them.
     """
     require_fp8(device)
     try:

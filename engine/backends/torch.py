@@ -88,8 +88,8 @@ def compile_blocks(
     """A view of `transformer` whose repeated blocks are each torch.compile'd (regional compilation).
 
     Why regional: the 57 blocks of the 12B model are 2 block types, so dynamo compiles 2 small graphs
-    per shape instead of one 57-block graph. On an H100 this compiled the full model in 20 s (bf16)
-    and 12 s (FP8) per shape, where whole-model compiles take minutes (2026-11-27, benchmarks/results).
+    per shape instead of one 57-block graph, where a whole-model compile takes minutes (the measured
+    compile times are in docs/hardware.md).
     dynamic: one graph with symbolic sequence lengths for every shape of a family (else one per shape).
     The returned module shares every parameter with `transformer`, which is left uncompiled.
     """
@@ -226,7 +226,7 @@ def torch_denoiser(
     """The transformer, moved to `device` and `dtype` (default: bf16 on CUDA, fp32 on CPU), as a Denoiser.
 
     mode: eager | compile (regional torch.compile) | fp8 (FP8 Linears, then compiled: FP8 without
-    compile is slower than bf16: 498 vs 384 ms per 1024² forward on an H100). Levers that change modules
+    compile was slower than bf16 eager on the one GPU it ran on, docs/hardware.md). Levers that change modules
     change `transformer` in place (pass `weight_sharing_copy(t)` to keep `t`). amax: per-Linear input
     amax from `engine.calibration.calibrate_amax`, needed by options.fp8_scales == "static".
     """
