@@ -236,8 +236,9 @@ def torch_contestant(
     spec: str, components: Components, device: torch.device, dtype: torch.dtype
 ) -> Contestant:
     """A torch contestant from its name: torch-{eager|compile}[-fp32|-bf16][+lever...][+cache] or
-    torch-fp8[+lever...], e.g. torch-fp8+qkv+graphs, torch-eager-bf16 (backends.torch_options.LEVERS; +cache is
-    the benchmark's prompt cache). Without a dtype suffix a contestant runs in the bench's dtype.
+    torch-fp8[+lever...], e.g. torch-fp8+qkv+graphs, torch-eager-bf16 (backends.torch_options.LEVERS;
+    +cache is the benchmark's prompt cache; +cpN splits each forward over N processes). Without a dtype
+    suffix a contestant runs in the bench's dtype.
 
     Each contestant runs its own transformer: a weight-sharing copy of the components' one, so levers
     that swap modules or weights (FP8, fused QKV, the attention kernel) change only that copy, and the
