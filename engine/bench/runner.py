@@ -64,7 +64,8 @@ def select_contestants(
     notes: list[str],
 ) -> list[Contestant]:
     """Resolve contestant names: 'diffusers', torch-{eager|compile|fp8}[+lever...]
-    (backends.torch_options.LEVERS), 'engines' (all artifacts of the manifest) or one artifact's name such as 'onnxruntime-int8'."""
+    (backends.torch_options.LEVERS), 'engines' (all artifacts of the manifest) or one artifact's name
+    such as 'onnxruntime-int8'."""
     if names is None:
         names = default_contestants(device)
     out: list[Contestant] = []
