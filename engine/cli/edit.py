@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..request import EditRequest
     from ..runtime import KontextEngine
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("engine.cli")  # the name its log lines carried before the split
 
 
 def edit_command(args: argparse.Namespace) -> int:
