@@ -10,12 +10,16 @@ import pytest
 
 from engine.assets import sample_image_path
 from engine.buckets import nearest_bucket
-from engine.cli import _bench_config, _edit_request, _parser, _serve_settings, main
+from engine.cli import main
+from engine.cli.bench import bench_config
+from engine.cli.edit import edit_request
+from engine.cli.parser import build_parser
+from engine.cli.serve import serve_settings
 from engine.config import DEFAULT_PROMPT, DEFAULT_STEPS, PRESETS, SYNTHETIC_STEPS
 from engine.images import load_image, read_png_metadata
 from engine.model.layout import SIDECAR
 from engine.runtime import default_steps, load
-from engine.serve import settings as serve_settings
+from engine.serve import settings as settings_module
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -96,21 +100,21 @@ def test_info_lists_presets_and_buckets(capsys):
 def test_edit_serve_and_bench_share_the_model_defaults(model):
     """Steps: one rule (runtime.default_steps, the preset's value) behind edit, serve and bench; guidance
     and prompt: config's. `serve --model full` once ran 8 steps where `edit --model full` ran 28."""
-    p = _parser()
+    p = build_parser()
     edit = p.parse_args(["edit", "--model", model])
     serve = p.parse_args(["serve", "--model", model, "--no-auth"])
     bench = p.parse_args(["bench", "--model", model, "--device", "cpu"])
     want = PRESETS[model].default_steps
     assert want == (SYNTHETIC_STEPS if model in ("tiny", "small") else DEFAULT_STEPS)
     assert default_steps(model) == want
-    assert _serve_settings(serve).default_steps == want
-    assert _bench_config(bench).steps == want
-    request = _edit_request(edit, sample_image_path())
+    assert serve_settings(serve).default_steps == want
+    assert bench_config(bench).steps == want
+    request = edit_request(edit, sample_image_path())
     assert request.steps is None and request.resolved(want).steps == want  # the engine fills it in
-    assert edit.guidance == bench.guidance == request.guidance == serve_settings.DEFAULT_GUIDANCE == 2.5
+    assert edit.guidance == bench.guidance == request.guidance == settings_module.DEFAULT_GUIDANCE == 2.5
     assert edit.prompt == bench.prompt == DEFAULT_PROMPT
     assert (
-        _serve_settings(p.parse_args(["serve", "--model", model, "--no-auth", "--steps", "3"])).default_steps
+        serve_settings(p.parse_args(["serve", "--model", model, "--no-auth", "--steps", "3"])).default_steps
         == 3
     )
 
@@ -118,8 +122,8 @@ def test_edit_serve_and_bench_share_the_model_defaults(model):
 def test_a_build_and_local_weights_default_to_their_model_steps(tiny_build, tmp_path, capsys):
     """`--engine build/tiny`: edit, serve and the loaded engine all run the tiny preset's 8 steps (serve
     once ran 28); a local diffusers folder: its kontext.json's, else the real model's 28."""
-    serve = _parser().parse_args(["serve", "--engine", str(tiny_build), "--no-auth"])
-    assert default_steps(tiny_build) == _serve_settings(serve).default_steps == SYNTHETIC_STEPS
+    serve = build_parser().parse_args(["serve", "--engine", str(tiny_build), "--no-auth"])
+    assert default_steps(tiny_build) == serve_settings(serve).default_steps == SYNTHETIC_STEPS
     with load(tiny_build) as kontext:
         assert kontext.default_steps == SYNTHETIC_STEPS
     out = tmp_path / "out.png"

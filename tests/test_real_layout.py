@@ -19,6 +19,7 @@ import torch
 from engine import cli
 from engine.backends.torch import TorchDenoiser
 from engine.build.builder import BuildOptions, _request_hash, default_out_dir
+from engine.cli.parser import build_parser
 from engine.config import KONTEXT_DEV_TRANSFORMER, TransformerConfig
 from engine.errors import BackendUnavailableError, BuildError
 from engine.model import random_weights
@@ -329,7 +330,7 @@ def test_the_build_runs_on_the_gpu_in_bf16_when_there_is_one(monkeypatch):
 
 
 def test_the_build_cli_defaults_to_the_machines_device():
-    args = cli._parser().parse_args(["build"])
+    args = build_parser().parse_args(["build"])
     assert args.device is None
 
 

@@ -1,0 +1,83 @@
+"""`kontext bench`: the BenchConfig of its flags (with the +cpN context-parallel twins), the run, and
+the results written after each contestant."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError
+from .common import resolve_device
+from .parser import parse_size
+
+if TYPE_CHECKING:
+    from ..bench import BenchConfig
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from ..bench import BenchRun, run_bench, write_results
+
+    config = bench_config(args)
+
+    def save(run: BenchRun) -> None:  # after each contestant: a killed run still leaves results
+        write_results(run, args.out, chart=False)
+
+    table, files = write_results(run_bench(config, on_progress=save), args.out, chart=not args.no_chart)
+    print(table)
+    written = [files.jsonl, files.table, files.chart, files.profile]
+    print("\nwrote " + ", ".join(str(p) for p in written if p is not None))
+    return 0
+
+
+def bench_config(args: argparse.Namespace) -> BenchConfig:
+    """BenchConfig of `kontext bench`'s flags; steps: the model's default (runtime.default_steps)."""
+    from ..bench import BenchConfig
+    from ..runtime import default_steps
+
+    def names(text: str | None) -> tuple[str, ...] | None:
+        return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
+
+    try:
+        bucket_list = (
+            None if args.buckets is None else tuple(parse_size(s) for s in names(args.buckets) or ())
+        )
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"--buckets: {e}") from None
+    return BenchConfig(
+        model=args.model,
+        steps=args.steps if args.steps is not None else default_steps(args.model),
+        repeats=args.repeats,
+        warmup=args.warmup,
+        buckets=bucket_list or None,
+        contestants=_with_context_parallel(
+            names(args.contestants), args.context_parallel, resolve_device(args.device)
+        ),
+        build_dir=args.build_dir,
+        device=resolve_device(args.device),
+        prompt=args.prompt,
+        image=args.image,
+        seed=args.seed,
+        guidance=args.guidance,
+        progress=not args.no_progress,
+        schedule=args.schedule,
+        deadline_s=args.deadline_s,
+        profile=names(args.profile) or (),
+    )
+
+
+def _with_context_parallel(
+    chosen: tuple[str, ...] | None, n: int, device: str | None
+) -> tuple[str, ...] | None:
+    """The bench's contestants plus a +cpN twin of each torch one, timed side by side (n > 1)."""
+    if n == 1:
+        return chosen
+    if n < 1:
+        raise ConfigError(f"--context-parallel must be 1 (off) or more processes, got {n}")
+    import torch
+
+    from ..bench.runner import default_contestants
+
+    base = chosen or default_contestants(
+        torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    )
+    return (*base, *(f"{c}+cp{n}" for c in base if c.startswith("torch-")))
