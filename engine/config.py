@@ -1,6 +1,6 @@
 """Frozen configuration: the edit defaults, model presets (tiny, small, full, kontext-dev) and load options.
 
-Nothing here reads the environment or argv; cli.py turns user input into these objects.
+Nothing here reads the environment or argv; engine/cli/ turns user input into these objects.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ServeSettings: every knob of the server, validated once, frozen. Read from argv by engine/cli.py only."""
+"""ServeSettings: every knob of the server, validated once, frozen. Read from argv by engine/cli/ only."""
 
 from __future__ import annotations
 
