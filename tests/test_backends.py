@@ -209,11 +209,13 @@ def test_torch_modes_on_gpu(mode):
 
 
 @pytest.mark.slow  # torch.compile on two CPU cores: ~30 s
-def test_regional_compile_matches_eager_and_leaves_the_model_eager(tiny):
-    """compile_blocks compiles each block of a view; the shared eager transformer stays eager."""
+@pytest.mark.parametrize("freeze", [False, True], ids=["plain", "freeze"])
+def test_regional_compile_matches_eager_and_leaves_the_model_eager(tiny, freeze):
+    """compile_blocks compiles each block of a view (with inductor freezing too: weights folded in as
+    constants); the shared eager transformer stays eager."""
     from engine.backends.torch import compile_blocks
 
-    view = compile_blocks(tiny.transformer)
+    view = compile_blocks(tiny.transformer, freeze=freeze)
     originals = [*tiny.transformer.transformer_blocks, *tiny.transformer.single_transformer_blocks]
     assert all(b._compiled_call_impl is None for b in originals)
     assert (
@@ -224,3 +226,16 @@ def test_regional_compile_matches_eager_and_leaves_the_model_eager(tiny):
     out = TorchDenoiser(view)(**x)
     assert rel(out, ref) < 1e-5
     assert torch.equal(TorchDenoiser(tiny.transformer)(**x), ref)  # the original still runs eagerly
+
+
+def test_freezing_keeps_the_compile_mode_and_is_refused_in_eager():
+    from engine.backends.torch import compile_kwargs
+    from engine.backends.torch_options import check_options, parse_levers
+
+    assert compile_kwargs("default", False) == {"mode": "default"}
+    assert compile_kwargs("default", True) == {"options": {"freezing": True}}
+    tuned = compile_kwargs("max-autotune-no-cudagraphs", True)["options"]
+    assert tuned["freezing"] is True and tuned["max_autotune"] is True
+    assert parse_levers("freeze").freeze and parse_levers("freeze").levers == ("freeze",)
+    with pytest.raises(ConfigError, match="freeze"):
+        check_options("eager", parse_levers("freeze"))

@@ -35,6 +35,7 @@ class TorchOptions:
         None  # a folder for torch's compile cache (mega-cache), e.g. build/x/compile-cache
     )
     compile_vae: bool = False  # the VAE's encoder and decoder compiled too (applied to the Components)
+    freeze: bool = False  # inductor freezing: weights as constants, prepacked for oneDNN on CPUs
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -66,6 +67,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "graphs": {"cuda_graphs": True},
     "dynamic": {"dynamic": True},
     "vae": {"compile_vae": True},
+    "freeze": {"freeze": True},
 }
 ATTN_LEVER = "attn-"
 
@@ -110,5 +112,7 @@ def check_options(mode: str, options: TorchOptions) -> None:
         for name in ("fp8_filter", "fp8_scales"):
             if getattr(options, name) != getattr(defaults, name):
                 raise ConfigError(f"{name} applies to torch mode fp8 only (mode is {mode})")
-    if mode == "eager" and (options.dynamic or options.compile_mode != defaults.compile_mode):
-        raise ConfigError("dynamic and compile_mode apply to the compile and fp8 modes, not eager")
+    if mode == "eager" and (
+        options.dynamic or options.freeze or options.compile_mode != defaults.compile_mode
+    ):
+        raise ConfigError("dynamic, freeze and compile_mode apply to the compile and fp8 modes, not eager")
