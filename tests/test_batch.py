@@ -19,10 +19,10 @@ from engine import sampling
 from engine.buckets import ShapeKey
 from engine.cli import main
 from engine.errors import ConfigError
-from engine.images import read_png_metadata, save_png
+from engine.images import read_png_metadata
 from engine.runtime import load
 
-from .conftest import gradient_image
+from .conftest import gradient_image, save_png
 
 PROMPT = "add a red hat"
 LATENT_TOL = 1e-5

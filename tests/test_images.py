@@ -26,7 +26,8 @@ from engine.images import (
     to_rgb,
     to_tensor,
 )
-from tests.conftest import save_png
+
+from .conftest import save_png
 
 HANG_BOUND_S = 1.0  # a bound on a hang, not a performance test
 
