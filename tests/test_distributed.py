@@ -392,6 +392,19 @@ def test_load_with_context_parallel_edits_like_one_process() -> None:
     assert rel_l2(b, a) < PARITY
 
 
+@pytest.mark.slow
+def test_context_parallel_runs_the_compiled_path_too() -> None:
+    """torch_mode="compile" on every rank (regional compile; each gather splits a block's graph): still
+    one process's latents."""
+    import engine
+
+    image = gradient_image(128, 96)
+    with engine.load("tiny") as one, engine.load("tiny", context_parallel=2, torch_mode="compile") as two:
+        a = one.edit(image, "a tiny edit", steps=2, seed=4).latents
+        b = two.edit(image, "a tiny edit", steps=2, seed=4).latents
+    assert rel_l2(b, a) < PARITY
+
+
 def test_load_refuses_context_parallel_for_built_engines(tiny_build) -> None:
     import engine
 
