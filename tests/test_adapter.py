@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import engine
-from engine.adapters import DenoiserTransformer, as_transformer
+from engine.adapters import DenoiserTransformer, as_transformer, diffusers_call
 from engine.errors import ConfigError
+from engine.request import EditRequest
 
 from .conftest import gradient_image
 
@@ -20,26 +21,14 @@ TOL = 1e-5
 
 @pytest.mark.parametrize("size", [(128, 128), (80, 192)], ids=["square", "portrait"])
 def test_diffusers_with_our_engine_matches_our_pipeline(tiny_build, size):
-    image = gradient_image(*size)
-    w, h = size
+    request = EditRequest(gradient_image(*size), PROMPT, steps=3, seed=5, size=size)
     with engine.load(tiny_build, precision="fp32") as kontext:
-        ours = kontext.edit(image, PROMPT, seed=5, steps=3, size=size).latents
+        ours = kontext.edit(request).latents
         pipe = engine.kontext_pipeline(kontext)
         assert isinstance(pipe.transformer, DenoiserTransformer)
         pipe.set_progress_bar_config(disable=True)
-        theirs = pipe(
-            image=image,
-            prompt=PROMPT,
-            height=h,
-            width=w,
-            max_area=w * h,
-            _auto_resize=False,
-            num_inference_steps=3,
-            guidance_scale=2.5,
-            generator=torch.Generator().manual_seed(5),
-            max_sequence_length=kontext.components.preset.max_sequence_length,
-            output_type="latent",
-        ).images
+        text_tokens = kontext.components.preset.max_sequence_length
+        theirs = pipe(**diffusers_call(request, text_tokens), output_type="latent").images
         assert kontext.stats().hits == 1 + 3  # one edit, then one count per diffusers transformer call
     assert theirs.shape == ours.shape
     err = (theirs - ours).abs().max().item()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from engine import sampling
+from engine.adapters import diffusers_call
 from engine.backends.torch import TorchDenoiser
 from engine.config import DEFAULT_GUIDANCE
 from engine.images import to_tensor
@@ -29,20 +30,8 @@ TOL = 1e-5
 def diffusers_latents(tiny, image, size, steps, seed, guidance=DEFAULT_GUIDANCE) -> torch.Tensor:
     pipe = tiny.diffusers_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    w, h = size
-    out = pipe(
-        image=image,
-        prompt=PROMPT,
-        height=h,
-        width=w,
-        max_area=w * h,
-        _auto_resize=False,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        max_sequence_length=tiny.preset.max_sequence_length,
-        output_type="latent",
-    )
+    request = EditRequest(image, PROMPT, steps, guidance, seed, size=size)
+    out = pipe(**diffusers_call(request, tiny.preset.max_sequence_length), output_type="latent")
     return out.images  # [1, N, 64] packed
 
 
@@ -195,21 +184,10 @@ def _check_call(tiny) -> None:
     """The pixels out: diffusers' __call__ (output_type pil) against our edit, same everything."""
     pipe = tiny.diffusers_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    image, (w, h) = gradient_image(80, 192), (80, 192)
-    theirs = pipe(
-        image=image,
-        prompt=PROMPT,
-        height=h,
-        width=w,
-        max_area=w * h,
-        _auto_resize=False,
-        num_inference_steps=2,
-        guidance_scale=DEFAULT_GUIDANCE,
-        generator=torch.Generator("cpu").manual_seed(7),
-        max_sequence_length=tiny.preset.max_sequence_length,
-    ).images[0]
+    request = EditRequest(gradient_image(80, 192), PROMPT, steps=2, seed=7, size=(80, 192))
+    theirs = pipe(**diffusers_call(request, tiny.preset.max_sequence_length)).images[0]
     ours = KontextPipeline(tiny, TorchDenoiser(tiny.transformer))
-    out = ours.edit(EditRequest(image, PROMPT, steps=2, seed=7, size=(w, h)), progress=False).image
+    out = ours.edit(request, progress=False).image
     diff = np.abs(np.asarray(out, np.int16) - np.asarray(theirs, np.int16))
     assert diff.max() <= 1  # 8-bit rounding of the same floats (latents agree to 1e-5 above)
 

@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from ..adapters import diffusers_call
 from ..backends import Denoiser, DenoiserBase
 from ..backends.fp8 import fp8_linears
 from ..backends.torch import TorchDenoiser, compile_vae, dtype_name, torch_denoiser, weight_sharing_copy
@@ -155,9 +156,9 @@ class DiffusersRunner:
         self.replay_is_reference = True
 
     def run(self, image: Image.Image, prompt: str, settings: EditRequest) -> RunSample:
-        if settings.size is None:
-            raise ConfigError("the diffusers baseline needs an explicit output size (settings.size)")
-        w, h = settings.size
+        call = diffusers_call(
+            dataclasses.replace(settings, image=image, prompt=prompt), self.max_sequence_length
+        )
         stages: dict[str, float] = {}
         with torch.inference_mode(), timed(self.device, stages, "text_encode"):
             self.pipe.encode_prompt(
@@ -166,19 +167,7 @@ class DiffusersRunner:
         for clock in (self.step_clock, self.encode_clock, self.decode_clock):
             clock.drain()
         with timed(self.device, stages, "total"):
-            out = self.pipe(
-                image=image,
-                prompt=prompt,
-                height=h,
-                width=w,
-                max_area=w * h,
-                _auto_resize=False,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance,
-                generator=torch.Generator("cpu").manual_seed(settings.seed),
-                max_sequence_length=self.max_sequence_length,
-                output_type="pil",
-            )
+            out = self.pipe(**call, output_type="pil")
         synchronize(self.device)
         stages["vae_encode"] = sum(self.encode_clock.drain())
         stages["vae_decode"] = sum(self.decode_clock.drain())
