@@ -125,8 +125,8 @@ def _mem_used() -> int:
 
 
 def _build(run: Run, mode: str, precision: str = "fp32") -> Path:
-    from engine.build.builder import BuildOptions, build
-    from engine.build.tensorrt_build import TensorRTOptions
+    from engine.builder.builder import BuildOptions, build
+    from engine.builder.tensorrt_build import TensorRTOptions
     from engine.calibration import CalibrationSpec
 
     out = run.work / f"{run.model}-{mode}"
@@ -193,7 +193,7 @@ def g2_weight_sharing(run: Run) -> tuple[str, str, dict[str, Any]]:
     import tensorrt as trt
     import torch
 
-    from engine.build.tensorrt_build import TensorRTOptions, build_plan
+    from engine.builder.tensorrt_build import TensorRTOptions, build_plan
     from engine.manifest import read_manifest
 
     src = _build(run, "dynamic")
@@ -362,7 +362,7 @@ def g6_tf32(run: Run) -> tuple[str, str, dict[str, Any]]:
 
     from engine.backends.tensorrt import TrtDenoiser
     from engine.backends.torch import TorchDenoiser
-    from engine.build.tensorrt_build import TensorRTOptions, build_plan
+    from engine.builder.tensorrt_build import TensorRTOptions, build_plan
     from engine.manifest import read_manifest
     from engine.metrics import rel_l2
     from engine.model.load import load_components
@@ -400,7 +400,7 @@ def g7_timing_cache(run: Run) -> tuple[str, str, dict[str, Any]]:
     """A second build with the cache is faster and the cache is accepted; a corrupt cache is discarded."""
     import tensorrt as trt
 
-    from engine.build.tensorrt_build import TensorRTOptions, build_plan, set_timing_cache
+    from engine.builder.tensorrt_build import TensorRTOptions, build_plan, set_timing_cache
     from engine.manifest import read_manifest
 
     src = _build(run, "dynamic")
@@ -442,7 +442,7 @@ def g7_timing_cache(run: Run) -> tuple[str, str, dict[str, Any]]:
 
 def g8_eviction(run: Run) -> tuple[str, str, dict[str, Any]]:
     """Two families under a budget that holds one plan: memory after each switch stays one plan's."""
-    from engine.build.builder import BuildOptions, build
+    from engine.builder.builder import BuildOptions, build
     from engine.calibration import CalibrationSpec
     from engine.manifest import read_manifest, write_manifest
 

@@ -50,7 +50,7 @@ def tiny_build(tiny: Components, request: pytest.FixtureRequest) -> Path:
     (4 edits x 2 steps), cached in pytest's cache folder per weights and library versions."""
     import importlib.metadata as md
 
-    from engine.build.builder import BuildOptions, build
+    from engine.builder.builder import BuildOptions, build
     from engine.calibration import CalibrationSpec
 
     libs = "-".join(md.version(d) for d in ("torch", "onnxruntime", "nvidia-modelopt", "diffusers"))
@@ -80,7 +80,7 @@ BUILD_TEST_CALIBRATION = {"edits": 4, "steps": 2}  # the same as tiny_build's, s
 def built_tiny(tiny_build: Path, tiny: Components, tmp_path_factory: pytest.TempPathFactory) -> Path:
     import shutil
 
-    from engine.build.builder import BuildOptions, build
+    from engine.builder.builder import BuildOptions, build
     from engine.calibration import CalibrationSpec
 
     out = tmp_path_factory.mktemp("built") / "tiny"

@@ -23,9 +23,9 @@ from engine.backends.tensorrt_plans import (
     tensorrt_module,
 )
 from engine.buckets import ShapeKey, family_shape_keys, reference_bucket, reference_buckets, tokens
-from engine.build import builder
-from engine.build.builder import BuildOptions, build, build_keys
-from engine.build.calibrate import reference_edit
+from engine.builder import builder
+from engine.builder.builder import BuildOptions, build, build_keys
+from engine.builder.calibrate import reference_edit
 from engine.calibration import CalibrationSpec
 from engine.cli import main
 from engine.errors import BuildError, ConfigError, ManifestError
@@ -281,7 +281,7 @@ def test_a_bf16_build_verifies_its_fp32_graph_and_gives_the_weights_back_in_bf16
     """What a GPU build does by default (BuildOptions.resolved: cuda, bf16), run on the CPU: the weights
     held in bf16 and calibrated in bf16 (no fp32 copy of a 12B model), the graph exported and the
     reference taken in fp32 (an exact round trip), verified."""
-    from engine.build import calibrate
+    from engine.builder import calibrate
 
     calibrated_in: list[torch.dtype] = []
 

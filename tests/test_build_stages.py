@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.build.builder import BuildOptions, build
-from engine.build.quantize import RECIPES
-from engine.build.stages import outputs_intact
+from engine.builder.builder import BuildOptions, build
+from engine.builder.quantize import RECIPES
+from engine.builder.stages import outputs_intact
 from engine.calibration import CalibrationSpec
 from engine.manifest import MANIFEST_NAME, read_manifest
 from engine.model.components import Components, fingerprint_module
@@ -55,7 +55,7 @@ def copy(built_tiny: Path, tmp_path: Path) -> Path:
 
 def _build(out: Path, comps: Components, caplog: pytest.LogCaptureFixture, **changes: object) -> set[str]:
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="engine.build"):
+    with caplog.at_level(logging.INFO, logger="engine.builder"):
         m = build(
             "tiny",
             out_dir=out,
@@ -83,7 +83,7 @@ def test_second_build_without_components_does_not_load_the_model(
     copy: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A no-op `make engine` must not import diffusers or build the model: the request hash decides."""
-    import engine.build.builder as builder
+    import engine.builder.builder as builder
 
     args = {
         "out_dir": copy,
@@ -96,7 +96,7 @@ def test_second_build_without_components_does_not_load_the_model(
         "tiny", **args
     )  # loads the model once; every stage is up to date; records the request
     monkeypatch.setattr(builder, "load_components", lambda *a, **k: pytest.fail("model loaded on a no-op"))
-    with caplog.at_level(logging.INFO, logger="engine.build"):
+    with caplog.at_level(logging.INFO, logger="engine.builder"):
         again = builder.build("tiny", **args)
     assert again.to_json() == first.to_json()
     assert any(r.getMessage().endswith("up to date (nothing to do)") for r in caplog.records)
@@ -151,8 +151,8 @@ _SCRIPT = textwrap.dedent("""
     import logging, sys
     from pathlib import Path
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
-    logging.getLogger("engine.build").setLevel(logging.INFO)
-    from engine.build.builder import BuildOptions, build
+    logging.getLogger("engine.builder").setLevel(logging.INFO)
+    from engine.builder.builder import BuildOptions, build
     from engine.calibration import CalibrationSpec
     options = BuildOptions(calibration=CalibrationSpec(edits=4, steps=2), progress=False)
     build("tiny", out_dir=Path(sys.argv[1]), precisions=("fp32", "int8"), family="tiny",

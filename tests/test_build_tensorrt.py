@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from engine.backends.tensorrt_plans import tensorrt_module
-from engine.build.backend import choose_backend
-from engine.build.tensorrt_build import TensorRTOptions, allows_tf32, check_capability
+from engine.builder.backend import choose_backend
+from engine.builder.tensorrt_build import TensorRTOptions, allows_tf32, check_capability
 from engine.errors import BackendUnavailableError, BuildError, ConfigError
 from engine.model.components import Components
 
@@ -64,7 +64,7 @@ def test_stub_only_tensorrt_is_not_tensorrt() -> None:
 )
 def test_tensorrt_build_end_to_end(tmp_path: Path, tiny: Components, profiles: str) -> None:
     """fp32 (TF32 cleared, bound 1e-4) and int8, verified through TrtDenoiser with CUDA graphs (T2)."""
-    from engine.build.builder import BuildOptions, build
+    from engine.builder.builder import BuildOptions, build
     from engine.calibration import CalibrationSpec
 
     options = BuildOptions(

@@ -45,7 +45,7 @@ def test_denoiser_base_packs_the_seven_arguments_once_for_every_denoiser():
     from engine.backends.tensorrt import TrtDenoiser
     from engine.backends.torch import TorchDenoiser
     from engine.bench.probes import TimedDenoiser
-    from engine.build.export import DenoiserExportWrapper
+    from engine.builder.export import DenoiserExportWrapper
     from engine.dispatch import DispatchingDenoiser
 
     seen: list[dict[str, torch.Tensor]] = []

@@ -13,8 +13,8 @@ import torch
 from engine.backends import DENOISER_INPUTS, DENOISER_OUTPUT
 from engine.backends.inputs import dummy_inputs
 from engine.buckets import ShapeKey
-from engine.build.calibrate import load_reference
-from engine.build.export import MIN_OPSET, Float32FluxPosEmbed, float32_rope
+from engine.builder.calibrate import load_reference
+from engine.builder.export import MIN_OPSET, Float32FluxPosEmbed, float32_rope
 from engine.metrics import rel_l2
 from engine.model.components import Components
 

@@ -18,7 +18,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "compute": ("engine.kernels", "engine.backends", "engine.distributed"),
     "pipeline": ("engine.pipeline", "engine.dispatch", "engine.calibration"),
     "runtime": ("engine.runtime", "engine.session", "engine.outputs", "engine.provenance", "engine.adapters"),
-    "apps": ("engine.build", "engine.bench", "engine.serve", "engine.info"),
+    "apps": ("engine.builder", "engine.bench", "engine.serve", "engine.info"),
     "cli": ("engine.cli",),
 }  # fmt: skip
 ORDER = list(LAYERS)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from engine.backends import DENOISER_INPUTS
-from engine.build.builder import build
-from engine.build.quantize import (
+from engine.builder.builder import build
+from engine.builder.quantize import (
     RECIPES,
     SampleReader,
     for_backend,
@@ -92,7 +92,7 @@ def _scales(path: Path) -> dict[str, np.ndarray]:
 
 def test_same_calibration_gives_the_same_scales(built_tiny: Path, tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Seeded calibration: a second capture is identical, and quantizing it reproduces the build's scales."""
-    from engine.build.calibrate import capture_calibration
+    from engine.builder.calibrate import capture_calibration
     from engine.calibration import CalibrationSpec
 
     from .conftest import BUILD_TEST_CALIBRATION

@@ -18,7 +18,7 @@ import torch
 
 from engine import cli
 from engine.backends.torch import TorchDenoiser
-from engine.build.builder import BuildOptions, _request_hash, default_out_dir
+from engine.builder.builder import BuildOptions, _request_hash, default_out_dir
 from engine.cli.parser import build_parser
 from engine.config import KONTEXT_DEV_TRANSFORMER, TransformerConfig
 from engine.errors import BackendUnavailableError, BuildError

@@ -167,7 +167,7 @@ def _build_plan(
     hp: str = "fp16",
     cache: Path | None = None,
 ) -> Path:
-    from engine.build.tensorrt_build import TensorRTOptions, allows_tf32, build_plan
+    from engine.builder.tensorrt_build import TensorRTOptions, allows_tf32, build_plan
 
     onnx = tmp / "t.onnx"
     onnx.write_bytes(b"graph")
@@ -383,7 +383,7 @@ def test_tensorrt_engine_on_gpu(tmp_path: Path, tiny) -> None:  # type: ignore[n
         require_tensorrt()
     except BackendUnavailableError as e:
         pytest.skip(str(e))
-    from engine.build.builder import BuildOptions, build
+    from engine.builder.builder import BuildOptions, build
     from engine.calibration import CalibrationSpec
     from engine.runtime import load
 
@@ -417,8 +417,8 @@ def test_tensorrt_build_on_fakes_end_to_end(
     import functools
     import shutil
 
-    from engine.build import verify
-    from engine.build.builder import BuildOptions, build
+    from engine.builder import verify
+    from engine.builder.builder import BuildOptions, build
     from engine.calibration import CalibrationSpec
     from engine.manifest import read_manifest
 

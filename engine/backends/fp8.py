@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 FP8_MIN_CAPABILITY = (8, 9)
 # Top-level modules kept in high precision under every FP8 filter: the embedders and the output head
-# (NVIDIA's TensorRT demo and our ONNX recipe, engine/build/quantize.py `^/proj_out/`, keep the same set).
+# (NVIDIA's TensorRT demo and our ONNX recipe, engine/builder/quantize.py `^/proj_out/`, keep the same set).
 FP8_KEEP = ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")
 # The two FP8 filters the GPU benchmark measures side by side (docs/DESIGN-NOTES.md, "FP8 recipe"):
 #   tokens: also keep the modulation Linears (`norm1.linear`, `norm1_context.linear`, `norm.linear`) in

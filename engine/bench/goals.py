@@ -18,7 +18,7 @@ GOAL_STEPS = 28
 E2E_MUST_S = 5.5
 E2E_AIM_S = 4.0
 SPEEDUP_MIN = 2.5
-STEP_REL_L2_MAX = 0.15  # engine.build.quantize.RECIPES["fp8"].bound_rel_l2
+STEP_REL_L2_MAX = 0.15  # engine.builder.quantize.RECIPES["fp8"].bound_rel_l2
 FP8_PEAK_MAX_GB = 30.0
 COLD_START_MAX_S = 60.0
 

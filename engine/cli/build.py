@@ -8,13 +8,13 @@ import logging
 
 
 def build_command(args: argparse.Namespace) -> int:
-    from ..build.builder import BuildOptions, build
-    from ..build.tensorrt_build import TensorRTOptions
+    from ..builder.builder import BuildOptions, build
+    from ..builder.tensorrt_build import TensorRTOptions
     from ..calibration import CalibrationSpec
     from ..model.lora import LoraSpec
 
     if args.verbose == 0:
-        logging.getLogger("engine.build").setLevel(logging.INFO)  # one line per stage
+        logging.getLogger("engine.builder").setLevel(logging.INFO)  # one line per stage
     precisions = tuple(p.strip() for v in (args.precision or []) for p in v.split(",") if p.strip()) or None
     options = BuildOptions(
         opset=args.opset,

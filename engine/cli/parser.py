@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..build.backend import BUILD_BACKENDS
+from ..builder.backend import BUILD_BACKENDS
 from ..config import DEFAULT_GUIDANCE, DEFAULT_PROMPT, DTYPES
 from ..manifest import PROFILE_MODES
 
