@@ -16,11 +16,10 @@ import torch
 
 from .backends import Denoiser, DenoiserBase, Signature, call_signature, describe_keys, key_signature
 from .buckets import ShapeKey, buckets, family_shape_keys, tokens
+from .config import MISS_POLICIES as MISS_POLICIES  # defined with LoadOptions, which checks it
 from .errors import ConfigError, ShapeNotServedError
 
 log = logging.getLogger(__name__)
-
-MISS_POLICIES: tuple[str, ...] = ("error", "torch")
 
 
 def served_buckets(keys: frozenset[ShapeKey], family: str, refs: int = 0) -> list[tuple[int, int]]:
@@ -59,8 +58,7 @@ class Dispatcher:
         fallback: Denoiser | None = None,
         rebuild_hint: str = "`kontext build`",
     ) -> None:
-        if policy not in MISS_POLICIES:
-            raise ConfigError(f"miss policy must be one of {', '.join(MISS_POLICIES)}, got {policy!r}")
+        """policy: a LoadOptions.miss_policy (checked there); "torch" needs the fallback denoiser."""
         if policy == "torch" and fallback is None:
             raise ConfigError("miss policy 'torch' needs a fallback denoiser (the torch transformer)")
         self.primary = primary

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from . import sampling
 from .backends import Denoiser
 from .buckets import ShapeKey, buckets, nearest_bucket, reference_bucket
-from .errors import BucketError
+from .config import ModelPreset
+from .errors import BucketError, ConfigError
 from .images import resize_to, to_pil, to_tensor
 from .model.components import CLIP_MAX_LENGTH, Components
 from .prompt_cache import PromptCache, weights_fingerprint
@@ -93,7 +94,7 @@ class PreparedEdit:
     guidance: float
     bucket: tuple[int, int]
     size: tuple[int, int]
-    shape_key: ShapeKey  # EditRequest.shape_key: the rule the dispatcher uses too
+    shape_key: ShapeKey  # plan_edit's: the key the dispatcher chose the denoiser for
     seeds: tuple[int, ...] = (0,)
     references: tuple[tuple[int, int], ...] = ()  # (w, h) bucket of each reference image
 
@@ -103,31 +104,42 @@ class PreparedEdit:
         """Run the sampling loop over this edit with `denoiser` -> final latents [B, N, 64]."""
         return sampling.denoise(
             denoiser,
-            self.img,
-            self.img_ids,
-            self.ctx,
-            self.ctx_ids,
-            self.txt,
-            self.txt_ids,
-            self.vec,
-            self.schedule,
-            self.guidance,
-            callback,
+            img=self.img,
+            img_ids=self.img_ids,
+            ctx=self.ctx,
+            ctx_ids=self.ctx_ids,
+            txt=self.txt,
+            txt_ids=self.txt_ids,
+            vec=self.vec,
+            schedule=self.schedule,
+            guidance=self.guidance,
+            callback=callback,
         )
+
+
+def plan_edit(request: EditRequest, preset: ModelPreset, family: str) -> tuple[EditRequest, ShapeKey]:
+    """The one rule for what an edit runs: `request` with its steps filled in (the preset's default when
+    None) and the shape key it runs at in bucket `family`, with the preset's max_sequence_length text
+    tokens (T5 pads every prompt to it). KontextEngine.edit dispatches on this key and passes both down,
+    so the result reports the key the denoiser was chosen for."""
+    request = request.resolved(preset.default_steps)
+    return request, request.shape_key(family, preset.max_sequence_length)
 
 
 class KontextPipeline:
     """One edit = encode prompt, encode context image, denoise with `denoiser`, decode.
 
-    The denoiser is any callable of the Denoiser contract (torch, ONNX Runtime, TensorRT...).
-    Thread safety: the pipeline holds no per-edit state; the encoders run under inference_mode
-    and the denoiser decides its own model (see backends).
+    The denoiser is any callable of the Denoiser contract (torch, ONNX Runtime, TensorRT...), given
+    per call (`edit(request, denoiser=...)`, as BFL passes the model to `denoise`) or, for a pipeline
+    that always runs one, at construction. Thread safety: the pipeline holds no per-edit state; the
+    encoders run under inference_mode and the denoiser decides its own model (see backends). Its
+    tokenizers are not safe to share: KontextEngine keeps one pipeline per worker.
     """
 
     def __init__(
         self,
         components: Components,
-        denoiser: Denoiser,
+        denoiser: Denoiser | None = None,
         *,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -136,7 +148,8 @@ class KontextPipeline:
     ) -> None:
         """bucket_family: where input images are bucketed (default: the preset's). An engine built for
         another family (say 0.25 MP edits of the 1 MP model) passes its own.
-        prompt_cache: shared across pipelines (an engine makes one pipeline per edit); None: no cache."""
+        denoiser: the one edit() runs when it is given none.
+        prompt_cache: shared across pipelines (an engine has one pipeline per worker); None: no cache."""
         self.components = components
         self.prompt_cache = prompt_cache
         self._bucket_family = bucket_family or components.preset.bucket_family
@@ -147,6 +160,10 @@ class KontextPipeline:
     @property
     def bucket_family(self) -> str:
         return self._bucket_family
+
+    def plan(self, request: EditRequest) -> tuple[EditRequest, ShapeKey]:
+        """`request` with its steps filled in, and its shape key here (plan_edit)."""
+        return plan_edit(request, self.components.preset, self.bucket_family)
 
     # ------------------------------------------------------------------ encoders
 
@@ -250,11 +267,18 @@ class KontextPipeline:
         ids = context_ids([bucket, *ref_buckets], placement, self.device)
         return torch.cat(parts, dim=1), ids, ref_buckets
 
-    def prepare(self, request: EditRequest, timings: dict[str, float] | None = None) -> PreparedEdit:
+    def prepare(
+        self, request: EditRequest, timings: dict[str, float] | None = None, *, key: ShapeKey | None = None
+    ) -> PreparedEdit:
         """Bucket and encode the images and prompt, draw noise (seed, seed + 1, ...), make the schedule.
-        request.steps None: the preset's default (`ModelPreset.default_steps`)."""
+        key: the edit's shape key, passed with its steps filled in by a caller that planned the edit
+        (KontextEngine.edit); None: `plan` decides both (steps None: the preset's default)."""
+        if key is None:
+            request, key = self.plan(request)
+        steps = request.steps
+        if steps is None:
+            raise ConfigError("a request passed with its shape key needs its steps filled in (plan_edit)")
         r = request
-        steps = r.steps if r.steps is not None else self.components.preset.default_steps
         timings = {} if timings is None else timings
         bucket = self.context_bucket(r.image)
         size = r.size or bucket
@@ -280,7 +304,7 @@ class KontextPipeline:
             guidance=r.guidance,
             bucket=bucket,
             size=size,
-            shape_key=r.shape_key(self.bucket_family, txt.shape[1]),
+            shape_key=key,
             seeds=r.seeds,
             references=ref_buckets,
         )
@@ -289,18 +313,25 @@ class KontextPipeline:
         self,
         request: EditRequest,
         *,
+        denoiser: Denoiser | None = None,
+        key: ShapeKey | None = None,
         progress: bool = True,
         callback: sampling.StepCallback | None = None,
     ) -> EditResult:
-        """Run `request` (validated where it was made) in one batch through this pipeline's denoiser:
-        seeds seed .. seed + num_images - 1; output size: the input's bucket unless request.size is set.
+        """Run `request` (validated where it was made) in one batch through `denoiser` (None: this
+        pipeline's own): seeds seed .. seed + num_images - 1; output size: the input's bucket unless
+        request.size is set. key: as in prepare (KontextEngine.edit passes the key it dispatched on).
         No safety policy and no output metadata here: KontextEngine.edit adds them."""
-        request = request.resolved(self.components.preset.default_steps)
+        denoiser = denoiser or self.denoiser
+        if denoiser is None:
+            raise ConfigError("this pipeline has no denoiser: pass edit(request, denoiser=...)")
+        if key is None:
+            request, key = self.plan(request)
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
-        p = self.prepare(request, timings)
+        p = self.prepare(request, timings, key=key)
         with self._timed(timings, "denoise"), torch.inference_mode():
-            latents, step_times = self._denoise(p, progress, callback)  # [B, N, 64]
+            latents, step_times = self._denoise(p, denoiser, progress, callback)  # [B, N, 64]
         with self._timed(timings, "vae_decode"):
             images = [self.decode(latents[i : i + 1], p.size) for i in range(latents.shape[0])]
         timings["total"] = time.perf_counter() - t_start
@@ -311,7 +342,7 @@ class KontextPipeline:
             len(p.references),
             p.schedule.steps,
             timings["total"],
-            self.denoiser.name,
+            denoiser.name,
         )
         return EditResult(
             images[0],
@@ -321,7 +352,7 @@ class KontextPipeline:
             p.shape_key,
             timings,
             step_times,
-            self.denoiser.name,
+            denoiser.name,
             images=images,
             seeds=list(p.seeds),
             references=list(p.references),
@@ -329,7 +360,7 @@ class KontextPipeline:
         )
 
     def _denoise(
-        self, p: PreparedEdit, progress: bool, callback: sampling.StepCallback | None
+        self, p: PreparedEdit, denoiser: Denoiser, progress: bool, callback: sampling.StepCallback | None
     ) -> tuple[torch.Tensor, list[float]]:
         """The sampling loop with a progress bar and the seconds of each step (synchronized)."""
         step_times: list[float] = []
@@ -347,7 +378,7 @@ class KontextPipeline:
                 callback(i, n, latents)
 
         try:
-            return p.denoise(self.denoiser, on_step), step_times
+            return p.denoise(denoiser, on_step), step_times
         finally:
             bar.close()
 

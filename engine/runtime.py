@@ -1,15 +1,16 @@
 """The embeddable API: load(build dir | preset | path) -> KontextEngine with edit(), warmup(), close().
 
-Thread safety: a KontextEngine holds `workers` workers (default 1). Each edit checks one out for
-its whole duration and returns it after; other threads wait. A worker has its own tokenizers (fast
-tokenizers are not safe to share across threads) and shares the read-only modules (text encoders,
-VAE, transformer) and the denoiser. Denoisers are safe to call concurrently: ONNX Runtime's
-session.run is thread-safe (one IOBinding per call); torch forward under inference_mode mutates
-nothing; TensorRT keeps a context per (plan, shape key, worker) and checks a worker out per call.
-So concurrent edits give exactly the results of the same edits run one by one.
+Thread safety: a KontextEngine holds `workers` workers (default 1), each a KontextPipeline. Each edit
+checks one out for its whole duration and returns it after; other threads wait. A worker has its own
+tokenizers (fast tokenizers are not safe to share across threads) and shares the read-only modules
+(text encoders, VAE, transformer); the denoiser, chosen per edit by the dispatcher, is passed to it.
+Denoisers are safe to call concurrently: ONNX Runtime's session.run is thread-safe (one IOBinding per
+call); torch forward under inference_mode mutates nothing; TensorRT keeps a context per (plan, shape
+key, worker) and checks a worker out per call. So concurrent edits give exactly the results of the
+same edits run one by one.
 
-(Over 400 lines: the engine and its loader, resolve() then assemble(), read best together; output
-writing is outputs.OutputWriter, the request is request.EditRequest.)
+What load() decides before the weights and builds after them is loading.py; output writing is
+outputs.OutputWriter, the request is request.EditRequest.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 import queue
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, overload
@@ -27,23 +28,25 @@ from typing import TYPE_CHECKING, Any, overload
 import torch
 from PIL import Image
 
-from .backends import BACKENDS, Denoiser, GraphCapturing
+from .backends import GraphCapturing
 from .backends.inputs import dummy_inputs
-from .backends.torch import TorchDenoiser, default_dtype, torch_denoiser
-from .backends.torch_options import TORCH_MODES, TorchOptions
+from .backends.torch_options import TorchOptions
 from .buckets import ShapeKey, family_shape_keys
-from .config import DEFAULT_STEPS, PRESETS, LoadOptions, is_synthetic
-from .dispatch import MISS_POLICIES, Dispatcher, DispatchStats, served_buckets
-from .distributed import check_context_parallel, context_parallel_denoiser
+from .config import LoadOptions, is_synthetic
+from .dispatch import Dispatcher, DispatchStats, served_buckets
+from .distributed import check_context_parallel
 from .errors import BackendUnavailableError, ConfigError
 from .images import load_image
-from .manifest import MANIFEST_NAME, Manifest, read_manifest, rebuild_command
-from .model.checkpoints import local_preset
+from .loading import assemble, resolve
+from .loading import default_steps as default_steps  # runtime.default_steps: the CLI's name for it
+from .loading import is_build_dir as is_build_dir
+from .loading import load_artifacts as load_artifacts
+from .manifest import Manifest
 from .model.components import Components
 from .model.load import load_components
 from .model.lora import LoraSpec, fuse_loras
 from .outputs import OutputWriter
-from .pipeline import EditResult, KontextPipeline, combine_results
+from .pipeline import EditResult, KontextPipeline, combine_results, plan_edit
 from .prompt_cache import PromptCache
 from .request import EditRequest, EncodedImage, ImageInput
 
@@ -71,9 +74,8 @@ class KontextEngine:
         safety: SafetyPolicy | None = None,
         signer: ProvenanceSigner | None = None,
     ) -> None:
-        """safety: the content policy edit() applies (None: off); signer: C2PA signing for save()."""
-        if workers < 1:
-            raise ConfigError(f"workers must be at least 1, got {workers}")
+        """safety: the content policy edit() applies (None: off); signer: C2PA signing for save().
+        workers: LoadOptions.workers (checked there)."""
         self.components = components
         self.dispatcher = dispatcher
         self.device = device
@@ -95,13 +97,16 @@ class KontextEngine:
             signer=signer,
             review=safety.review,
         )
-        self._pool: queue.Queue[Components] = queue.Queue()
-        for _ in range(workers):  # each worker: the shared modules, its own tokenizers
+        self._pool: queue.Queue[KontextPipeline] = queue.Queue()
+        for _ in range(workers):  # each worker: a pipeline over the shared modules, its own tokenizers
+            own = replace(
+                components,
+                tokenizer=copy.deepcopy(components.tokenizer),
+                tokenizer_2=copy.deepcopy(components.tokenizer_2),
+            )
             self._pool.put(
-                replace(
-                    components,
-                    tokenizer=copy.deepcopy(components.tokenizer),
-                    tokenizer_2=copy.deepcopy(components.tokenizer_2),
+                KontextPipeline(
+                    own, device=device, dtype=dtype, bucket_family=self.family, prompt_cache=self.prompt_cache
                 )
             )
         self._closed = False
@@ -173,6 +178,10 @@ class KontextEngine:
         Raises ModeratedError("request") when the safety policy flags the prompt or an input image
         (before any model runs), ModeratedError("content") when it flags an output (all are dropped).
         Under review (`self.safety.review`) the result is for a person to approve: outputs.save holds it.
+
+        The steps and the shape key are decided here once (pipeline.plan_edit) and passed down: the
+        denoiser is chosen for the key the result reports. result.timings["worker_wait"]: seconds this
+        edit waited for a free worker.
         """
         self._check_open()
         if isinstance(request, EditRequest):
@@ -182,33 +191,27 @@ class KontextEngine:
             raise ConfigError("engine.edit(image, prompt, ...) needs a prompt, or pass an EditRequest")
         else:
             request = EditRequest.of(request, prompt, **knobs)
-        request = request.resolved(self.default_steps)
+        request, key = plan_edit(request, self.components.preset, self.family)
         # safety: before any encoder, transformer or VAE work
         self.safety.check_request(request.prompt, request.input_images)
-        key = request.shape_key(self.family, self.components.preset.max_sequence_length)
         # One batch where the engine serves it (torch serves any); else one seed at a time at batch 1.
         batched = request.num_images == 1 or self.dispatcher.serves(key)
-        denoiser = self.dispatcher.resolve(key if batched else replace(key, batch=1))  # may raise a miss
+        run_key = key if batched else replace(key, batch=1)
+        denoiser = self.dispatcher.resolve(run_key)  # may raise a miss
         t0 = time.perf_counter()
-        worker = self._pool.get()
+        pipe = self._pool.get()
         try:
             waited = time.perf_counter() - t0
-            pipe = KontextPipeline(
-                worker,
-                denoiser,
-                device=self.device,
-                dtype=self.dtype,
-                bucket_family=self.family,
-                prompt_cache=self.prompt_cache,
-            )
             if batched:
-                result = pipe.edit(request, progress=progress)
+                result = pipe.edit(request, denoiser=denoiser, key=run_key, progress=progress)
             else:
                 singles = [replace(request, seed=seed, num_images=1) for seed in request.seeds]
-                result = combine_results([pipe.edit(r, progress=progress) for r in singles])
+                result = combine_results(
+                    [pipe.edit(r, denoiser=denoiser, key=run_key, progress=progress) for r in singles]
+                )
         finally:
-            self._pool.put(worker)
-        result.timings["queue"] = waited
+            self._pool.put(pipe)
+        result.timings["worker_wait"] = waited
         for out in result.images:  # safety: a flagged output is never returned, nor are its siblings
             self.safety.check_output(out)
         return result
@@ -245,6 +248,15 @@ class KontextEngine:
         log.info("warmed up %d shape keys in %.1fs", len(out), sum(out.values()))
         return out
 
+    def save_compile_cache(self) -> Path | None:
+        """Write the torch compile cache the engine was loaded with (TorchOptions.compile_cache), after
+        its edits or warmup compiled what it runs; the path written, or None (no cache named, or not the
+        torch path)."""
+        from .backends.torch import TorchDenoiser
+
+        primary = self.dispatcher.primary
+        return primary.save_compile_cache() if isinstance(primary, TorchDenoiser) else None
+
     # ------------------------------------------------------------------ lifetime
 
     def _check_open(self) -> None:
@@ -267,99 +279,6 @@ class KontextEngine:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-def is_build_dir(source: str | Path) -> bool:
-    return (Path(source) / MANIFEST_NAME).is_file()
-
-
-def default_steps(source: str | Path) -> int:
-    """The steps an edit runs when it names none, for a build folder, a preset or local weights, known
-    before loading: the model's preset's `default_steps` (SYNTHETIC_STEPS on tiny and small,
-    DEFAULT_STEPS on full and the real model). The one rule behind `kontext edit`, `kontext serve`,
-    `kontext bench` and a loaded engine's `default_steps`."""
-    model = read_manifest(Path(source)).model if is_build_dir(source) else str(source)
-    if model in PRESETS:
-        return PRESETS[model].default_steps
-    folder = Path(model)
-    return local_preset(folder).default_steps if folder.is_dir() else DEFAULT_STEPS
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """What a load decides before any weights: the model, the build (if any), backend, device, dtype."""
-
-    model: str  # preset name or local path (a build's: its manifest's)
-    options: LoadOptions  # backend and device filled in
-    dtype: torch.dtype
-    build_dir: Path | None = None
-    manifest: Manifest | None = None
-
-    @property
-    def device(self) -> str:
-        return self.options.device or "cpu"
-
-
-def resolve(source: str | Path, opts: LoadOptions) -> Resolved:
-    """Check the options and decide the backend (the build's, or torch), device (cuda for TensorRT or
-    when torch sees a GPU) and dtype, before loading anything."""
-    if opts.backend is not None and opts.backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {opts.backend!r}")
-    if opts.torch_mode not in TORCH_MODES:
-        raise ConfigError(f"torch_mode must be one of {', '.join(TORCH_MODES)}, got {opts.torch_mode!r}")
-    if opts.miss_policy not in MISS_POLICIES:
-        raise ConfigError(f"miss_policy must be one of {', '.join(MISS_POLICIES)}, got {opts.miss_policy!r}")
-    build_dir = Path(source) if is_build_dir(source) else None
-    manifest = read_manifest(build_dir) if build_dir is not None else None
-    backend = opts.backend or (manifest.backend if manifest is not None else "torch")
-    if manifest is None and backend != "torch":
-        raise ConfigError(
-            f"backend {backend!r} runs built artifacts: pass a build folder (with {MANIFEST_NAME}), "
-            f"made by `kontext build --model {source}`"
-        )
-    device = opts.device or ("cuda" if backend == "tensorrt" or torch.cuda.is_available() else "cpu")
-    if backend == "tensorrt":
-        from .backends.tensorrt_plans import require_tensorrt
-
-        require_tensorrt()  # before loading anything onto a GPU that may not exist
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendUnavailableError(f"device {device!r} asked for, but torch sees no CUDA device; use cpu")
-    if opts.dtype is not None and backend != "torch":
-        raise ConfigError(
-            f"dtype={opts.dtype!r} sets the torch path's weights; a {backend} build has its own"
-        )
-    if opts.context_parallel > 1 and backend != "torch":
-        check_context_parallel(opts.context_parallel, backend=backend)  # refuses, naming the fix
-    if backend == "onnxruntime":
-        dtype = torch.float32  # ORT: fp32 encoders
-    else:
-        dtype = (
-            torch.bfloat16 if opts.dtype == "bf16" else torch.float32 if opts.dtype else default_dtype(device)
-        )
-    model = manifest.model if manifest is not None else str(source)
-    return Resolved(model, replace(opts, backend=backend, device=device), dtype, build_dir, manifest)
-
-
-def assemble(r: Resolved, components: Components, torch_options: TorchOptions | None) -> Dispatcher:
-    """The dispatcher over the resolved backend: the build's artifacts (with the torch fallback when the
-    miss policy asks for it), or the torch denoiser over `components`."""
-    opts = r.options
-    fallback = None
-    if opts.miss_policy == "torch" and opts.backend != "torch":
-        fallback = TorchDenoiser(components.transformer, name="torch-eager-fallback")
-    if r.manifest is None or r.build_dir is None:
-        primary: Denoiser
-        if opts.context_parallel > 1:  # the workers get the plain transformer; rank 0 a weight-sharing copy
-            primary = context_parallel_denoiser(
-                components.transformer, opts.context_parallel, mode=opts.torch_mode, options=torch_options
-            )
-        else:
-            primary = _torch_denoiser(components, opts.torch_mode, torch_options, r.device, r.dtype)
-        family, hint = components.preset.bucket_family, f"`kontext build --model {r.model}`"
-    else:
-        primary = load_artifacts(r.manifest, r.build_dir, weights_id=components.weights_id, options=opts)
-        family, hint = r.manifest.family, f"`{rebuild_command(r.manifest, r.build_dir)}`"
-    return Dispatcher(primary, family=family, policy=opts.miss_policy, fallback=fallback, rebuild_hint=hint)
 
 
 def load(
@@ -418,11 +337,7 @@ def load(
     components = load_components(r.model, dtype=r.dtype, device=r.device)
     if loras:
         components = fuse_loras(components, [LoraSpec.parse(x) if isinstance(x, str) else x for x in loras])
-    if r.options.backend == "torch" and torch_options is not None and torch_options.compile_vae:
-        from .backends.torch import compile_vae
-
-        components = replace(components, vae=compile_vae(components.vae))
-    dispatcher = assemble(r, components, torch_options)
+    components, dispatcher = assemble(r, components, torch_options)
     log.info(
         "loaded %s (%s on %s, %d worker(s))", r.model, dispatcher.primary.name, r.device, r.options.workers
     )
@@ -436,37 +351,4 @@ def load(
         manifest=r.manifest,
         safety=policy,
         signer=signer,
-    )
-
-
-def _torch_denoiser(
-    components: Components, mode: str, options: TorchOptions | None, device: str, dtype: torch.dtype
-) -> Denoiser:
-    """The torch backend over the components' transformer (changed in place: FP8, fused QKV...); static
-    FP8 scales are calibrated first, on the build's calibration edits."""
-    amax = None
-    if mode == "fp8" and options is not None and options.fp8_scales == "static":
-        from .calibration import calibrate_amax
-
-        amax = calibrate_amax(components, device=device, dtype=dtype)
-    return torch_denoiser(
-        components.transformer, mode=mode, device=device, dtype=dtype, options=options, amax=amax
-    )
-
-
-def load_artifacts(manifest: Manifest, build_dir: Path, *, weights_id: str, options: LoadOptions) -> Denoiser:
-    """The Denoiser of one precision of a build (`options.backend`, default the build's), through its
-    backend's loader, which refuses a manifest that does not match these weights, this backend
-    version or this GPU."""
-    backend = options.backend or manifest.backend
-    if backend == "onnxruntime":
-        from .backends.onnxruntime import load_onnxruntime
-
-        return load_onnxruntime(manifest, build_dir, weights_id=weights_id, options=options)
-    if backend == "tensorrt":
-        from .backends.tensorrt import load_tensorrt
-
-        return load_tensorrt(manifest, build_dir, weights_id=weights_id, options=options)
-    raise BackendUnavailableError(
-        f"{build_dir}: no loader for backend {backend!r}; use onnxruntime or tensorrt"
     )

@@ -9,7 +9,7 @@ import torch
 from engine.backends import DENOISER_INPUTS, Denoiser, DenoiserBase
 from engine.backends.inputs import dummy_inputs
 from engine.buckets import ShapeKey, edit_key, family_shape_keys
-from engine.config import PRESETS
+from engine.config import PRESETS, LoadOptions
 from engine.dispatch import Dispatcher, served_buckets
 from engine.errors import ConfigError, ShapeNotServedError
 from engine.runtime import load
@@ -103,8 +103,8 @@ def test_torch_policy_falls_back_per_call_and_counts():
     assert d.stats().fallbacks == 1 and d.stats().hits == 1
     with pytest.raises(ConfigError):
         Dispatcher(engine, family="tiny", policy="torch")  # no fallback given
-    with pytest.raises(ConfigError):
-        Dispatcher(engine, family="tiny", policy="ignore")
+    with pytest.raises(ConfigError, match="miss_policy must be one of error, torch"):
+        LoadOptions(miss_policy="ignore")  # the one check of a policy (a Dispatcher is given a checked one)
 
 
 def test_engine_miss_error_then_torch_fallback(tiny_build):

@@ -63,7 +63,7 @@ def test_edit_result_warmup_and_close(tiny_build):
     assert set(times) == {str(k) for k in kontext.shape_keys or ()}
     r = kontext.edit(gradient_image(100, 100), "add a hat", seed=0, steps=2)
     assert r.image.size == (128, 128) and r.size == (128, 128)
-    assert {"text_encode", "vae_encode", "denoise", "vae_decode", "total", "queue"} <= set(r.timings)
+    assert {"text_encode", "vae_encode", "denoise", "vae_decode", "total", "worker_wait"} <= set(r.timings)
     kontext.close()
     kontext.close()  # idempotent
     with pytest.raises(BackendUnavailableError, match="closed"):
@@ -161,3 +161,52 @@ def test_dtype_sets_the_torch_path_and_is_refused_for_a_build(tiny_build):
         engine.load(tiny_build, dtype="bf16")
     with pytest.raises(ConfigError, match="dtype must be one of fp32, bf16"):
         engine.load("tiny", dtype="fp16")
+
+
+def test_edit_resolves_steps_and_key_once_and_reports_the_dispatched_key(tiny_engine, monkeypatch):
+    """KontextEngine.edit decides the steps and the shape key once (pipeline.plan_edit) and passes them
+    down: the pipeline neither fills the steps again nor recomputes the key, and the result reports the
+    key the dispatcher chose the denoiser for. Its pipelines are made at load, one per worker."""
+    import engine.pipeline as pipeline_module
+
+    calls = {"resolved": 0, "shape_key": 0, "pipelines": 0}
+    resolved, shape_key, init = (
+        EditRequest.resolved,
+        EditRequest.shape_key,
+        pipeline_module.KontextPipeline.__init__,
+    )
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(EditRequest, "resolved", counted("resolved", resolved))
+    monkeypatch.setattr(EditRequest, "shape_key", counted("shape_key", shape_key))
+    monkeypatch.setattr(pipeline_module.KontextPipeline, "__init__", counted("pipelines", init))
+    dispatched: list[ShapeKey] = []
+    resolve = tiny_engine.dispatcher.resolve
+    monkeypatch.setattr(tiny_engine.dispatcher, "resolve", lambda key: dispatched.append(key) or resolve(key))
+
+    result = tiny_engine.edit(gradient_image(100, 100), "add a hat", num_images=2)
+    assert calls == {"resolved": 1, "shape_key": 1, "pipelines": 0}
+    assert dispatched == [result.shape_key] and result.shape_key.batch == 2
+    assert result.request is not None and result.request.steps == tiny_engine.default_steps == 8
+    # negative control: the spies count (a direct pipeline call plans the edit itself, once)
+    pipe = pipeline_module.KontextPipeline(tiny_engine.components, tiny_engine.dispatcher.primary)
+    pipe.edit(EditRequest(gradient_image(100, 100), "add a hat", steps=1), progress=False)
+    assert calls == {"resolved": 2, "shape_key": 2, "pipelines": 1}
+
+
+def test_a_pipeline_given_a_key_needs_the_steps_filled_in(tiny):
+    from engine.pipeline import KontextPipeline
+
+    pipe = KontextPipeline(tiny)
+    request = EditRequest(gradient_image(100, 100), "add a hat")
+    _, key = pipe.plan(request)
+    with pytest.raises(ConfigError, match="steps filled in"):
+        pipe.prepare(request, key=key)
+    with pytest.raises(ConfigError, match="no denoiser"):
+        pipe.edit(request)

@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..buckets import ShapeKey
+from ..config import BACKENDS as BACKENDS  # defined with LoadOptions, which checks it
 
 
 @runtime_checkable
@@ -59,7 +60,6 @@ DENOISER_INPUTS: tuple[str, ...] = (
 )
 DENOISER_OUTPUT = "velocity"
 
-BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
 
 Signature = tuple[int, int, int]  # (batch, image tokens N + M, text tokens): what a call's tensors fix
 

@@ -13,10 +13,11 @@ with CUDA graphs, replays are serialized by a lock (one set of static buffers pe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +25,9 @@ from ..errors import BackendUnavailableError, ConfigError
 from . import DenoiserBase
 from .fp8 import quantize_fp8, quantize_static
 from .torch_options import KERNEL_PREFIX, TorchOptions, check_options
+
+if TYPE_CHECKING:
+    from ..model.components import Components
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +172,12 @@ def compile_vae(vae: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
         c.compile(mode=mode, dynamic=False)
         view._modules[name] = c
     return view
+
+
+def with_vae_lever(components: Components, compile: bool) -> Components:
+    """The `vae` lever (TorchOptions.compile_vae), applied here once for engine.load and the bench:
+    `components` with compile_vae's VAE when `compile`, else `components` itself."""
+    return dataclasses.replace(components, vae=compile_vae(components.vae)) if compile else components
 
 
 # --------------------------------------------------------------------------- dtypes

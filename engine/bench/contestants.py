@@ -21,7 +21,7 @@ from PIL import Image
 from ..adapters import diffusers_call
 from ..backends import Denoiser, DenoiserBase
 from ..backends.fp8 import fp8_linears
-from ..backends.torch import TorchDenoiser, compile_vae, dtype_name, torch_denoiser, weight_sharing_copy
+from ..backends.torch import TorchDenoiser, dtype_name, torch_denoiser, weight_sharing_copy, with_vae_lever
 from ..backends.torch_options import parse_spec
 from ..distributed import check_context_parallel, context_parallel_denoiser
 from ..errors import ConfigError
@@ -105,8 +105,7 @@ class PipelineRunner:
         self.replay_denoiser: Denoiser = denoiser
         self.replay_is_reference = False
         self.clock = CallClock(device)
-        if contestant.compile_vae:
-            components = dataclasses.replace(components, vae=compile_vae(components.vae))
+        components = with_vae_lever(components, contestant.compile_vae)
         self.pipe = KontextPipeline(
             components,
             TimedDenoiser(denoiser, self.clock),

@@ -81,10 +81,7 @@ def edit_command(args: argparse.Namespace) -> int:
 
 def _save_compile_cache(kontext: KontextEngine) -> None:
     """After the edits (everything compiled by now): write the torch compile cache, if one was named."""
-    from ..backends.torch import TorchDenoiser
-
-    primary = kontext.dispatcher.primary
-    if isinstance(primary, TorchDenoiser) and (saved := primary.save_compile_cache()) is not None:
+    if (saved := kontext.save_compile_cache()) is not None:
         log.info("compile cache written to %s", saved)
 
 
