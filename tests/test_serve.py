@@ -527,9 +527,65 @@ def test_job_params_round_trip_through_the_row() -> None:
     from engine.config import DEFAULT_GUIDANCE
     from engine.serve.params import JobParams, job_params
 
-    made = job_params("snow", default_steps=8, size=(160, 96), num_images=3, base="http://x")
-    assert made.steps == 8 and made.guidance == DEFAULT_GUIDANCE and 0 <= made.seed < 2**31
+    made = job_params("snow", size=(160, 96), num_images=3, base="http://x")
+    assert made.steps is None and made.guidance == DEFAULT_GUIDANCE and 0 <= made.seed < 2**31
     assert JobParams.from_json(made.to_json()) == made
     old = {"prompt": "hat", "seed": 3, "steps": 28, "guidance": 2.5, "size": [1024, 1024], "extra": 1}
     loaded = JobParams.from_json(json.dumps(old))
     assert loaded.size == (1024, 1024) and loaded.num_images == 1 and loaded.output_format == "png"
+
+
+def test_job_params_to_request_carries_every_edit_field() -> None:
+    """JobParams.to_request is the one mapping to EditRequest: each shared field arrives with its value,
+    and an EditRequest field the server does not carry must be named here (a new edit option is a
+    JobParams field of the same name, or a line below saying why the server does not offer it)."""
+    from dataclasses import fields
+
+    from engine.request import EditRequest
+    from engine.serve.params import EDIT_FIELDS, JobParams, job_params
+
+    not_served = {"image", "references", "placement"}  # the input files travel beside the params
+    wanted = {f.name for f in fields(EditRequest)} - not_served - {"prompt"}
+    assert set(EDIT_FIELDS) == wanted
+    params = job_params("snow", seed=5, steps=3, guidance=4.0, size=(160, 96), num_images=2)
+    request = params.to_request(SAMPLE, (SAMPLE,))
+    assert (request.prompt, request.seed, request.steps, request.guidance) == ("snow", 5, 3, 4.0)
+    assert (request.size, request.num_images) == ((160, 96), 2)
+    assert request.image.size == (451, 300) and [r.size for r in request.references] == [(451, 300)]
+    assert {n: getattr(request, n) for n in EDIT_FIELDS} == {n: getattr(params, n) for n in EDIT_FIELDS}
+    assert isinstance(params, JobParams) and params.to_request(SAMPLE).references == ()
+
+
+def test_sync_routes_answer_an_internal_error_500_and_a_bad_request_4xx(tmp_path: Path) -> None:
+    """Both synchronous routes wait through one run_sync: a job the server failed (an exception that is
+    not the engine's KontextError) is a 500 on BFL's /v1/edit and on OpenAI's images/edits; a job the
+    request failed is BFL's 422 and OpenAI's 400. The server fills in the steps: --steps here (1)."""
+    from engine.errors import KontextError
+
+    seen: list[EditJob] = []
+
+    class Failing:
+        family, review, default_steps = "tiny", False, 8
+
+        def edit(self, job: EditJob) -> EditOutput:
+            seen.append(job)
+            if job.params.prompt == "crash":
+                raise RuntimeError("a bug")
+            raise KontextError("this edit cannot run")
+
+        def stats(self) -> dict[str, int]:
+            return {}
+
+        def close(self) -> None:
+            pass
+
+    with serve(tmp_path, Failing) as s, s.client() as c:
+        image = {"image": ("c.png", SAMPLE, "image/png")}
+        bfl = {p: c.post("/v1/edit", files=image, data={"prompt": p}) for p in ("crash", "refused")}
+        oai = {p: c.post("/v1/images/edits", files=image, data={"prompt": p}) for p in ("crash", "refused")}
+    assert (bfl["crash"].status_code, bfl["refused"].status_code) == (500, 422)
+    assert "internal error: RuntimeError" in bfl["crash"].json()["detail"]
+    assert (oai["crash"].status_code, oai["refused"].status_code) == (500, 400)
+    assert oai["crash"].json()["error"]["message"] == "internal error: RuntimeError"
+    assert oai["refused"].json()["error"]["message"] == "this edit cannot run"
+    assert [job.params.steps for job in seen] == [1, 1, 1, 1]  # ServeSettings(default_steps=1)

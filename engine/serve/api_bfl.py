@@ -15,13 +15,14 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import ImageError
 from ..images import load_image
 from . import jobs as J
-from .deps import ServiceDep, User, base_url, default_steps
+from .deps import ServiceDep, User, base_url
 from .inputs import InputError, image_bytes, output_size
 from .params import MAX_SEED, job_params
 from .refusals import admit, check_accepting, refuse
 from .schemas import AsyncResponse, ErrorResponse, KontextRequest, OutputFormat, ResultResponse
 from .service import Service
 from .settings import GUIDANCE_RANGE, MAX_PROMPT_CHARS, STEPS_RANGE
+from .sync import run_sync
 from .views import not_found, polling_url, result_response
 
 RESULT_PREFIX = "result:"  # input_image: "result:<id>" edits a previous result of the same key
@@ -76,7 +77,6 @@ def submit(service: Service, body: KontextRequest, request: Request, owner: str)
     base = base_url(request)
     params = job_params(
         body.prompt,
-        default_steps=default_steps(service),
         seed=body.seed,
         steps=body.steps,
         guidance=body.guidance,
@@ -161,17 +161,13 @@ async def edit_sync(
     except ImageError as e:
         raise refuse(service, "invalid", 422, f"image: {e}") from None
     base = base_url(request)
-    params = job_params(
-        prompt, default_steps=default_steps(service), seed=seed, steps=steps, guidance=guidance, base=base
-    )
-    job_id = await run_in_threadpool(lambda: admit(service, user.owner, params, data, wait=True))
-    job = await run_in_threadpool(service.wait_for, job_id, service.settings.sync_timeout)
-    images = service.images(job)
-    if images is not None:
-        return Response(images[0], media_type="image/png", headers={"X-Task-Id": job_id})
-    if job is None or job.state in (*J.UNFINISHED, J.HELD):
-        body = AsyncResponse(id=job_id, polling_url=polling_url(base, job_id)).model_dump()
+    params = job_params(prompt, seed=seed, steps=steps, guidance=guidance, base=base)
+    out = await run_sync(service, user.owner, params, data)
+    if out.images is not None:
+        return Response(out.images[0], media_type="image/png", headers={"X-Task-Id": out.job_id})
+    if out.job is None or out.pending or out.job.state == J.HELD:
+        body = AsyncResponse(id=out.job_id, polling_url=polling_url(base, out.job_id)).model_dump()
         return JSONResponse(body, status_code=202)
-    view = result_response(job, base)
-    status = 500 if "internal error" in str((job.details or {}).get("error", "")) else 422
-    return JSONResponse({"detail": f"{view.status.value}: {job.details}"}, status_code=status)
+    view = result_response(out.job, base)
+    status = 500 if out.internal else 422
+    return JSONResponse({"detail": f"{view.status.value}: {out.job.details}"}, status_code=status)

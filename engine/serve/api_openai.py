@@ -33,11 +33,12 @@ from ..buckets import MAX_REFERENCES, nearest_bucket
 from ..errors import ImageError
 from ..images import load_image
 from . import jobs as J
-from .deps import ServiceDep, User, base_url, default_steps
+from .deps import ServiceDep, User, base_url
 from .params import MAX_SEED, job_params
-from .refusals import Refused, admit, check_accepting, refuse
+from .refusals import Refused, check_accepting, refuse
 from .service import Service
 from .settings import GUIDANCE_RANGE, MAX_PROMPT_CHARS, STEPS_RANGE
+from .sync import SyncOutcome, run_sync
 from .views import sample_url
 
 MAX_N = 10  # OpenAI's bound on n
@@ -232,7 +233,6 @@ async def images_edits(request: Request, user: User, service: ServiceDep) -> JSO
     base = base_url(request)
     params = job_params(
         prompt,
-        default_steps=default_steps(service),
         seed=seed,
         steps=steps,
         guidance=guidance,
@@ -241,13 +241,10 @@ async def images_edits(request: Request, user: User, service: ServiceDep) -> JSO
         num_images=n,
         base=base,
     )
-    job_id = await run_in_threadpool(
-        lambda: admit(service, user.owner, params, images[0], references=tuple(images[1:]), wait=True)
-    )
-    job = await run_in_threadpool(service.wait_for, job_id, service.settings.sync_timeout)
-    data = service.images(job)
+    out = await run_sync(service, user.owner, params, images[0], tuple(images[1:]))
+    job, data = out.job, out.images
     if job is None or data is None:
-        raise _failed(service, job_id, job)
+        raise _failed(service, out)
     w, h = Image.open(io.BytesIO(data[0])).size
     items = [
         ImageData(b64_json=base64.b64encode(d).decode())
@@ -258,13 +255,14 @@ async def images_edits(request: Request, user: User, service: ServiceDep) -> JSO
     body = ImagesResponse(
         created=int(job.finished or time.time()), data=items, output_format=output_format, size=f"{w}x{h}"
     )
-    return JSONResponse(body.model_dump(exclude_none=True), headers={"X-Task-Id": job_id})
+    return JSONResponse(body.model_dump(exclude_none=True), headers={"X-Task-Id": out.job_id})
 
 
-def _failed(service: Service, job_id: str, job: J.Job | None) -> Refused:
+def _failed(service: Service, out: SyncOutcome) -> Refused:
     """The refusal for a job that did not end Ready."""
+    job, job_id = out.job, out.job_id
     details = (job.details if job is not None else None) or {}
-    if job is None or job.state in J.UNFINISHED:
+    if job is None or out.pending:
         return Refused(
             504,
             f"the edit did not finish within {service.settings.sync_timeout:.0f}s; it goes on "
@@ -281,4 +279,4 @@ def _failed(service: Service, job_id: str, job: J.Job | None) -> Refused:
     if job.state == J.HELD:
         return Refused(403, f"the result is held for review; poll /v1/get_result?id={job_id}")
     error = str(details.get("error", "the edit failed"))
-    return Refused(500 if error.startswith("internal error") else 400, error)
+    return Refused(500 if out.internal else 400, error)

@@ -73,10 +73,3 @@ def base_url(request: Request) -> str:
     """Where clients reach this server: --public-url, else the request's own base URL."""
     service = get_service(request)
     return service.settings.public_url or str(request.base_url)
-
-
-def default_steps(service: Service) -> int:
-    """Steps of a request that leaves them out (call after check_accepting: the engine is loaded)."""
-    steps = service.default_steps
-    assert steps is not None  # check_accepting() passed: the editor is loaded
-    return steps

@@ -36,7 +36,8 @@ class EditOutput:
 class Editor(Protocol):
     """Safe to call from several threads at once. `family`: the bucket family its outputs come in.
     `review`: the engine's safety policy asks a person to approve every output before it is shared.
-    `default_steps`: the model's default (ModelPreset.default_steps), for requests that leave it out."""
+    `default_steps`: the model's default (KontextEngine.default_steps): the steps of a request that
+    leaves them out on a server started without --steps (Service.default_steps)."""
 
     family: str
     review: bool
@@ -61,20 +62,11 @@ class LocalEditor:
         self.review = bool(getattr(getattr(engine, "safety", None), "review", False))
 
     def edit(self, job: EditJob) -> EditOutput:
-        from ..request import EditRequest
-
+        # The input is decoded a second time here (the routes decoded it once to refuse a bad file
+        # with a 4xx before admitting it): a job stores and carries the client's bytes, not pixels, so
+        # it survives a crash and a restart, and crosses to a Ray replica, as the same file.
         p = job.params
-        request = EditRequest.of(
-            job.image,
-            p.prompt,
-            references=job.references,
-            steps=p.steps,
-            guidance=p.guidance,
-            seed=p.seed,
-            size=p.size,
-            num_images=p.num_images,
-        )
-        result = self.engine.edit(request)
+        result = self.engine.edit(p.to_request(job.image, job.references))
         # The engine's output path: AI disclosure and model in the metadata (never the prompt: prompts
         # can be private), C2PA-signed with the input as parent when the engine has a signer. No
         # response reveals a local path: the metadata names the build folder, never its path.

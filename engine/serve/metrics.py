@@ -11,6 +11,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import jobs as J
+from .schemas import STATUS
+
 STAGES = ("text_encode", "vae_encode", "denoise", "vae_decode", "total")
 _BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -63,6 +66,10 @@ class ServeMetrics:
             "kontext_service_seconds", "Edit time per stage", ["stage"], buckets=_BUCKETS, registry=r
         )
         r.register(_LiveCollector(live))
+
+    def job_ended(self, state: str) -> None:
+        """Count a job that ended in `state` (jobs.py), labelled by its BFL status ("Held" apart)."""
+        self.finished.labels("Held" if state == J.HELD else STATUS[state].value).inc()
 
     def observe_timings(self, timings: dict[str, float]) -> None:
         for stage in STAGES:

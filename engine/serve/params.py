@@ -1,7 +1,8 @@
 """JobParams: what a job asks of the engine, typed and frozen, made in one place (`job_params`) from
 any API's request (BFL's JSON, the multipart /v1/edit, OpenAI's images/edits) and stored in the job's
-SQLite row as JSON. Defaults are filled in here, once: a random seed, the model's default steps,
-config.DEFAULT_GUIDANCE."""
+SQLite row as JSON. Defaults are filled in here, once: a random seed and config.DEFAULT_GUIDANCE; the
+steps in Service.submit (the server's --steps, else the loaded model's default). `to_request()` is the
+one mapping to the engine's EditRequest: a field both have is carried by its name."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..config import DEFAULT_GUIDANCE
-from ..request import MAX_IMAGES
+from ..request import MAX_IMAGES, EditRequest
 from ..request import MAX_SEED as ENGINE_MAX_SEED
 
 RANDOM_SEEDS = 2**31  # a seed left out is drawn below this
@@ -20,9 +21,12 @@ MAX_SEED = ENGINE_MAX_SEED - MAX_IMAGES  # the engine's seeds run seed .. seed +
 
 @dataclass(frozen=True)
 class JobParams:
+    """The edit fields share EditRequest's names (prompt, seed, steps, guidance, size, num_images): a
+    new edit option is one field here with its EditRequest name. The rest are the APIs' own."""
+
     prompt: str
     seed: int
-    steps: int
+    steps: int | None  # None until Service.submit fills in the server's default
     guidance: float
     size: tuple[int, int] | None = None  # output (w, h); None: the input's bucket
     output_format: str = "png"  # png | jpeg
@@ -32,6 +36,13 @@ class JobParams:
     webhook_url: str | None = None
     webhook_secret: str | None = None
     base: str = ""  # the server's public base URL when accepted (URLs in webhook payloads)
+
+    def to_request(self, image: bytes, references: tuple[bytes, ...] = ()) -> EditRequest:
+        """The engine's request: the input file and references decoded (images.load_image's limits)
+        and every field this class shares with EditRequest, by name."""
+        return EditRequest.of(
+            image, self.prompt, references=references, **{n: getattr(self, n) for n in EDIT_FIELDS}
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -47,10 +58,17 @@ class JobParams:
         return cls(**values)
 
 
+# The fields JobParams hands EditRequest.of by name (prompt, the input and references are positional).
+EDIT_FIELDS = tuple(
+    f.name
+    for f in fields(JobParams)
+    if f.name in {g.name for g in fields(EditRequest)} and f.name not in ("prompt", "image", "references")
+)
+
+
 def job_params(
     prompt: str,
     *,
-    default_steps: int,
     seed: int | None = None,
     steps: int | None = None,
     guidance: float | None = None,
@@ -63,11 +81,12 @@ def job_params(
     webhook_secret: str | None = None,
     base: str = "",
 ) -> JobParams:
-    """A job's parameters from a request's fields (None: not given, so the default)."""
+    """A job's parameters from a request's fields (None: not given, so the default; steps None: the
+    server's, filled in by Service.submit)."""
     return JobParams(
         prompt=prompt,
         seed=seed if seed is not None else secrets.randbelow(RANDOM_SEEDS),
-        steps=steps if steps is not None else default_steps,
+        steps=steps,
         guidance=guidance if guidance is not None else DEFAULT_GUIDANCE,
         size=size,
         output_format=output_format,

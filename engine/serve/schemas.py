@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import DEFAULT_GUIDANCE
+from . import jobs as J
 from .params import MAX_SEED
 from .settings import GUIDANCE_RANGE, MAX_PROMPT_CHARS, STEPS_RANGE
 
@@ -24,6 +25,18 @@ class Status(str, Enum):
     request_moderated = "Request Moderated"
     content_moderated = "Content Moderated"
     not_found = "Task not found"
+
+
+# A stored job's state (jobs.py) as BFL's status: held for review is still Pending to its owner.
+STATUS: dict[str, Status] = {
+    J.QUEUED: Status.pending,
+    J.RUNNING: Status.pending,
+    J.HELD: Status.pending,
+    J.READY: Status.ready,
+    J.ERROR: Status.error,
+    J.REQUEST_MODERATED: Status.request_moderated,
+    J.CONTENT_MODERATED: Status.content_moderated,
+}
 
 
 class OutputFormat(str, Enum):

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from ..errors import KontextError, ModeratedError
@@ -24,17 +25,7 @@ from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
-# Job state -> BFL status
-STATUS = {
-    J.QUEUED: "Pending",
-    J.RUNNING: "Pending",
-    J.HELD: "Pending",
-    J.READY: "Ready",
-    J.ERROR: "Error",
-    J.REQUEST_MODERATED: "Request Moderated",
-    J.CONTENT_MODERATED: "Content Moderated",
-}
-
+INTERNAL_ERROR = "internal error"  # how a job's error starts when the server, not the request, failed
 
 # An absolute or relative path of two or more parts, not inside a URL (after ':', '/' or a word).
 _PATH = re.compile(r"(?<![\w:/.~])(?:~|\.{1,2})?/(?:[^\s/'\"]+/)+([^\s/'\",;)]+)")
@@ -136,7 +127,7 @@ class Service:
     @property
     def default_steps(self) -> int | None:
         """Steps of a request that leaves them out: --steps, else the loaded model's default (None
-        until the engine is loaded)."""
+        until the engine is loaded). The one place a job's steps are filled in (submit)."""
         if self.settings.default_steps is not None:
             return self.settings.default_steps
         return self.editor.default_steps if self.editor is not None else None
@@ -165,11 +156,13 @@ class Service:
         references: tuple[bytes, ...] = (),
         wait: bool = False,
     ) -> str:
-        """Accept a job (raises NotAccepting, admission.QueueFull, admission.KeyLimit). `wait`: `wait_for`
-        may be called on it."""
+        """Accept a job (raises NotAccepting, admission.QueueFull, admission.KeyLimit); params.steps None:
+        the server's default_steps, recorded in the job. `wait`: `wait_for` may be called on it."""
         why = self.accepting()
         if why is not None:
             raise NotAccepting(why)
+        if params.steps is None:
+            params = replace(params, steps=self.default_steps)  # accepting: the editor is loaded
         job_id = str(uuid.uuid4())
         self.queue.admit(job_id, owner)
         try:
@@ -219,7 +212,7 @@ class Service:
             return
         except Exception as e:
             log.exception("job %s failed", job_id)
-            self._end(job, J.ERROR, details={"error": f"internal error: {type(e).__name__}"})
+            self._end(job, J.ERROR, details={"error": f"{INTERNAL_ERROR}: {type(e).__name__}"})
             return
         timings = dict(out.timings)
         timings["queue_wait"] = max(0.0, started - job.created)
@@ -238,7 +231,7 @@ class Service:
     def _end(self, job: J.Job, state: str, **kw: Any) -> None:
         token = secrets.token_urlsafe(24) if kw.get("results") else None
         self.store.finish(job.id, state, ttl=self.settings.result_ttl, sample_token=token, **kw)
-        self.metrics.finished.labels("Held" if state == J.HELD else STATUS[state]).inc()
+        self.metrics.job_ended(state)
         with self._waiters_lock:
             event = self._waiters.get(job.id)
         if event is not None:
@@ -280,7 +273,7 @@ class Service:
     def review(self, job_id: str, approve: bool) -> bool:
         ok = self.store.review(job_id, approve, ttl=self.settings.result_ttl)
         if ok:
-            self.metrics.finished.labels("Ready" if approve else "Content Moderated").inc()
+            self.metrics.job_ended(J.READY if approve else J.CONTENT_MODERATED)
         return ok
 
     def _live(self) -> Live:
@@ -292,6 +285,11 @@ class Service:
             states=self.store.counts(),
             dispatch=self.editor.stats() if self.editor is not None else {},
         )
+
+
+def failed_inside(job: J.Job) -> bool:
+    """The job ended in an error of the server's own (a 500), not of its request (a 4xx)."""
+    return job.state == J.ERROR and str((job.details or {}).get("error", "")).startswith(INTERNAL_ERROR)
 
 
 def _verdict(e: ModeratedError) -> dict[str, Any]:

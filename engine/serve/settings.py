@@ -1,4 +1,5 @@
-"""ServeSettings: every knob of the server, validated once, frozen. Read from argv by engine/cli/ only."""
+"""ServeSettings: every knob of the server, validated once, frozen, with its default (DEFAULTS). Read
+from argv by engine/cli/ only."""
 
 from __future__ import annotations
 
@@ -77,3 +78,7 @@ class ServeSettings:
     @property
     def key_limit(self) -> int:
         return self.per_key if self.per_key is not None else self.queue
+
+
+# Every serve default, read by the CLI's flags (engine/cli/parser.py) rather than typed there again.
+DEFAULTS = ServeSettings()

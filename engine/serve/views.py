@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from . import jobs as J
-from .schemas import ResultResponse, Status
-from .service import STATUS
+from .schemas import STATUS, ResultResponse, Status
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg"}
 
@@ -24,7 +23,7 @@ def not_found(job_id: str) -> ResultResponse:
 
 
 def result_response(job: J.Job, base: str) -> ResultResponse:
-    status = Status(STATUS[job.state])
+    status = STATUS[job.state]
     if job.state == J.READY:
         start = job.started or job.created
         end = job.finished or start
