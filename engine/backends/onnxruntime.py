@@ -18,7 +18,7 @@ import torch
 from ..buckets import ShapeKey
 from ..config import LoadOptions
 from ..errors import BackendUnavailableError, ShapeNotServedError
-from ..manifest import MachineFacts, Manifest, check_manifest, select_artifact
+from ..manifest import Artifact, MachineFacts, Manifest, check_manifest, select_artifact
 from . import DENOISER_INPUTS, DENOISER_OUTPUT, DenoiserBase, call_signature, describe_keys, served_signatures
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,12 @@ def load_onnxruntime(
     artifact = select_artifact(manifest, build_dir, BACKEND, options.precision)
     machine = MachineFacts(weights_id=weights_id, backend_version=ort_version())
     path = check_manifest(manifest, build_dir, artifact, machine)
+    return ort_denoiser(artifact, path, options)
+
+
+def ort_denoiser(artifact: Artifact, path: Path, options: LoadOptions) -> OrtDenoiser:
+    """The Denoiser over one artifact at `path`, under its recorded session options: what
+    load_onnxruntime returns once the manifest is checked, and what the build verifies."""
     return OrtDenoiser(
         path,
         name=f"{BACKEND}-{artifact.precision}",

@@ -10,8 +10,8 @@ before serving. Plans of other bucket families load on first use, outside the lo
 are freed least-recently-used under a byte budget. Every TensorRT call runs under the denoiser's
 CUDA device. CUDA is checked before any TensorRT call: deserializing without a GPU segfaults.
 
-Over 400 lines on purpose: the worker pool, the per-key contexts and the graph capture share one lock
-discipline, and splitting them would spread it across files (the plan bookkeeping is tensorrt_plans.py).
+The worker pool, the per-key contexts and the graph capture share one lock discipline, so they are
+here together; the plan bookkeeping (names, profiles, the byte budget) is tensorrt_plans.py.
 """
 
 from __future__ import annotations
@@ -436,11 +436,23 @@ def load_tensorrt(
         if why is not None:
             raise ManifestError(f"{a.path}: {why}; rebuild with `{fix}`")
     plans = [(a, check_manifest(manifest, build_dir, a, machine)) for a in artifacts]
+    return trt_denoiser(plans, manifest.transformer_config(), options, rebuild=fix)
+
+
+def trt_denoiser(
+    plans: Sequence[tuple[Artifact, Path]],
+    transformer: TransformerConfig,
+    options: LoadOptions,
+    *,
+    rebuild: str = "kontext build --force",
+) -> TrtDenoiser:
+    """The Denoiser over plans of one precision: what load_tensorrt returns once the manifest and this
+    machine are checked, and what the build verifies (contexts per key, shared memory, CUDA graphs)."""
     return TrtDenoiser(
         plans,
-        transformer=manifest.transformer_config(),
-        device=str(device),
+        transformer=transformer,
+        device=str(torch.device(options.device or "cuda")),
         workers=options.workers,
         plan_memory_budget=options.plan_memory_budget,
-        rebuild=fix,
+        rebuild=rebuild,
     )

@@ -1,9 +1,10 @@
 """Verify stage: run an artifact through the runtime's own Denoiser on every shape key it serves, and
 compare with the fp32 torch transformer.
 
-The Denoiser is the one `engine.load` returns for that artifact (OrtDenoiser under the manifest's
-session options, TrtDenoiser with its contexts, shared device memory and CUDA graphs), so "verified"
-means the runtime path was verified, not only the graph. The inputs and reference velocities come
+The Denoiser is made by the function `engine.load`'s loader calls for that artifact
+(onnxruntime.ort_denoiser: OrtDenoiser under the manifest's session options; tensorrt.trt_denoiser:
+TrtDenoiser with its contexts, shared device memory and CUDA graphs), so "verified" means the runtime
+path was verified, not only the graph. The inputs and reference velocities come
 from the sampling loop (calibrate.capture_reference). Errors: relative L2 over all samples of a key
 (engine.metrics.rel_l2), and max abs. Exceeding the recipe's bound fails the build.
 """
@@ -19,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backends import DENOISER_INPUTS, DENOISER_OUTPUT, Denoiser, GraphCapturing
-from ..config import TransformerConfig
+from ..config import LoadOptions, TransformerConfig
 from ..errors import VerificationError
 from ..manifest import Artifact, Verification, parse_shape_key
 from ..metrics import rel_l2
@@ -31,20 +32,16 @@ log = logging.getLogger(__name__)
 def artifact_denoiser(
     root: Path, artifact: Artifact, cfg: TransformerConfig, device: str = "cuda"
 ) -> Denoiser:
-    """The runtime's Denoiser over one just-built artifact, loaded as the manifest will say (device:
-    TensorRT's CUDA device)."""
+    """The runtime's Denoiser over one just-built artifact, made by its backend's own function, the one
+    its loader calls once the manifest is checked (device: TensorRT's CUDA device)."""
+    path = root / artifact.path
     if artifact.backend == "onnxruntime":
-        from ..backends.onnxruntime import OrtDenoiser
+        from ..backends.onnxruntime import ort_denoiser
 
-        return OrtDenoiser(
-            root / artifact.path,
-            name=f"onnxruntime-{artifact.precision}",
-            shape_keys=artifact.shape_keys(),
-            runtime_options=artifact.runtime_options,
-        )
-    from ..backends.tensorrt import TrtDenoiser
+        return ort_denoiser(artifact, path, LoadOptions(backend="onnxruntime", device="cpu"))
+    from ..backends.tensorrt import trt_denoiser
 
-    return TrtDenoiser([(artifact, root / artifact.path)], transformer=cfg, device=device)
+    return trt_denoiser([(artifact, path)], cfg, LoadOptions(backend="tensorrt", device=device))
 
 
 def verify(
