@@ -281,21 +281,24 @@ class KontextEngine:
         self.close()
 
 
+_DEFAULTS = LoadOptions()  # load()'s keywords default to LoadOptions' own values
+
+
 def load(
     source: str | Path,
     *,
     options: LoadOptions | None = None,
-    backend: str | None = None,
-    precision: str | None = None,
-    device: str | None = None,
-    miss_policy: str = "error",
-    workers: int = 1,
-    threads: int | None = None,
-    torch_mode: str = "eager",
+    backend: str | None = _DEFAULTS.backend,
+    precision: str | None = _DEFAULTS.precision,
+    device: str | None = _DEFAULTS.device,
+    miss_policy: str = _DEFAULTS.miss_policy,
+    workers: int = _DEFAULTS.workers,
+    threads: int | None = _DEFAULTS.threads,
+    torch_mode: str = _DEFAULTS.torch_mode,
     torch_options: TorchOptions | None = None,
-    plan_memory_budget: int | None = None,
-    dtype: str | None = None,
-    context_parallel: int = 1,
+    plan_memory_budget: int | None = _DEFAULTS.plan_memory_budget,
+    dtype: str | None = _DEFAULTS.dtype,
+    context_parallel: int = _DEFAULTS.context_parallel,
     safety: SafetyPolicy | str | None = None,
     signer: ProvenanceSigner | None = None,
     loras: Sequence[LoraSpec | str] = (),

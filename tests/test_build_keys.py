@@ -26,6 +26,7 @@ from engine.buckets import ShapeKey, family_shape_keys, reference_bucket, refere
 from engine.builder import builder
 from engine.builder.builder import BuildOptions, build, build_keys
 from engine.builder.calibrate import reference_edit
+from engine.builder.request import Target, request_hash
 from engine.calibration import CalibrationSpec
 from engine.cli import main
 from engine.errors import BuildError, ConfigError, ManifestError
@@ -79,18 +80,20 @@ def test_build_options_refuse_bad_counts_and_sort():
 def test_default_request_hash_is_unchanged(monkeypatch):
     """The hash of a default request is the one every build made before --refs/--batch/--lora recorded,
     so their no-op fast path still holds; explicit defaults hash alike; new values change it."""
-    monkeypatch.setattr(builder, "backend_version", lambda backend: "1.0")
-    versions = {"torch": "2"}
+    versions, target = {"torch": "2"}, Target("onnxruntime", "1.0")
 
     def request(opts: BuildOptions) -> str:
+        opts = dataclasses.replace(opts, device="cpu").resolved()  # as build() resolves it on a CPU
         recipes = builder._recipes(("fp32",), "onnxruntime", opts)
-        return builder._request_hash("tiny", None, ("fp32",), "tiny", "onnxruntime", versions, recipes, opts)
+        return request_hash("tiny", None, ("fp32",), "tiny", target, versions, recipes, opts)
 
     default = request(BuildOptions())
     # the value before this change (main at b3ce5b3), computed the same way
     assert default == "98da2d63a8dc8f8a923861c111badac3aede22c21cd8d73d83e8a23b00bf96f7"
     assert request(BuildOptions(refs=(0,), batches=(1,), loras=())) == default
     assert request(BuildOptions(refs=(0, 1))) != default != request(BuildOptions(batches=(1, 2)))
+    with pytest.raises(BuildError, match="resolved"):  # device and dtype are part of the request
+        request_hash("tiny", None, ("fp32",), "tiny", target, versions, [], BuildOptions())
 
 
 def test_dynamic_profile_spans_batch_and_context():

@@ -213,3 +213,38 @@ def test_sigkill_during_each_stage_then_resume(tmp_path: Path) -> None:
     assert m.complete and [a.precision for a in m.artifacts] == ["fp32", "int8"]
     assert all(v.rel_l2 <= v.bound for a in m.artifacts for v in a.verification.values())
     assert not [p for p in out.rglob(".*") if p.name != ".lock"]  # no leftovers
+
+
+def test_verify_builds_each_denoiser_through_the_loaders_function(tiny_build: Path, monkeypatch) -> None:
+    """The build's verification makes its Denoiser with the function the backend's loader calls
+    (onnxruntime.ort_denoiser, tensorrt.trt_denoiser), so the build verifies what engine.load serves:
+    one call each from verify and from the loader, with equal settings."""
+    import engine
+    from engine.backends import onnxruntime as ort_backend
+    from engine.backends import tensorrt as trt_backend
+    from engine.builder import verify
+
+    made = []
+    real = ort_backend.ort_denoiser
+
+    def spy(artifact, path, options):
+        d = real(artifact, path, options)
+        made.append((artifact.precision, path, d.name, d.shape_keys, options.threads, options.device))
+        return d
+
+    monkeypatch.setattr(ort_backend, "ort_denoiser", spy)
+    manifest = read_manifest(tiny_build)
+    artifact = manifest.artifact("int8")
+    verify.artifact_denoiser(tiny_build, artifact, manifest.transformer_config()).close()
+    with engine.load(tiny_build, precision="int8") as kontext:
+        assert kontext.name == "onnxruntime-int8"
+    assert len(made) == 2 and made[0] == made[1]  # verify's and the loader's: the same denoiser
+    assert made[0][1] == tiny_build / artifact.path
+
+    calls = []
+    monkeypatch.setattr(trt_backend, "trt_denoiser", lambda *a, **k: calls.append((a, k)) or "trt")
+    planned = dataclasses.replace(artifact, backend="tensorrt")
+    assert verify.artifact_denoiser(tiny_build, planned, manifest.transformer_config(), "cuda:1") == "trt"
+    (plans, cfg, options), _ = calls[0]
+    assert plans == [(planned, tiny_build / artifact.path)] and options.device == "cuda:1"
+    assert cfg == manifest.transformer_config()

@@ -18,7 +18,8 @@ import torch
 
 from engine import cli
 from engine.backends.torch import TorchDenoiser
-from engine.builder.builder import BuildOptions, _request_hash, default_out_dir
+from engine.builder.builder import BuildOptions, default_out_dir
+from engine.builder.request import Target, request_hash
 from engine.cli.parser import build_parser
 from engine.config import KONTEXT_DEV_TRANSFORMER, TransformerConfig
 from engine.errors import BackendUnavailableError, BuildError
@@ -273,7 +274,7 @@ def test_a_machine_without_room_is_refused_before_anything_is_read(
 def request(model: str, **options) -> str:
     opts = BuildOptions(**options).resolved()
     versions = {"torch": torch.__version__}
-    return _request_hash(model, None, ("fp32",), None, "onnxruntime", versions, [], opts)
+    return request_hash(model, None, ("fp32",), None, Target.of("onnxruntime"), versions, [], opts)
 
 
 def test_a_path_and_its_spellings_are_one_build(real_folder, monkeypatch):

@@ -4,18 +4,14 @@
 named stage functions over one BuildContext. Each stage is skipped when its input hash and files
 match the manifest; the manifest is rewritten after every stage that ran (complete=False until the
 end), so an interrupted build resumes. A request identical to the last complete build returns its
-manifest without loading the model (the no-op fast path).
-
-Longer than 400 lines on purpose: the stages are small functions over one BuildContext, and reading
-them in order, beside the request hash that decides whether any runs, is the point of this file.
+manifest without loading the model (the no-op fast path). What decides that, the request hash, and
+the manifest draft the stages fill in are request.py; the options are options.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata as md
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -28,69 +24,40 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backends import DENOISER_INPUTS
-from ..backends.tensorrt_plans import cuda_device, family_profiles, plan_name, require_tensorrt
-from ..buckets import MAX_REFERENCES, ShapeKey, family_scale, family_shape_keys
+from ..backends.tensorrt_plans import family_profiles, plan_name, require_tensorrt
+from ..buckets import ShapeKey, family_scale, family_shape_keys
 from ..config import PRESETS
-from ..errors import BuildError, ManifestError
-from ..manifest import MANIFEST_NAME, Artifact, Manifest, Stage, read_manifest, write_manifest
+from ..errors import BuildError
+from ..manifest import Artifact, Manifest, Stage, write_manifest
 from ..model.components import Components
 from ..model.layout import model_name
-from ..model.load import load_components, source_signature
-from ..model.lora import LoraSpec, file_sha256, fuse_loras
+from ..model.load import load_components
+from ..model.lora import fuse_loras
 from . import calibrate, export, ort_compile, quantize, verify
-from .backend import backend_version, choose_backend
-from .stages import StageResult, T, build_lock, input_hash, outputs_intact, run_stage
-from .tensorrt_build import TensorRTOptions, allows_tf32, build_plan
+from .backend import choose_backend
+from .export import EXPORT_VERSION
+from .options import DEFAULT_REFS, BuildOptions
+from .request import (
+    Target,
+    draft_manifest,
+    previous_artifact,
+    read_previous,
+    request_hash,
+    tool_versions,
+    up_to_date,
+)
+from .stages import StageResult, T, build_lock, run_stage
+from .tensorrt_build import allows_tf32, build_plan
+
+__all__ = ["BuildOptions", "build", "build_keys", "default_out_dir"]
 
 log = logging.getLogger(__name__)
 
-EXPORT_VERSION = 1  # bump when export.py changes what it writes
 REFERENCE_STEPS = 3
 ONNX_REL = "onnx/transformer.onnx"
 CALIBRATION_REL = "calibration/samples.npz"
 REFERENCE_REL = "verify/reference.npz"
 TIMING_CACHE_REL = "tensorrt/timing.cache"
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """Everything beyond (model, out_dir, precisions, family, backend, force)."""
-
-    opset: int = export.DEFAULT_OPSET
-    calibration: calibrate.CalibrationSpec = field(default_factory=calibrate.CalibrationSpec)
-    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
-    fp8_attention: bool = False
-    recipes: Mapping[str, quantize.Recipe] | None = None  # overrides of quantize.RECIPES by name
-    device: str | None = None  # where calibration and the reference run (torch); None: cuda if available
-    dtype: str | None = None  # the torch components' dtype there (bf16 | fp32); None: bf16 on cuda, else fp32
-    progress: bool = True
-    refs: tuple[int, ...] = (0,)  # reference-image counts served (kontext build --refs 0,1)
-    batches: tuple[int, ...] = (1,)  # batch sizes served (kontext build --batch 1,2,4)
-    loras: tuple[LoraSpec, ...] = ()  # fused into the weights before export (kontext build --lora)
-
-    def __post_init__(self) -> None:
-        if not self.refs or any(not 0 <= r <= MAX_REFERENCES for r in self.refs):
-            raise BuildError(f"--refs takes counts from 0 to {MAX_REFERENCES}, got {list(self.refs)}")
-        if not self.batches or any(b < 1 for b in self.batches):
-            raise BuildError(f"--batch takes batch sizes >= 1, got {list(self.batches)}")
-        # one spelling per request: sorted, without duplicates (the request hash sees this)
-        object.__setattr__(self, "refs", tuple(sorted(set(self.refs))))
-        object.__setattr__(self, "batches", tuple(sorted(set(self.batches))))
-        object.__setattr__(self, "loras", tuple(self.loras))
-        if self.dtype is not None and self.dtype not in TORCH_DTYPES:
-            raise BuildError(f"the build's torch dtype is {' or '.join(TORCH_DTYPES)}, got {self.dtype!r}")
-
-    def resolved(self) -> BuildOptions:
-        """device and dtype decided: a GPU when torch sees one, in bf16 (the real model's 24 GB, not 48
-        in fp32 through host memory); else the CPU in fp32."""
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = self.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-        return dataclasses.replace(self, device=device, dtype=dtype)
-
-
-TORCH_DTYPES = ("bf16", "fp32")
-DEFAULT_REFS: tuple[int, ...] = (0,)
-DEFAULT_BATCHES: tuple[int, ...] = (1,)
 
 
 def build_keys(family: str, text_tokens: int, refs: Sequence[int], batches: Sequence[int]) -> list[ShapeKey]:
@@ -100,30 +67,6 @@ def build_keys(family: str, text_tokens: int, refs: Sequence[int], batches: Sequ
         for b in batches:
             keys |= family_shape_keys(family, text_tokens, batch=b, refs=r)
     return sorted(keys)
-
-
-@dataclass(frozen=True)
-class BuildFacts:
-    """What one build is made from, settled before any stage runs: the manifest's fields other than the
-    exported graph's sha256 (the export stage's result), the artifacts, the stages and the status."""
-
-    model: str
-    weights_id: str
-    transformer: dict[str, Any]  # TransformerConfig as a dict
-    backend: str
-    backend_version: str
-    opset: int
-    calibration_sha256: str
-    recipes: dict[str, dict[str, Any]]
-    tool_versions: dict[str, str]
-    family: str
-    calibration: dict[str, Any]  # CalibrationSpec as a dict
-    request: str
-    refs: tuple[int, ...]
-    batches: tuple[int, ...]
-    loras: tuple[dict[str, Any], ...]
-    gpu: str | None
-    compute_capability: str | None
 
 
 @dataclass
@@ -137,7 +80,7 @@ class BuildContext:
     family: str
     keys: list[ShapeKey]
     force: bool
-    facts: BuildFacts
+    facts: Manifest  # request.draft_manifest: what the build is made from and for
     stages: dict[str, Stage]
     previous: Manifest | None
     bar: Any  # tqdm
@@ -152,9 +95,8 @@ class BuildContext:
 
     def manifest(self, *, complete: bool, seconds: float = 0.0, pending: Sequence[Artifact] = ()) -> Manifest:
         """pending: compiled artifacts whose verification is recorded but not passed (never served)."""
-        facts = {f.name: getattr(self.facts, f.name) for f in dataclasses.fields(self.facts)}
-        return Manifest(
-            **facts,
+        return dataclasses.replace(
+            self.facts,
             onnx_sha256=self.onnx_sha256,
             artifacts=tuple(self.artifacts),
             stages=dict(self.stages),
@@ -210,9 +152,9 @@ def build(
     precisions = tuple(dict.fromkeys(precisions or default_precisions(chosen)))
     recipes = _recipes(precisions, chosen, opts)
     root = Path(out_dir) if out_dir is not None else default_out_dir(model)
-    versions = {d: _version(d) for d in ("torch", "diffusers", "onnx", "onnxruntime", "nvidia-modelopt")}
-    request = _request_hash(model, components, precisions, family, chosen, versions, recipes, opts)
-    if not force and (done := _up_to_date(root, request)) is not None:
+    target, versions = Target.of(chosen), tool_versions()
+    request = request_hash(model, components, precisions, family, target, versions, recipes, opts)
+    if not force and (done := up_to_date(root, request)) is not None:
         log.info("build %s: up to date (nothing to do)", root)
         return done
     dtype = torch.bfloat16 if opts.dtype == "bf16" else torch.float32
@@ -222,7 +164,7 @@ def build(
     fam = family or comps.preset.bucket_family
     family_scale(fam)  # validates the name
     with build_lock(root):
-        previous = _read_previous(root)
+        previous = read_previous(root)
         ctx = BuildContext(
             root=root,
             components=comps,
@@ -230,7 +172,7 @@ def build(
             family=fam,
             keys=build_keys(fam, comps.preset.max_sequence_length, opts.refs, opts.batches),
             force=force,
-            facts=_facts(comps, chosen, fam, recipes, versions, request, opts),
+            facts=draft_manifest(comps, target, fam, recipes, versions, request, opts),
             stages=dict(previous.stages) if previous else {},
             previous=previous,
             bar=tqdm(
@@ -324,7 +266,7 @@ def _float32(*modules: Any) -> Iterator[None]:
 def _calibrate(ctx: BuildContext) -> Stage:
     inputs = {"weights": ctx.components.weights_id, "calibration": ctx.facts.calibration_sha256}
     dtype = next(ctx.components.transformer.parameters()).dtype
-    if dtype != torch.float32:  # recorded in another dtype: other samples (fp32 builds keep their hash)
+    if dtype != torch.float32:  # other samples; fp32 is the default, left out of the hash
         inputs["dtype"] = str(dtype).removeprefix("torch.")
     return _stage(ctx, "calibrate", inputs, _files(partial(_write_samples, ctx))).stage
 
@@ -346,7 +288,7 @@ def _reference(ctx: BuildContext) -> Stage:
         "steps": REFERENCE_STEPS,
         "keys": [str(k) for k in ctx.keys],
     }
-    if ctx.options.refs != DEFAULT_REFS:  # which reference count builds each key's edit
+    if ctx.options.refs != DEFAULT_REFS:  # which reference count builds each key's edit (default: left out)
         inputs["refs"] = list(ctx.options.refs)
     return _stage(ctx, "reference", inputs, _files(partial(_write_reference, ctx))).stage
 
@@ -462,7 +404,7 @@ def _write_plan(ctx: BuildContext, recipe: quantize.Recipe, src_rel: str, rel: s
 def _verify(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> Artifact:
     """The artifact with its verification: reused from the last build of the same file, or measured
     through the runtime's Denoiser (the errors are recorded even when they exceed the bound)."""
-    old = _previous_artifact(ctx.previous, artifact)
+    old = previous_artifact(ctx.previous, artifact)
     inputs = {
         "artifact": artifact.sha256,
         "reference": ctx.stages["reference"].output_sha256[REFERENCE_REL],
@@ -528,139 +470,6 @@ def _recipes(precisions: Sequence[str], backend: str, opts: BuildOptions) -> lis
     return selected
 
 
-def _facts(
-    comps: Components,
-    backend: str,
-    family: str,
-    recipes: Sequence[quantize.Recipe],
-    versions: Mapping[str, str],
-    request: str,
-    opts: BuildOptions,
-) -> BuildFacts:
-    device = cuda_device() if backend == "tensorrt" else None
-    return BuildFacts(
-        model=comps.source,
-        weights_id=comps.weights_id,
-        transformer=dataclasses.asdict(comps.preset.transformer),
-        backend=backend,
-        backend_version=backend_version(backend),
-        opset=opts.opset,
-        calibration_sha256=calibrate.calibration_hash(opts.calibration, family),
-        recipes={r.name: r.to_dict() for r in recipes},
-        tool_versions=dict(versions),
-        family=family,
-        calibration=dataclasses.asdict(opts.calibration),
-        request=request,
-        refs=tuple(opts.refs),
-        batches=tuple(opts.batches),
-        loras=tuple(_lora_record(spec) for spec in opts.loras),
-        gpu=device[0] if device else None,
-        compute_capability=f"{device[1][0]}.{device[1][1]}" if device else None,
-    )
-
-
-def _version(dist: str) -> str:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return "missing"
-
-
 def _files_of(path: Path) -> list[Path]:
     """A graph and its external data files."""
     return sorted(path.parent.glob(path.name + "*"))
-
-
-def _read_previous(root: Path) -> Manifest | None:
-    if not (root / MANIFEST_NAME).is_file():
-        return None
-    try:
-        return read_manifest(root)
-    except ManifestError as e:
-        log.warning("ignoring the old manifest (%s); every stage runs again", e)
-        return None
-
-
-def _request_hash(
-    model: str,
-    components: Components | None,
-    precisions: Sequence[str],
-    family: str | None,
-    backend: str,
-    versions: Mapping[str, str],
-    recipes: Sequence[quantize.Recipe],
-    opts: BuildOptions,
-) -> str:
-    """Everything a build's result depends on, hashed without loading the model (see source_signature).
-
-    refs, batches and loras enter only when they differ from the defaults, so a default build's hash
-    (and the no-op fast path of every build made before they existed) is unchanged. A LoRA enters by
-    its file's sha256 and scale, as its weights_id does.
-    """
-    options = dataclasses.asdict(dataclasses.replace(opts.resolved(), loras=()))
-    for name in ("progress", "refs", "batches", "loras"):
-        del options[name]
-    if options["dtype"] == "fp32":  # fp32 (the CPU's) hashes as builds from before the option did
-        del options["dtype"]
-    if opts.refs != DEFAULT_REFS:
-        options["refs"] = list(opts.refs)
-    if opts.batches != DEFAULT_BATCHES:
-        options["batches"] = list(opts.batches)
-    if opts.loras:
-        options["loras"] = [_lora_record(spec) for spec in opts.loras]
-    return input_hash(
-        {
-            "model": _model_key(model),
-            "source": components.weights_id if components is not None else source_signature(model),
-            "precisions": list(precisions),
-            "family": family,
-            "backend": backend,
-            "backend_version": backend_version(backend),
-            "gpu": cuda_device() if backend == "tensorrt" else None,
-            "versions": dict(versions),
-            "recipes": [r.to_dict() for r in recipes],
-            "options": options,
-            "calibration_set": calibrate.calibration_hash(opts.calibration, family or _default_family(model)),
-            "export": EXPORT_VERSION,
-        }
-    )
-
-
-def _model_key(model: str) -> str:
-    """A preset's name, or a local path made absolute and normalized (K, K/ and ./K are one build);
-    symlinks are not resolved (a cache snapshot stays a snapshot)."""
-    name = str(model)
-    return name if name in PRESETS else os.path.abspath(Path(name).expanduser())
-
-
-def _lora_record(spec: LoraSpec) -> dict[str, Any]:
-    """What the manifest and the request hash record of one LoRA: the path given, its sha256, its scale."""
-    if not spec.path.is_file():
-        raise BuildError(f"LoRA {spec.path}: no such file")
-    return {"path": str(spec.path), "sha256": file_sha256(spec.path), "scale": spec.scale}
-
-
-def _default_family(model: str) -> str:
-    name = str(model)
-    return PRESETS[name].bucket_family if name in PRESETS else PRESETS["kontext-dev"].bucket_family
-
-
-def _up_to_date(root: Path, request: str) -> Manifest | None:
-    """The previous manifest when it is complete, was built from this very request, and every file it
-    recorded is intact on disk (size + mtime, else sha256): then there is nothing to do."""
-    previous = _read_previous(root)
-    if previous is None or not previous.complete or previous.request != request:
-        return None
-    if not all(outputs_intact(root, stage) for stage in previous.stages.values()):
-        return None
-    return previous
-
-
-def _previous_artifact(previous: Manifest | None, art: Artifact) -> Artifact | None:
-    """The verified artifact of the last build with the same file, to reuse its verification."""
-    if previous is None:
-        return None
-    for a in previous.artifacts:
-        if a.precision == art.precision and a.sha256 == art.sha256 and a.path == art.path:
-            return dataclasses.replace(art, verification=a.verification)
-    return None

@@ -28,7 +28,8 @@ from ..files import move_into_place
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 20
+DEFAULT_OPSET = 20  # BuildOptions' and `kontext build --opset`'s default
+EXPORT_VERSION = 1  # bump when this file changes what it writes (the export stage and request hash see it)
 MIN_OPSET = 19
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB; stay clear of it
 EXPORT_BATCH = 2  # export with batch >= 2 or the batch axis can freeze at 1
