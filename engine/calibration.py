@@ -71,11 +71,11 @@ def calibration_edits(spec: CalibrationSpec) -> list[CalibrationEdit]:
     ]
 
 
-def run_edit(pipe: KontextPipeline, request: EditRequest) -> ShapeKey:
-    """Denoise one edit with the pipeline's denoiser (no decode); its shape key."""
+def run_edit(pipe: KontextPipeline, request: EditRequest, denoiser: Denoiser) -> ShapeKey:
+    """Denoise one edit through `pipe` with `denoiser` (no decode); its shape key."""
     p = pipe.prepare(request)
     with torch.inference_mode():
-        p.denoise(pipe.denoiser)
+        p.denoise(denoiser)
     return p.shape_key
 
 
@@ -93,10 +93,11 @@ def run_calibration(
     """Denoise every calibration edit of `spec` with `denoiser` (an observer: a recording or hooked
     denoiser), calling `after_edit(edit)` after each. family: where images are bucketed (default: the
     preset's). progress: a tqdm bar per edit (off for --no-progress)."""
-    pipe = KontextPipeline(components, denoiser, device=str(device), dtype=dtype, bucket_family=family)
+    pipe = KontextPipeline(components, device=str(device), dtype=dtype, bucket_family=family)
     edits = calibration_edits(spec)
     for e in tqdm(edits, desc="calibrate", unit="edit", leave=False, disable=not progress):
-        run_edit(pipe, EditRequest(load_image(e.image), e.prompt, spec.steps, spec.guidance, e.seed))
+        request = EditRequest(load_image(e.image), e.prompt, spec.steps, spec.guidance, e.seed)
+        run_edit(pipe, request, denoiser)
         if after_edit is not None:
             after_edit(e)
 

@@ -17,7 +17,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "model": ("engine.model", "engine.prompt_cache"),
     "compute": ("engine.kernels", "engine.backends", "engine.distributed"),
     "pipeline": ("engine.pipeline", "engine.dispatch", "engine.calibration"),
-    "runtime": ("engine.runtime", "engine.loading", "engine.session", "engine.outputs", "engine.provenance", "engine.adapters"),
+    "runtime": ("engine.runtime", "engine.loading", "engine.session", "engine.outputs", "engine.provenance",
+                "engine.adapters"),
     "apps": ("engine.builder", "engine.bench", "engine.serve", "engine.info"),
     "cli": ("engine.cli",),
 }  # fmt: skip

@@ -97,7 +97,7 @@ def capture_reference(
     built by `reference_edit` from `refs` (the reference counts the build serves).
     """
     rec = RecordingDenoiser(TorchDenoiser(components.transformer, name="torch-fp32"))
-    pipe = KontextPipeline(components, rec, device=device, bucket_family=family)
+    pipe = KontextPipeline(components, device=device, bucket_family=family)
     images = calibration_image_paths()
     prompts = calibration_prompts()
     out: dict[ShapeKey, list[Sample]] = {}
@@ -112,7 +112,7 @@ def capture_reference(
             raise BuildError(f"bucket {bucket} of {family} is not its own nearest bucket; check buckets.py")
         image = resize_to(load_image(images[i % len(images)]), bucket)
         rec.reset(keep={0, steps - 1})
-        run_edit(pipe, EditRequest(image, prompts[i % len(prompts)][1], steps, seed=i))
+        run_edit(pipe, EditRequest(image, prompts[i % len(prompts)][1], steps, seed=i), rec)
         samples = _samples(rec.calls, with_output=True)
         key = ShapeKey(1, n, n, samples[0]["txt_ids"].shape[0])
         if keys is None or key in keys:
@@ -129,7 +129,7 @@ def capture_reference(
             references=tuple(references),
             num_images=key.batch,
         )
-        got = run_edit(pipe, edit)
+        got = run_edit(pipe, edit, rec)
         if got != key:
             raise BuildError(f"the reference edit for {key} ran at {got}; check reference_edit")
         out[key] = _samples(rec.calls, with_output=True)
