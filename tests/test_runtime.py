@@ -210,3 +210,21 @@ def test_a_pipeline_given_a_key_needs_the_steps_filled_in(tiny):
         pipe.prepare(request, key=key)
     with pytest.raises(ConfigError, match="no denoiser"):
         pipe.edit(request)
+
+
+def test_the_vae_lever_is_applied_once_by_the_torch_load_path(monkeypatch):
+    """TorchOptions.compile_vae compiles the VAE in one place (backends.torch.with_vae_lever), which
+    engine.load's torch path and the bench both call; without the lever the VAE is left as loaded."""
+    import engine.backends.torch as torch_backend
+    from engine.backends.torch_options import TorchOptions
+
+    compiled: list[object] = []
+    real = torch_backend.compile_vae
+    monkeypatch.setattr(
+        torch_backend, "compile_vae", lambda vae, mode="default": compiled.append(vae) or real(vae)
+    )
+    with engine.load("tiny", torch_options=TorchOptions(compile_vae=True)) as kontext:
+        assert len(compiled) == 1 and kontext.components.vae is not compiled[0]
+        assert kontext.components.vae.encoder is not compiled[0].encoder  # type: ignore[attr-defined]
+    with engine.load("tiny") as kontext:
+        assert len(compiled) == 1  # no lever, no compile
