@@ -5,8 +5,9 @@ bytes).
 
 Layout: app (create_app assembles), api_bfl / api_openai / api_review / api_operations (one router
 per API), deps (service, caller, base URL), refusals (every error, in each API's shape), params (a
-job's typed parameters), service (the job lifecycle), admission (the bounded queue and its workers),
-jobs (the SQLite store), editor (the engine behind bytes), schemas and views (BFL's wire format),
+job's typed parameters and their EditRequest), service (the job lifecycle), sync (the synchronous
+routes' one wait), admission (the bounded queue and its workers), jobs (the SQLite store), editor (the
+engine behind bytes), schemas and views (BFL's wire format and status strings),
 inputs (request fields to image bytes and sizes), keys, metrics, webhooks, body_limit, settings,
 server (uvicorn with drain), ray_app (the same app on Ray Serve)."""
 
