@@ -322,7 +322,7 @@ class KontextPipeline:
         pipeline's own): seeds seed .. seed + num_images - 1; output size: the input's bucket unless
         request.size is set. key: as in prepare (KontextEngine.edit passes the key it dispatched on).
         No safety policy and no output metadata here: KontextEngine.edit adds them."""
-        denoiser = denoiser or self.denoiser
+        denoiser = denoiser if denoiser is not None else self.denoiser
         if denoiser is None:
             raise ConfigError("this pipeline has no denoiser: pass edit(request, denoiser=...)")
         if key is None:
