@@ -48,6 +48,7 @@ from .prompt_cache import PromptCache
 from .request import EditRequest, EncodedImage, ImageInput
 
 if TYPE_CHECKING:
+    from .memory import MemoryPlan
     from .provenance import ProvenanceSigner
     from .safety import SafetyPolicy
     from .session import Session
@@ -105,6 +106,7 @@ class KontextEngine:
                 )
             )
         self._closed = False
+        self.memory_plan: MemoryPlan | None = None  # set by load(vram=...): where each component lives
 
     # ------------------------------------------------------------------ what it serves
 
@@ -380,6 +382,7 @@ def load(
     safety: SafetyPolicy | str | None = None,
     signer: ProvenanceSigner | None = None,
     loras: Sequence[LoraSpec | str] = (),
+    vram: float | str | MemoryPlan | None = None,
 ) -> KontextEngine:
     """Load an engine from a build folder (its manifest decides the model and backend), or a preset
     name / local weights path (the torch backend): resolve(), the weights, then assemble().
@@ -391,8 +394,13 @@ def load(
     provenance.ProvenanceSigner; outputs.save then C2PA-signs every output. torch_options: the torch
     path's levers (backends.torch_options.TorchOptions). These are objects, not options, so they are keywords
     beside `options`. loras: LoRA files (LoraSpec, or "PATH[:SCALE]"), fused into the transformer at
-    load; they change weights_id.
+    load; they change weights_id. vram: GiB of the card or "auto" (LoadOptions.vram): the memory plan
+    (engine/memory) is made before any weight is read, refused in one line when nothing fits, and
+    applied after the load; a MemoryPlan object is applied as given (benchmarks, tests).
     """
+    from .memory.plan import MemoryPlan
+
+    given_plan = vram if isinstance(vram, MemoryPlan) else None
     keywords = LoadOptions(
         backend=backend,
         precision=precision,
@@ -404,6 +412,7 @@ def load(
         plan_memory_budget=plan_memory_budget,
         dtype=dtype,
         context_parallel=context_parallel,
+        vram=None if given_plan is not None else vram,
     )
     if options is not None and keywords != LoadOptions():
         raise ConfigError("pass the load options either as options=LoadOptions(...) or as keywords, not both")
@@ -415,9 +424,16 @@ def load(
     from .safety.policy import resolve_policy
 
     policy = resolve_policy(safety, synthetic=is_synthetic(r.model))  # before the weights: fail fast
+    from .memory.planning import plan_load
+
+    plan = plan_load(r.model, r.options, torch_options, manifest=r.manifest, given=given_plan)  # or refuse
     components = load_components(r.model, dtype=r.dtype, device=r.device)
     if loras:
         components = fuse_loras(components, [LoraSpec.parse(x) if isinstance(x, str) else x for x in loras])
+    if plan is not None and r.options.backend == "torch" and not plan.resident:
+        from .memory.apply import apply_plan
+
+        components, _ = apply_plan(components, plan, r.device, torchao_fp8=r.options.torch_mode == "fp8")
     if r.options.backend == "torch" and torch_options is not None and torch_options.compile_vae:
         from .backends.torch import compile_vae
 
@@ -426,7 +442,7 @@ def load(
     log.info(
         "loaded %s (%s on %s, %d worker(s))", r.model, dispatcher.primary.name, r.device, r.options.workers
     )
-    return KontextEngine(
+    engine = KontextEngine(
         components,
         dispatcher,
         device=r.device,
@@ -437,6 +453,8 @@ def load(
         safety=policy,
         signer=signer,
     )
+    engine.memory_plan = plan
+    return engine
 
 
 def _torch_denoiser(
