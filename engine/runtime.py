@@ -412,7 +412,7 @@ def load(
         plan_memory_budget=plan_memory_budget,
         dtype=dtype,
         context_parallel=context_parallel,
-        vram=None if given_plan is not None else vram,
+        vram=None if isinstance(vram, MemoryPlan) else vram,
     )
     if options is not None and keywords != LoadOptions():
         raise ConfigError("pass the load options either as options=LoadOptions(...) or as keywords, not both")
