@@ -33,9 +33,8 @@ def test_load_applies_every_lever_and_edits_within_the_fp8_bound():
 
 
 def test_a_resident_plan_changes_nothing_and_reaches_readyz(tmp_path: Path):
-    from tests.serve_harness import serve
-
     from engine.serve.editor import LocalEditor
+    from tests.serve_harness import serve
 
     kontext = load("tiny", device="cpu", vram=1)  # tiny fits a 1 GiB card whole
     plan = kontext.memory_plan

@@ -17,7 +17,7 @@ from .fp8_storage import store_fp8
 from .plan import MemoryPlan
 from .streaming import BlockStreamer, Transfer, stream_blocks
 from .text_encoder import OffloadedEncoder
-from .vae_tiling import tile_vae
+from .vae_tiling import tile_for, tile_vae
 
 if TYPE_CHECKING:
     from ..model.components import Components
@@ -75,7 +75,7 @@ def apply_plan(
     for module in (components.text_encoder, components.vae):
         torch.nn.Module.to(module, dev)
     if lv.vae_tiled:
-        tile_vae(components.vae)
+        tile_vae(components.vae, tile_for(components.preset.bucket_family))
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # what moved off the card goes back to the driver
     log.info("memory plan applied: %s", ", ".join(lv.names()) or "everything resident")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..buckets import family_scale
 from ..errors import ConfigError
 from .activations import VAE_OVERLAP, VAE_TILE
 
@@ -23,6 +24,11 @@ def tile_vae(vae: Any, tile: int = VAE_TILE, overlap: float = VAE_OVERLAP) -> An
     vae.tile_latent_min_size = tile // down
     vae.tile_overlap_factor = overlap
     return vae
+
+
+def tile_for(family: str) -> int:
+    """VAE_TILE scaled with the family (512 pixels at 1mp, 64 on tiny), a multiple of 16."""
+    return max(16, round(VAE_TILE * family_scale(family) / 16) * 16)
 
 
 def is_tiled(vae: Any) -> bool:
