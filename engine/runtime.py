@@ -430,10 +430,12 @@ def load(
     components = load_components(r.model, dtype=r.dtype, device=r.device)
     if loras:
         components = fuse_loras(components, [LoraSpec.parse(x) if isinstance(x, str) else x for x in loras])
-    if plan is not None and r.options.backend == "torch" and not plan.resident:
+    if plan is not None and not plan.resident:  # TensorRT streams its own weights (load_tensorrt)
         from .memory.apply import apply_plan
 
-        components, _ = apply_plan(components, plan, r.device, torchao_fp8=r.options.torch_mode == "fp8")
+        torch_path = r.options.backend == "torch"
+        fp8 = r.options.torch_mode == "fp8"
+        components, _ = apply_plan(components, plan, r.device, torchao_fp8=fp8, transformer_levers=torch_path)
     if r.options.backend == "torch" and torch_options is not None and torch_options.compile_vae:
         from .backends.torch import compile_vae
 

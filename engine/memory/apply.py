@@ -49,19 +49,22 @@ def apply_plan(
     device: str | torch.device,
     *,
     torchao_fp8: bool = False,
+    transformer_levers: bool = True,
     transfer: Transfer | None = None,
     tracker: Callable[[str, int, int], None] | None = None,
 ) -> tuple[Components, BlockStreamer | None]:
     """Components placed as `plan` says (modules changed in place; T5 wrapped). torchao_fp8: the torch
     path quantizes the transformer itself (torch_mode fp8), so FP8 storage is skipped. transfer/tracker:
-    the streamer's (tests pass a tracker; None: CUDA streams on a GPU, NoOpTransfer on a CPU)."""
+    the streamer's (tests pass a tracker; None: CUDA streams on a GPU, NoOpTransfer on a CPU).
+    transformer_levers False: a TensorRT engine streams its own weights (tensorrt_streaming.py); the
+    encoders' and VAE's levers still apply here."""
     dev = torch.device(device)
     lv = plan.levers
     transformer: Any = components.transformer
-    if lv.fp8 and not torchao_fp8:
+    if lv.fp8 and not torchao_fp8 and transformer_levers:
         store_fp8(transformer, "all", compute="fp8" if plan.fp8_compute else "bf16")
     streamer = None
-    if lv.streamed:
+    if lv.streamed and transformer_levers:
         for name in ("transformer_blocks", "single_transformer_blocks"):
             for block in getattr(transformer, name):
                 torch.nn.Module.to(block, "cpu")  # the host copies; pinned by the streamer

@@ -90,6 +90,7 @@ class MemoryPlan:
     levers: Levers
     components: dict[str, ComponentPlan]
     phases: dict[str, int]  # expected peak per phase: text, denoise, vae
+    transformer_card_bytes: int = 0  # the transformer's bytes on the card (streamed: fixed part + window)
     stream_window_bytes: int = 0  # streamed blocks on the card at once (0: not streamed)
     stream_group: int = 0
     fp8_compute: bool = False  # FP8 GEMMs (compute capability >= 8.9); else FP8 storage, bf16 compute
@@ -210,6 +211,7 @@ def evaluate(
         levers=levers,
         components=components,
         phases=phases,
+        transformer_card_bytes=t_gpu,
         stream_window_bytes=window,
         stream_group=STREAM_GROUP if levers.streamed else 0,
         fp8_compute=fp8 and fp8_compute,
