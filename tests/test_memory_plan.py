@@ -149,3 +149,12 @@ def test_vram_option_is_validated():
     for bad in (0, -1, "lots", True):
         with pytest.raises(ConfigError, match="vram must be"):
             LoadOptions(vram=bad)  # type: ignore[arg-type]
+
+
+def test_kontext_info_shows_the_plan(capsys):
+    from engine.cli import main
+
+    assert main(["info", "--vram", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan: full in bf16 on a 24 GiB card (t5-released, fp8)" in out
+    assert "text_encoder_2  released" in out
