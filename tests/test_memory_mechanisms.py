@@ -94,6 +94,8 @@ def test_streaming_refuses_cuda_graphs_and_torchao_fp8_in_one_line():
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="torch_mode fp8"):
         check_composes(plan, torch_mode="fp8")
+    with pytest.raises(ConfigError, match="one edit at a time"):
+        check_composes(plan, workers=2)
     with pytest.raises(ConfigError, match="context parallelism"):
         check_composes(tiny_plan(t5="cpu"), context_parallel=2)
     check_composes(tiny_plan(fp8=True), torch_mode="compile")  # composes

@@ -26,7 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def check_composes(
-    plan: MemoryPlan, *, torch_mode: str = "eager", cuda_graphs: bool = False, context_parallel: int = 1
+    plan: MemoryPlan,
+    *,
+    torch_mode: str = "eager",
+    cuda_graphs: bool = False,
+    context_parallel: int = 1,
+    workers: int = 1,
 ) -> None:
     """Refuse, in one line, the levers a plan cannot run under (before any weight is loaded)."""
     if plan.levers.streamed and cuda_graphs:
@@ -38,6 +43,10 @@ def check_composes(
         raise ConfigError(
             "torch_mode fp8 (torchao's tensor subclasses) cannot be streamed; a streamed plan stores the "
             "blocks in FP8 itself: use torch_mode eager or compile"
+        )
+    if plan.levers.streamed and workers > 1:
+        raise ConfigError(
+            "a streamed plan runs one edit at a time (one set of blocks on the card): use workers=1"
         )
     if context_parallel > 1 and not plan.resident:
         raise ConfigError("context parallelism runs resident plans only: drop --context-parallel or --vram")

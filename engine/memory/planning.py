@@ -103,5 +103,6 @@ def plan_load(
             torch_mode=options.torch_mode,
             cuda_graphs=torch_options is not None and torch_options.cuda_graphs,
             context_parallel=options.context_parallel,
+            workers=options.workers,
         )
     return plan

@@ -8,6 +8,7 @@ same before and after each encode, and hits stay hits.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ class OffloadedEncoder(torch.nn.Module):
         self.placement = placement
         self.device = torch.device(device)
         self.loads = 0  # copies to the card so far (released)
+        self._lock = threading.Lock()  # one encode at a time swaps the weights (engine workers share T5)
         if placement == "released" and self.device.type == "cuda":
             for t in _tensors(self.encoder):
                 t.data = t.data.pin_memory()
@@ -42,13 +44,17 @@ class OffloadedEncoder(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor]:
         if self.placement == "cpu":
-            out = self.encoder(input_ids.to("cpu"), **kwargs)[0]  # [B, L, D]
+            out = self.encoder(input_ids.to("cpu"), **kwargs)[0]  # [B, L, D]; read-only: no lock
             return (out.to(input_ids.device),)
         return (self._on_card(input_ids, **kwargs),)
 
     def _on_card(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Copy every weight to the card, encode, put the host tensors back (the card's copies are freed
         when this returns)."""
+        with self._lock:
+            return self._swap_and_encode(input_ids, **kwargs)
+
+    def _swap_and_encode(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         host = [(t, t.data) for t in _tensors(self.encoder)]
         try:
             for t, data in host:
