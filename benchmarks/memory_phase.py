@@ -110,6 +110,27 @@ def run_edit(kontext: Any, cuda: bool, fraction: float | None, steps: int | None
     return out
 
 
+def load_and_edit(
+    model: str, device: str, plan: Any, fraction: float | None, steps: int | None
+) -> dict[str, Any]:
+    """Load `model` under `plan` (None: resident), edit once, and free everything before returning (the
+    next plan loads onto an empty card)."""
+    import gc
+
+    import torch
+
+    from engine.runtime import load
+
+    try:
+        with load(model, device=device, vram=plan, safety="off") as kontext:
+            return run_edit(kontext, device == "cuda", fraction, steps)
+    finally:
+        kontext = None
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -117,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.memory.plan import GIB, evaluate, plan_memory
     from engine.memory.sizes import model_sizes
-    from engine.runtime import load
 
     cuda = not args.dry_run
     if cuda and not torch.cuda.is_available():
@@ -155,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     if args.dry_run:  # the full model's levers, on tiny
                         plan = evaluate(model_sizes(args.model), plan.levers, int(vram * GIB))
-                with load(args.model, device=device, vram=plan, safety="off") as kontext:
-                    fraction = None if vram is None or total is None else min(1.0, vram * GIB / total)
-                    measured = run_edit(kontext, cuda, fraction, args.steps)
+                fraction = None if vram is None or total is None else min(1.0, vram * GIB / total)
+                measured = load_and_edit(args.model, device, plan, fraction, args.steps)
                 latents = measured.pop("latents")
                 if reference is None:
                     reference = latents
