@@ -40,7 +40,6 @@ from .images import load_image
 from .manifest import MANIFEST_NAME, Manifest, read_manifest, rebuild_command
 from .model.checkpoints import local_preset
 from .model.components import Components
-from .model.load import load_components
 from .model.lora import LoraSpec, fuse_loras
 from .outputs import OutputWriter
 from .pipeline import EditResult, KontextPipeline, combine_results
@@ -427,7 +426,9 @@ def load(
     from .memory.planning import plan_load
 
     plan = plan_load(r.model, r.options, torch_options, manifest=r.manifest, given=given_plan)  # or refuse
-    components = load_components(r.model, dtype=r.dtype, device=r.device)
+    from .memory.load import load_planned
+
+    components = load_planned(r.model, plan, dtype=r.dtype, device=r.device)  # a checkpoint: host first
     if loras:
         components = fuse_loras(components, [LoraSpec.parse(x) if isinstance(x, str) else x for x in loras])
     if plan is not None and not plan.resident:  # TensorRT streams its own weights (load_tensorrt)

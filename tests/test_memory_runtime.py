@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.memory.plan import GIB, Levers, evaluate
 from engine.memory.sizes import model_sizes
@@ -62,3 +63,29 @@ def test_streaming_composes_with_regional_compile():
         out = planned.edit(request)
     err = ((out.latents - ref.latents).norm() / ref.latents.norm()).item()
     assert err < 1e-4  # inductor's fp32 kernels differ from eager by rounding only
+
+
+def test_a_checkpoint_under_a_plan_is_read_into_host_memory_first(tmp_path: Path, monkeypatch):
+    """A local checkpoint whose plan keeps something off the card skips the whole-model room check (the
+    plan made it) and loads on the host; apply_plan places it. The edit is the resident load's."""
+    from engine.memory.plan import GIB as gib
+    from engine.model import checkpoints
+    from engine.model.checkpoints import save_diffusers
+    from engine.model.load import load_components
+
+    folder = save_diffusers(load_components("tiny"), tmp_path / "tiny-ckpt")
+    request = EditRequest.of(gradient_image(96, 80), "add a hat", seed=1, steps=2)
+    with load(folder, device="cpu") as resident:
+        ref = resident.edit(request)
+
+    def no_room(what, need, device):  # type: ignore[no-untyped-def]
+        raise AssertionError("the whole-model room check ran")
+
+    monkeypatch.setattr(checkpoints, "require_room", no_room)
+    plan = evaluate(model_sizes("tiny"), Levers(t5="cpu", streamed=True), gib)
+    with load(folder, device="cpu", vram=plan) as planned:
+        assert is_streamed(planned.components.transformer)
+        out = planned.edit(request)
+    assert torch.equal(out.latents, ref.latents)  # streaming and T5 on the CPU change no number
+    with pytest.raises(AssertionError, match="room check ran"):
+        load(folder, device="cpu")  # negative control: without a plan the check runs
