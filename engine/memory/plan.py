@@ -119,7 +119,7 @@ class MemoryPlan:
 
     def describe(self) -> str:
         """The plan as the CLI prints it: each component's place and bytes, the expected peak."""
-        gib = self.vram_bytes / GIB
+        gib = round(self.vram_bytes / GIB, 3)
         head = f"memory plan: {self.model} in {self.precision} on a {gib:g} GiB card"
         lines = [f"{head} ({', '.join(self.levers.names()) or 'everything resident'})"]
         for name in COMPONENTS:
@@ -143,10 +143,15 @@ class MemoryPlan:
     def refusal(self) -> str:
         """One line: why nothing fits, and the smallest card that would."""
         return (
-            f"{self.model} in {self.precision} does not fit a {self.vram_bytes / GIB:g} GiB card under any "
-            f"plan (at best {self.peak_bytes / GIB:.2f} GiB peak); the smallest card that fits has "
+            f"{self.model} in {self.precision} does not fit a {round(self.vram_bytes / GIB, 3):g} GiB card "
+            f"under any plan (at best {size(self.peak_bytes)} peak); the smallest card that fits has "
             f"{self.smallest_card_gib} GiB: pass --vram {self.smallest_card_gib} or more"
         )
+
+
+def size(nbytes: int) -> str:
+    """Bytes as GiB (two decimals), or MiB below a tenth of a GiB (the small presets)."""
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB // 10 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def budget(vram_bytes: int) -> int:
