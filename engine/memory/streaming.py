@@ -109,7 +109,7 @@ class StreamTracker:
 class _Group:
     blocks: list[torch.nn.Module]
     first: int  # index of its first block in run order
-    stored: dict[int, torch.Tensor] = field(default_factory=dict)  # id(tensor slot) -> host copy
+    stored: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (id(owner), name) -> host
     copies: list[torch.Tensor] = field(default_factory=list)
     mark: Any = None
     loaded: bool = False
@@ -199,8 +199,8 @@ class BlockStreamer:
             self.tracker("free", g, group.nbytes)
 
 
-def id_slot(module: torch.nn.Module, name: str) -> int:
-    return hash((id(module), name))
+def id_slot(module: torch.nn.Module, name: str) -> tuple[int, str]:
+    return id(module), name
 
 
 def _slots(blocks: Sequence[torch.nn.Module]) -> Iterator[tuple[torch.nn.Module, str, torch.Tensor]]:
