@@ -233,7 +233,8 @@ class LoadOptions:
     plans kept loaded (None: 80% of the GPU's memory); plans of other families are evicted LRU.
     dtype: fp32 | bf16 of the torch path's weights (None: bf16 on CUDA, fp32 on a CPU; bf16 pays on CPUs
     with AMX or AVX512-BF16). context_parallel: processes each torch forward is split over
-    (engine/distributed; 1: off).
+    (engine/distributed; 1: off). vram: plan memory for a card of this many GiB (2^30 bytes), or "auto"
+    (the device's own); None: no plan, everything on the device (engine/memory, docs/memory.md).
     """
 
     backend: str | None = None
@@ -246,6 +247,7 @@ class LoadOptions:
     plan_memory_budget: int | None = None
     dtype: str | None = None
     context_parallel: int = 1
+    vram: float | str | None = None
 
     def __post_init__(self) -> None:
         """Every check of a load's options, here once: runtime.load, the engine and the dispatcher
@@ -268,5 +270,9 @@ class LoadOptions:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
         if self.threads is not None and self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0: ONNX Runtime's default), got {self.threads}")
+        if self.vram not in (None, "auto") and (
+            isinstance(self.vram, bool) or not isinstance(self.vram, int | float) or not self.vram > 0
+        ):
+            raise ConfigError(f"vram must be a positive number of GiB or 'auto', got {self.vram!r}")
         if self.plan_memory_budget is not None and self.plan_memory_budget <= 0:
             raise ConfigError(f"plan_memory_budget must be positive bytes, got {self.plan_memory_budget}")

@@ -160,3 +160,21 @@ def _machine_for(m: Manifest) -> tuple[MachineFacts | None, str]:
         return MachineFacts(m.weights_id, ort_version()), ""
     except BackendUnavailableError as e:
         return None, str(e)
+
+
+def memory_report(model: str, vram: float | str) -> str:
+    """The memory plan of `model` on a card of `vram` GiB ("auto": this GPU), as `kontext plan` prints it
+    (the same plan `kontext serve --vram` makes at start and shows on /readyz)."""
+    import torch
+
+    from .errors import ConfigError
+    from .memory.plan import plan_memory
+    from .memory.planning import card_gib, parse_vram
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gib = card_gib(parse_vram(vram) or "auto", device)
+    if gib is None:
+        raise ConfigError(
+            "--vram auto reads this machine's GPU, and it has none: pass a size, e.g. --vram 24"
+        )
+    return plan_memory(model, vram=gib).describe()

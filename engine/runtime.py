@@ -43,7 +43,6 @@ from .loading import is_build_dir as is_build_dir
 from .loading import load_artifacts as load_artifacts
 from .manifest import Manifest
 from .model.components import Components
-from .model.load import load_components
 from .model.lora import LoraSpec, fuse_loras
 from .outputs import OutputWriter
 from .pipeline import EditResult, KontextPipeline, combine_results, plan_edit
@@ -51,6 +50,7 @@ from .prompt_cache import PromptCache
 from .request import EditRequest, EncodedImage, ImageInput
 
 if TYPE_CHECKING:
+    from .memory import MemoryPlan
     from .provenance import ProvenanceSigner
     from .safety import SafetyPolicy
     from .session import Session
@@ -110,6 +110,7 @@ class KontextEngine:
                 )
             )
         self._closed = False
+        self.memory_plan: MemoryPlan | None = None  # set by load(vram=...): where each component lives
 
     # ------------------------------------------------------------------ what it serves
 
@@ -302,6 +303,7 @@ def load(
     safety: SafetyPolicy | str | None = None,
     signer: ProvenanceSigner | None = None,
     loras: Sequence[LoraSpec | str] = (),
+    vram: float | str | MemoryPlan | None = None,
 ) -> KontextEngine:
     """Load an engine from a build folder (its manifest decides the model and backend), or a preset
     name / local weights path (the torch backend): resolve(), the weights, then assemble().
@@ -313,8 +315,13 @@ def load(
     provenance.ProvenanceSigner; outputs.save then C2PA-signs every output. torch_options: the torch
     path's levers (backends.torch_options.TorchOptions). These are objects, not options, so they are keywords
     beside `options`. loras: LoRA files (LoraSpec, or "PATH[:SCALE]"), fused into the transformer at
-    load; they change weights_id.
+    load; they change weights_id. vram: GiB of the card or "auto" (LoadOptions.vram): the memory plan
+    (engine/memory) is made before any weight is read, refused in one line when nothing fits, and
+    applied after the load; a MemoryPlan object is applied as given (benchmarks, tests).
     """
+    from .memory.plan import MemoryPlan
+
+    given_plan = vram if isinstance(vram, MemoryPlan) else None
     keywords = LoadOptions(
         backend=backend,
         precision=precision,
@@ -326,6 +333,7 @@ def load(
         plan_memory_budget=plan_memory_budget,
         dtype=dtype,
         context_parallel=context_parallel,
+        vram=None if isinstance(vram, MemoryPlan) else vram,
     )
     if options is not None and keywords != LoadOptions():
         raise ConfigError("pass the load options either as options=LoadOptions(...) or as keywords, not both")
@@ -337,14 +345,25 @@ def load(
     from .safety.policy import resolve_policy
 
     policy = resolve_policy(safety, synthetic=is_synthetic(r.model))  # before the weights: fail fast
-    components = load_components(r.model, dtype=r.dtype, device=r.device)
+    from .memory.planning import plan_load
+
+    plan = plan_load(r.model, r.options, torch_options, manifest=r.manifest, given=given_plan)  # or refuse
+    from .memory.load import load_planned
+
+    components = load_planned(r.model, plan, dtype=r.dtype, device=r.device)  # a checkpoint: host first
     if loras:
         components = fuse_loras(components, [LoraSpec.parse(x) if isinstance(x, str) else x for x in loras])
+    if plan is not None and not plan.resident:  # TensorRT streams its own weights (load_tensorrt)
+        from .memory.apply import apply_plan
+
+        torch_path = r.options.backend == "torch"
+        fp8 = r.options.torch_mode == "fp8"
+        components, _ = apply_plan(components, plan, r.device, torchao_fp8=fp8, transformer_levers=torch_path)
     components, dispatcher = assemble(r, components, torch_options)
     log.info(
         "loaded %s (%s on %s, %d worker(s))", r.model, dispatcher.primary.name, r.device, r.options.workers
     )
-    return KontextEngine(
+    engine = KontextEngine(
         components,
         dispatcher,
         device=r.device,
@@ -355,3 +374,5 @@ def load(
         safety=policy,
         signer=signer,
     )
+    engine.memory_plan = plan
+    return engine

@@ -15,7 +15,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "engine.flops", "engine.assets", "engine.buckets", "engine.sampling", "engine.images",
              "engine.references", "engine.request", "engine.manifest", "engine.safety"),
     "model": ("engine.model", "engine.prompt_cache"),
-    "compute": ("engine.kernels", "engine.backends", "engine.distributed"),
+    "compute": ("engine.kernels", "engine.backends", "engine.distributed", "engine.memory"),
     "pipeline": ("engine.pipeline", "engine.dispatch", "engine.calibration"),
     "runtime": ("engine.runtime", "engine.loading", "engine.session", "engine.outputs", "engine.provenance",
                 "engine.adapters"),

@@ -165,6 +165,30 @@ class FakeEngine:
         self.memory: list[int] = plan["memory"]
         self.onnx: str = plan["onnx"]
         self.session: Any = None
+        self.streamable: int = plan.get("streamable", 0)  # weight bytes, when built with WEIGHT_STREAMING
+        self.scratch: int = plan.get("scratch", 0)
+        self._budget: int = self.streamable  # TensorRT's default: every weight on the card
+        self.contexts = 0
+
+    @property
+    def streamable_weights_size(self) -> int:
+        return self.streamable
+
+    @property
+    def weight_streaming_scratch_memory_size(self) -> int:
+        return self.scratch if self._budget < self.streamable else 0
+
+    @property
+    def weight_streaming_budget_v2(self) -> int:
+        return self._budget
+
+    @weight_streaming_budget_v2.setter
+    def weight_streaming_budget_v2(self, budget: int) -> None:
+        if self.streamable == 0:
+            raise RuntimeError("the engine was not built with weight streaming")
+        if self.contexts:
+            raise AssertionError("the weight streaming budget was set after a context was created")
+        self._budget = budget
 
     @property
     def num_io_tensors(self) -> int:
@@ -181,7 +205,7 @@ class FakeEngine:
         return DataType.FLOAT
 
     def get_device_memory_size_for_profile_v2(self, p: int) -> int:
-        return self.memory[p]
+        return self.memory[p] + self.weight_streaming_scratch_memory_size
 
     def get_tensor_profile_shape(self, name: str, p: int) -> list[tuple[int, ...]]:
         _guarded()
@@ -190,6 +214,7 @@ class FakeEngine:
     def create_execution_context(self, strategy: Any = None) -> FakeContext:
         _guarded()
         assert strategy == ExecutionContextAllocationStrategy.USER_MANAGED
+        self.contexts += 1
         return FakeContext(self)
 
 
@@ -298,6 +323,7 @@ class MemoryPoolType:
 
 class BuilderFlag:
     TF32 = "TF32"
+    WEIGHT_STREAMING = "WEIGHT_STREAMING"
 
 
 class HostMemory(bytearray):
@@ -332,6 +358,9 @@ class BuilderConfig:
         self.builder_optimization_level = 3
 
     def set_memory_pool_limit(self, pool: Any, size: int) -> None: ...
+
+    def set_flag(self, flag: str) -> None:
+        self.flags.add(flag)
 
     def clear_flag(self, flag: str) -> None:
         self.flags.discard(flag)
@@ -394,6 +423,8 @@ class Builder:
             "memory": [1000 * (i + 1) for i in range(len(config.profiles))],
             "tf32": BuilderFlag.TF32 in config.flags,
         }
+        if BuilderFlag.WEIGHT_STREAMING in config.flags:
+            plan |= {"streamable": 12_000, "scratch": 500}
         STATE.plans_built.append(plan)
         return HostMemory(json.dumps(plan).encode())
 

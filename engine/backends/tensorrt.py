@@ -52,6 +52,7 @@ from .tensorrt_plans import (
     require_tensorrt,
     route_for,
 )
+from .tensorrt_streaming import plan_weight_budget, set_weight_budget
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -90,13 +91,21 @@ class _Plan:
     manifest: every profile's (min, opt, max) must be what the manifest's shape keys need."""
 
     def __init__(
-        self, runtime: trt.Runtime, path: Path, artifact: Artifact, cfg: TransformerConfig, rebuild: str
+        self,
+        runtime: trt.Runtime,
+        path: Path,
+        artifact: Artifact,
+        cfg: TransformerConfig,
+        rebuild: str,
+        weight_budget: int | None = None,
     ) -> None:
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise ManifestError(
                 f"TensorRT could not deserialize {path} (version or GPU mismatch); rebuild with `{rebuild}`"
             )
+        if weight_budget is not None:  # before any context and before reading device memory sizes
+            set_weight_budget(engine, weight_budget, str(path), rebuild)
         self.engine: trt.ICudaEngine = engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         missing = sorted(set(DENOISER_INPUTS) - set(names))
@@ -161,6 +170,7 @@ class TrtDenoiser(DenoiserBase):
         workers: int = 1,
         plan_memory_budget: int | None = None,
         rebuild: str = "kontext build --force",
+        weight_budget: int | None = None,
     ) -> None:
         require_tensorrt()  # CUDA checked before anything touches TensorRT
         import tensorrt as trt
@@ -177,6 +187,7 @@ class TrtDenoiser(DenoiserBase):
         self._paths = {a.path: path for a, path in plans}
         self._cfg = transformer
         self._rebuild = rebuild
+        self.weight_budget = weight_budget  # bytes of each plan's weights on the card (weight streaming)
         self.shape_keys: frozenset[ShapeKey] | None = frozenset(k for a in artifacts for k in a.shape_keys())
         self._key_of: dict[Signature, ShapeKey] = {}
         for k in sorted(self.shape_keys):
@@ -222,7 +233,12 @@ class TrtDenoiser(DenoiserBase):
                 if plan is None:
                     log.info("deserializing %s", self._paths[path])
                     plan = _Plan(
-                        self._runtime, self._paths[path], self._artifacts[path], self._cfg, self._rebuild
+                        self._runtime,
+                        self._paths[path],
+                        self._artifacts[path],
+                        self._cfg,
+                        self._rebuild,
+                        self.weight_budget,
                     )
                     with self._lock:
                         self._plans[path] = plan
@@ -436,7 +452,8 @@ def load_tensorrt(
         if why is not None:
             raise ManifestError(f"{a.path}: {why}; rebuild with `{fix}`")
     plans = [(a, check_manifest(manifest, build_dir, a, machine)) for a in artifacts]
-    return trt_denoiser(plans, manifest.transformer_config(), options, rebuild=fix)
+    budget = _weight_budget(manifest.model, options, precision)
+    return trt_denoiser(plans, manifest.transformer_config(), options, rebuild=fix, weight_budget=budget)
 
 
 def trt_denoiser(
@@ -445,6 +462,7 @@ def trt_denoiser(
     options: LoadOptions,
     *,
     rebuild: str = "kontext build --force",
+    weight_budget: int | None = None,
 ) -> TrtDenoiser:
     """The Denoiser over plans of one precision: what load_tensorrt returns once the manifest and this
     machine are checked, and what the build verifies (contexts per key, shared memory, CUDA graphs)."""
@@ -455,4 +473,15 @@ def trt_denoiser(
         workers=options.workers,
         plan_memory_budget=options.plan_memory_budget,
         rebuild=rebuild,
+        weight_budget=weight_budget,
     )
+
+
+def _weight_budget(model: str, options: LoadOptions, precision: str) -> int | None:
+    """The weight streaming budget of options.vram's memory plan (None: no plan, or nothing streamed)."""
+    if options.vram is None:
+        return None
+    from ..memory.planning import plan_for_load
+
+    plan = plan_for_load(model, options.vram, device=options.device or "cuda", precision=precision)
+    return None if plan is None else plan_weight_budget(plan)

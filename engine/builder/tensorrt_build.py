@@ -40,6 +40,7 @@ class TensorRTOptions:
     opt_level: int = 3  # builder_optimization_level; 3 for Flux "to reduce GPU memory" (NVIDIA demo)
     workspace_gb: float = 8.0
     extra_memory_target: float = 0.0  # static: ask for no extra weight memory per extra profile (a hint)
+    weight_streaming: bool = False  # BuilderFlag.WEIGHT_STREAMING: a memory plan may stream the weights
 
     def __post_init__(self) -> None:
         if self.profiles not in PROFILE_MODES:
@@ -131,6 +132,10 @@ def build_plan(
     if not tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
     set_timing_cache(config, timing_cache)
+    if options.weight_streaming:
+        from ..backends.tensorrt_streaming import enable_weight_streaming
+
+        enable_weight_streaming(config, trt)
     profiles = family_profiles(keys, options.profiles)
     for index in sorted(set(profiles.values())):
         profile = builder.create_optimization_profile()

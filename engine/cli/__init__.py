@@ -1,4 +1,4 @@
-"""`kontext build | edit | bench | info | serve | keys | loadtest`: the only place argv and the
+"""`kontext build | edit | bench | info | serve | keys | loadtest | plan`: the only place argv and the
 environment are read (this package: parser.py parses, one module per command runs it).
 
 Every failure the user can fix is one line on stderr and exit status 2, never a traceback. A request or
@@ -17,6 +17,7 @@ from .build import build_command, info_command
 from .common import quiet_third_party
 from .edit import edit_command
 from .parser import build_parser
+from .plan import plan_command
 from .serve import keys_command, loadtest_command, serve_command
 
 __all__ = ["main"]
@@ -42,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return keys_command(args)
         if args.command == "loadtest":
             return loadtest_command(args)
+        if args.command == "plan":
+            return plan_command(args)
     except ModeratedError as e:
         print(f"kontext {args.command}: {e}; nothing was written", file=sys.stderr)
         return 3

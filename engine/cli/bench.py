@@ -37,6 +37,11 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     def names(text: str | None) -> tuple[str, ...] | None:
         return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
 
+    if getattr(args, "vram", None) is not None:
+        raise ConfigError(
+            "kontext bench times resident contestants; the memory plans are timed by "
+            "`python -m benchmarks.memory_phase --vram 24,16` (docs/memory.md)"
+        )
     try:
         bucket_list = (
             None if args.buckets is None else tuple(parse_size(s) for s in names(args.buckets) or ())

@@ -50,6 +50,10 @@ def info_command(args: argparse.Namespace) -> int:
     from ..info import machine_report
 
     print(machine_report(args.build_dir))
+    if getattr(args, "vram", None) is not None:
+        from ..info import memory_report
+
+        print(memory_report(args.plan_model, args.vram))
     if args.build_dir is not None:
         from ..info import build_report
 

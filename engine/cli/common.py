@@ -72,3 +72,10 @@ def safety_and_signer(args: argparse.Namespace) -> tuple[SafetyPolicy | None, Pr
             args.c2pa_cert, args.c2pa_key, alg=args.c2pa_alg, tsa_url=args.c2pa_tsa
         )
     return policy, signer
+
+
+def vram_option(args: argparse.Namespace) -> float | str | None:
+    """LoadOptions.vram of --vram (add_vram_flag): None, "auto" or GiB."""
+    from ..memory.planning import parse_vram
+
+    return parse_vram(getattr(args, "vram", None))

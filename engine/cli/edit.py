@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..config import LoadOptions
 from ..errors import ConfigError
-from .common import resolve_device, safety_and_signer
+from .common import resolve_device, safety_and_signer, vram_option
 
 if TYPE_CHECKING:
     from ..pipeline import EditResult
@@ -52,6 +52,7 @@ def edit_command(args: argparse.Namespace) -> int:
         torch_mode=args.torch_mode,
         dtype=args.dtype,
         context_parallel=args.context_parallel,
+        vram=vram_option(args),
     )
     progress = not args.no_progress
     with load(

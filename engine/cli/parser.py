@@ -183,9 +183,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="what this machine can run: torch, CUDA, TensorRT, ONNX Runtime, presets")
     i.add_argument("build_dir", nargs="?", type=Path, help="a build folder: show its manifest")
+    i.add_argument(
+        "--vram", default=None, metavar="GIB|auto", help="also the memory plan of --plan-model on this card"
+    )
+    i.add_argument("--plan-model", default="full", help="with --vram: the model to plan (default full)")
 
     _serve_parsers(sub)
+    _plan_parser(sub)
+    for name in ("edit", "serve", "bench"):
+        add_vram_flag(sub.choices[name])
     return p
+
+
+VRAM_HELP = (
+    "plan memory for a card of this many GiB (2^30 bytes), or 'auto' (this GPU's): T5 off the card, FP8 "
+    "weights, tiled VAE, streamed blocks, as needed (`kontext plan` shows the plan)"
+)
+
+
+def add_vram_flag(p: argparse.ArgumentParser) -> None:
+    """--vram GIB|auto (engine/memory): the memory plan of edit, serve and bench."""
+    p.add_argument("--vram", default=None, metavar="GIB|auto", help=VRAM_HELP)
+
+
+def _plan_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`kontext plan`: where each component would live on a card, and the expected peak."""
+    pl = sub.add_parser("plan", help="the memory plan of a model on a card, before anything loads")
+    pl.add_argument(
+        "--model", default="full", help="a preset (full: the real model's sizes) or a Kontext folder"
+    )
+    pl.add_argument(
+        "--precision", default="bf16", choices=("bf16", "fp8"), help="the transformer's (default bf16)"
+    )
+    pl.add_argument("--vram", required=True, metavar="GIB|auto", help="the card's memory in GiB, or auto")
+    pl.add_argument("--json", action="store_true", help="the plan as JSON (diffusers' component names)")
 
 
 def _safety_flags(e: argparse.ArgumentParser, *, files: bool = True) -> None:

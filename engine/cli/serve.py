@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..config import LoadOptions
 from ..errors import ConfigError
-from .common import resolve_device, safety_and_signer
+from .common import resolve_device, safety_and_signer, vram_option
 
 if TYPE_CHECKING:
     from ..serve.settings import ServeSettings
@@ -40,6 +40,7 @@ def serve_command(args: argparse.Namespace) -> int:
         miss_policy=args.miss_policy,
         dtype=args.dtype,
         context_parallel=args.context_parallel,
+        vram=vram_option(args),
     )
     if args.ray:
         from ..serve.ray_app import RayOptions, run_ray

@@ -68,17 +68,21 @@ def save_diffusers(components: Components, folder: Path) -> Path:
 # --------------------------------------------------------------------------- reading
 
 
-def load_local(path: Path, *, dtype: torch.dtype, device: torch.device) -> Components:
+def load_local(
+    path: Path, *, dtype: torch.dtype, device: torch.device, check_room: bool = True
+) -> Components:
     """A diffusers folder, or a BFL single file inside one, -> Components on `device` in `dtype`.
 
     Refused in one line before anything is allocated when a file is missing or damaged (layout.py) or
     the device cannot hold the weights. `source` is the path as given, made absolute but not resolved,
-    so a build from a cache snapshot records the snapshot, not a blob.
+    so a build from a cache snapshot records the snapshot, not a blob. check_room False: a memory plan
+    (engine/memory) has checked the room already and reads the weights into host memory first.
     """
     given = Path(os.path.abspath(Path(path).expanduser()))
     layout = find_layout(given)
     preset = _preset(layout)
-    require_room(f"the checkpoint {given}", load_bytes(layout.weights(), dtype), device)
+    if check_room:
+        require_room(f"the checkpoint {given}", load_bytes(layout.weights(), dtype), device)
     state_dict = load_tensors(layout.transformer, device)
     if layout.bfl:
         state_dict = from_bfl(state_dict)

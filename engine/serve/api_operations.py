@@ -21,10 +21,11 @@ def healthz() -> HealthResponse:
 
 @router.get("/readyz", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
 def readyz(service: ServiceDep) -> Response:
-    """200 once the engine is loaded and warm; 503 before, while draining, or if loading failed."""
+    """200 once the engine is loaded and warm (with its memory plan under --vram); 503 before, while
+    draining, or if loading failed."""
     why = service.accepting()
     if why is None:
-        return JSONResponse(HealthResponse(status="ready").model_dump())
+        return JSONResponse(HealthResponse(status="ready", memory=service.memory_plan()).model_dump())
     return JSONResponse(HealthResponse(status="not ready", detail=why).model_dump(), status_code=503)
 
 

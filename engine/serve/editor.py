@@ -60,6 +60,8 @@ class LocalEditor:
         self.default_steps = engine.default_steps
         # The safety layer's policy (engine.safety.SafetyPolicy.review) holds every result for a person.
         self.review = bool(getattr(getattr(engine, "safety", None), "review", False))
+        plan = getattr(engine, "memory_plan", None)  # planned once, at load (kontext serve --vram)
+        self.memory_plan = plan.to_json() if plan is not None else None
 
     def edit(self, job: EditJob) -> EditOutput:
         # The input is decoded a second time here (the routes decoded it once to refuse a bad file

@@ -116,3 +116,5 @@ class ReviewItem(BaseModel):
 class HealthResponse(BaseModel):
     status: str
     detail: str | None = None
+    # /readyz once loaded with --vram: the memory plan (MemoryPlan.to_json(): fits, peak_bytes, components)
+    memory: dict[str, Any] | None = None

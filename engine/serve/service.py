@@ -137,6 +137,10 @@ class Service:
         """Every result waits for a reviewer (--review, or the engine's safety policy)."""
         return self.settings.review or (self.editor is not None and self.editor.review)
 
+    def memory_plan(self) -> dict[str, Any] | None:
+        """The loaded engine's memory plan as JSON (kontext serve --vram), else None."""
+        return getattr(self.editor, "memory_plan", None)
+
     def accepting(self) -> str | None:
         """None when submits are accepted, else why not."""
         if self.load_error is not None:
