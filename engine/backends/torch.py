@@ -67,7 +67,10 @@ class TorchDenoiser(DenoiserBase):
 
 
 def velocity(transformer: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """diffusers' FluxTransformer2DModel.forward on the Denoiser's keyword inputs -> [B, N + M, 64]."""
+    """diffusers' FluxTransformer2DModel.forward on the Denoiser's keyword inputs -> [B, N + M, 64].
+    A model without a guidance embedding (guidance_embeds=False) is given guidance=None, as diffusers does."""
+    if not getattr(getattr(transformer, "config", None), "guidance_embeds", True):
+        inputs = {**inputs, "guidance": None}  # type: ignore[dict-item]
     return transformer(**inputs, return_dict=False)[0]
 
 
