@@ -8,8 +8,8 @@ session.run is thread-safe (one IOBinding per call); torch forward under inferen
 nothing; TensorRT keeps a context per (plan, shape key, worker) and checks a worker out per call.
 So concurrent edits give exactly the results of the same edits run one by one.
 
-(Over 400 lines: the engine and its loader, resolve() then assemble(), read best together; output
-writing is outputs.OutputWriter, the request is request.EditRequest.)
+The engine and its loader (resolve(), then assemble()) live together here: the loader builds exactly
+what the engine holds. Output writing is outputs.OutputWriter; the request is request.EditRequest.
 """
 
 from __future__ import annotations

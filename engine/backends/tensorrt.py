@@ -10,8 +10,8 @@ before serving. Plans of other bucket families load on first use, outside the lo
 are freed least-recently-used under a byte budget. Every TensorRT call runs under the denoiser's
 CUDA device. CUDA is checked before any TensorRT call: deserializing without a GPU segfaults.
 
-Over 400 lines on purpose: the worker pool, the per-key contexts and the graph capture share one lock
-discipline, and splitting them would spread it across files (the plan bookkeeping is tensorrt_plans.py).
+The worker pool, the per-key contexts and the graph capture share one lock discipline, so they live in
+this one file; the plan bookkeeping (routes, profiles, the byte budget) is tensorrt_plans.py.
 """
 
 from __future__ import annotations
