@@ -1,4 +1,4 @@
-"""`kontext build`: export -> calibrate -> reference -> quantize -> compile -> verify, recorded in a manifest.
+"""`kontext build`: export -> calibrate -> golden -> quantize -> compile -> verify, recorded in a manifest.
 
 `build()` is the library entry point (the CLI, the tests and the benchmarks call it): a sequence of
 named stage functions over one BuildContext. Each stage is skipped when its input hash and files
@@ -6,8 +6,8 @@ match the manifest; the manifest is rewritten after every stage that ran (comple
 end), so an interrupted build resumes. A request identical to the last complete build returns its
 manifest without loading the model (the no-op fast path).
 
-Longer than 400 lines on purpose: the stages are small functions over one BuildContext, and reading
-them in order, beside the request hash that decides whether any runs, is the point of this file.
+The stages are small functions over one BuildContext, in the order they run, beside the request hash
+that decides whether any runs.
 """
 
 from __future__ import annotations
@@ -39,16 +39,17 @@ from ..model.load import load_components, source_signature
 from ..model.lora import LoraSpec, file_sha256, fuse_loras
 from . import calibrate, export, ort_compile, quantize, verify
 from .backend import backend_version, choose_backend
-from .stages import StageResult, T, build_lock, input_hash, outputs_intact, run_stage
+from .stages import StageResult, T, build_lock, input_hash, outputs_intact, rename_stage, run_stage
 from .tensorrt_build import TensorRTOptions, allows_tf32, build_plan
 
 log = logging.getLogger(__name__)
 
 EXPORT_VERSION = 1  # bump when export.py changes what it writes
-REFERENCE_STEPS = 3
+GOLDEN_STEPS = 3
 ONNX_REL = "onnx/transformer.onnx"
 CALIBRATION_REL = "calibration/samples.npz"
-REFERENCE_REL = "verify/reference.npz"
+GOLDEN_REL = "verify/golden.npz"
+LEGACY_GOLDEN = ("reference", {"verify/reference.npz": GOLDEN_REL})  # its stage and file, renamed
 TIMING_CACHE_REL = "tensorrt/timing.cache"
 
 
@@ -61,7 +62,7 @@ class BuildOptions:
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
     fp8_attention: bool = False
     recipes: Mapping[str, quantize.Recipe] | None = None  # overrides of quantize.RECIPES by name
-    device: str | None = None  # where calibration and the reference run (torch); None: cuda if available
+    device: str | None = None  # where calibration and the golden edits run (torch); None: cuda if available
     dtype: str | None = None  # the torch components' dtype there (bf16 | fp32); None: bf16 on cuda, else fp32
     progress: bool = True
     refs: tuple[int, ...] = (0,)  # reference-image counts served (kontext build --refs 0,1)
@@ -144,7 +145,7 @@ class BuildContext:
     onnx_sha256: str = ""  # the export stage's graph, once it has run or been reused
     artifacts: list[Artifact] = field(default_factory=list)
     _samples: list[calibrate.Sample] | None = None
-    _reference: dict[str, list[calibrate.Sample]] | None = None
+    _golden: dict[str, list[calibrate.Sample]] | None = None
 
     @property
     def backend(self) -> str:
@@ -168,10 +169,10 @@ class BuildContext:
             self._samples = calibrate.load_samples(self.root / CALIBRATION_REL)[0]
         return self._samples
 
-    def reference(self) -> dict[str, list[calibrate.Sample]]:
-        if self._reference is None:
-            self._reference = calibrate.load_reference(self.root / REFERENCE_REL)
-        return self._reference
+    def golden(self) -> dict[str, list[calibrate.Sample]]:
+        if self._golden is None:
+            self._golden = calibrate.load_golden(self.root / GOLDEN_REL)
+        return self._golden
 
 
 def default_out_dir(model: str) -> Path:
@@ -179,6 +180,30 @@ def default_out_dir(model: str) -> Path:
     repository name; <folder name>-bfl for BFL's single file)."""
     name = str(model)
     return Path("build") / (name if name in PRESETS else model_name(Path(name)))
+
+
+def _recipe(refs: Sequence[int], batches: Sequence[int], loras: Sequence[Mapping[str, Any]]) -> str:
+    named = ", ".join(f"{Path(x['path']).name}:{x['scale']:g}" for x in loras) or "none"
+    return f"refs {','.join(map(str, refs))}, batch {','.join(map(str, batches))}, LoRAs {named}"
+
+
+def _refuse_another_recipe(root: Path, opts: BuildOptions) -> None:
+    """A build into the default folder never replaces a build of another recipe there (reference
+    counts, batch sizes, LoRAs): what loads that folder by default would then refuse or miss."""
+    previous = _read_previous(root)
+    if previous is None:
+        return
+    ours = [_lora_record(spec) for spec in opts.loras]
+    same = (previous.refs, previous.batches) == (opts.refs, opts.batches) and [
+        (x["sha256"], x["scale"]) for x in previous.loras
+    ] == [(x["sha256"], x["scale"]) for x in ours]
+    if not same:
+        theirs = _recipe(previous.refs, previous.batches, previous.loras)
+        raise BuildError(
+            f"{root} holds a build of another recipe ({theirs}; this one: "
+            f"{_recipe(opts.refs, opts.batches, ours)}): build it elsewhere with --out DIR, "
+            f"or replace it with --out {root}"
+        )
 
 
 def default_precisions(backend: str) -> tuple[str, ...]:
@@ -210,6 +235,8 @@ def build(
     precisions = tuple(dict.fromkeys(precisions or default_precisions(chosen)))
     recipes = _recipes(precisions, chosen, opts)
     root = Path(out_dir) if out_dir is not None else default_out_dir(model)
+    if out_dir is None:
+        _refuse_another_recipe(root, opts)
     versions = {d: _version(d) for d in ("torch", "diffusers", "onnx", "onnxruntime", "nvidia-modelopt")}
     request = _request_hash(model, components, precisions, family, chosen, versions, recipes, opts)
     if not force and (done := _up_to_date(root, request)) is not None:
@@ -223,6 +250,8 @@ def build(
     family_scale(fam)  # validates the name
     with build_lock(root):
         previous = _read_previous(root)
+        stages = dict(previous.stages) if previous else {}
+        rename_stage(root, stages, LEGACY_GOLDEN[0], "golden", LEGACY_GOLDEN[1])
         ctx = BuildContext(
             root=root,
             components=comps,
@@ -231,7 +260,7 @@ def build(
             keys=build_keys(fam, comps.preset.max_sequence_length, opts.refs, opts.batches),
             force=force,
             facts=_facts(comps, chosen, fam, recipes, versions, request, opts),
-            stages=dict(previous.stages) if previous else {},
+            stages=stages,
             previous=previous,
             bar=tqdm(
                 total=3 + sum(2 + r.quantized for r in recipes),
@@ -244,7 +273,7 @@ def build(
             family_profiles(ctx.keys, opts.tensorrt.profiles)  # too many static profiles: refuse now
         ctx.onnx_sha256 = _export(ctx).output_sha256[ONNX_REL]
         _calibrate(ctx)
-        _reference(ctx)
+        _golden(ctx)
         for recipe in recipes:
             src_rel, src_sha = _quantize(ctx, recipe)
             artifact = _compile(ctx, recipe, src_rel, src_sha)
@@ -307,7 +336,7 @@ def _write_export(ctx: BuildContext) -> list[Path]:
 @contextmanager
 def _float32(*modules: Any) -> Iterator[None]:
     """The modules in float32 for the block, cast in place on their device and back after (bf16 -> fp32
-    -> bf16 is exact). The graph is exported in fp32, and the verification reference runs the sampling
+    -> bf16 is exact). The graph is exported in fp32, and the golden trajectory runs the sampling
     loop in fp32 (calibrate.py's pipeline): the transformer and the VAE take its fp32 tensors, while the
     text encoders take token ids and stay in the build's dtype (their outputs are cast). Calibration
     runs in the build's dtype."""
@@ -331,7 +360,7 @@ def _calibrate(ctx: BuildContext) -> Stage:
 
 def _write_samples(ctx: BuildContext) -> list[Path]:
     c = ctx.components
-    # calibration runs in the weights' dtype (bf16 in a GPU build); export and the reference in fp32
+    # calibration runs in the weights' dtype (bf16 in a GPU build); export and the golden trajectory in fp32
     samples = calibrate.capture_calibration(
         c, ctx.options.calibration, ctx.family, ctx.options.device or "cpu", progress=ctx.options.progress
     )
@@ -339,32 +368,32 @@ def _write_samples(ctx: BuildContext) -> list[Path]:
     return [ctx.root / CALIBRATION_REL]
 
 
-def _reference(ctx: BuildContext) -> Stage:
+def _golden(ctx: BuildContext) -> Stage:
     inputs = {
         "weights": ctx.components.weights_id,
         "family": ctx.family,
-        "steps": REFERENCE_STEPS,
+        "steps": GOLDEN_STEPS,
         "keys": [str(k) for k in ctx.keys],
     }
     if ctx.options.refs != DEFAULT_REFS:  # which reference count builds each key's edit
         inputs["refs"] = list(ctx.options.refs)
-    return _stage(ctx, "reference", inputs, _files(partial(_write_reference, ctx))).stage
+    return _stage(ctx, "golden", inputs, _files(partial(_write_golden, ctx))).stage
 
 
-def _write_reference(ctx: BuildContext) -> list[Path]:
+def _write_golden(ctx: BuildContext) -> list[Path]:
     c, device = ctx.components, ctx.options.device or "cpu"
     with _float32(c.transformer, c.vae):
-        reference = calibrate.capture_reference(
+        golden = calibrate.capture_golden(
             c,
             ctx.family,
-            REFERENCE_STEPS,
+            GOLDEN_STEPS,
             device,
             keys=ctx.keys,
             refs=ctx.options.refs,
             progress=ctx.options.progress,
         )
-    calibrate.save_reference(ctx.root / REFERENCE_REL, reference)
-    return [ctx.root / REFERENCE_REL]
+    calibrate.save_golden(ctx.root / GOLDEN_REL, golden)
+    return [ctx.root / GOLDEN_REL]
 
 
 def _quantize(ctx: BuildContext, recipe: quantize.Recipe) -> tuple[str, str]:
@@ -465,7 +494,7 @@ def _verify(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> A
     old = _previous_artifact(ctx.previous, artifact)
     inputs = {
         "artifact": artifact.sha256,
-        "reference": ctx.stages["reference"].output_sha256[REFERENCE_REL],
+        "golden": ctx.stages["golden"].output_sha256[GOLDEN_REL],
         "bound": recipe.bound_rel_l2,
         "runtime": artifact.runtime_options,
     }
@@ -489,7 +518,7 @@ def _measure(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> 
     try:
         results = verify.verify(
             denoiser,
-            ctx.reference(),
+            ctx.golden(),
             sorted(artifact.profiles),
             recipe.bound_rel_l2,
             recipe.name,
@@ -593,14 +622,14 @@ def _request_hash(
 ) -> str:
     """Everything a build's result depends on, hashed without loading the model (see source_signature).
 
-    refs, batches and loras enter only when they differ from the defaults, so a default build's hash
-    (and the no-op fast path of every build made before they existed) is unchanged. A LoRA enters by
-    its file's sha256 and scale, as its weights_id does.
+    An option at its default value is left out of the hash (refs, batches, loras, dtype fp32), so adding
+    an option never changes the hash of a build that does not use it: its no-op fast path still holds.
+    A LoRA enters by its file's sha256 and scale, as its weights_id does.
     """
     options = dataclasses.asdict(dataclasses.replace(opts.resolved(), loras=()))
     for name in ("progress", "refs", "batches", "loras"):
         del options[name]
-    if options["dtype"] == "fp32":  # fp32 (the CPU's) hashes as builds from before the option did
+    if options["dtype"] == "fp32":  # the default on a CPU: left out, as every default is
         del options["dtype"]
     if opts.refs != DEFAULT_REFS:
         options["refs"] = list(opts.refs)

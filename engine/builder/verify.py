@@ -3,8 +3,8 @@ compare with the fp32 torch transformer.
 
 The Denoiser is the one `engine.load` returns for that artifact (OrtDenoiser under the manifest's
 session options, TrtDenoiser with its contexts, shared device memory and CUDA graphs), so "verified"
-means the runtime path was verified, not only the graph. The inputs and reference velocities come
-from the sampling loop (calibrate.capture_reference). Errors: relative L2 over all samples of a key
+means the runtime path was verified, not only the graph. The inputs and golden velocities come
+from the sampling loop (calibrate.capture_golden). Errors: relative L2 over all samples of a key
 (engine.metrics.rel_l2), and max abs. Exceeding the recipe's bound fails the build.
 """
 
@@ -49,7 +49,7 @@ def artifact_denoiser(
 
 def verify(
     denoiser: Denoiser,
-    reference: Mapping[str, Sequence[Sample]],
+    golden: Mapping[str, Sequence[Sample]],
     keys: Sequence[str],
     bound: float,
     label: str,
@@ -58,7 +58,7 @@ def verify(
     """Verification per shape key; the caller raises (check) once the results are recorded."""
     out: dict[str, Verification] = {}
     for key in tqdm(keys, desc=f"verify {label}", unit="key", leave=False, disable=not progress):
-        samples = reference.get(key)
+        samples = golden.get(key)
         if not samples:
             raise VerificationError(f"no captured inputs for shape key {key}; rebuild with --force")
         if isinstance(denoiser, GraphCapturing):
