@@ -111,6 +111,7 @@ def test_recipe_change_reruns_only_that_recipe(
     assert read_manifest(copy).recipes["int8"]["calibration_method"] == "max"
 
 
+@pytest.mark.slow  # calibration and two quantized recipes run again
 def test_calibration_change_reruns_calibration_and_quantized_recipes(
     copy: Path, tiny: Components, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -121,6 +122,7 @@ def test_calibration_change_reruns_calibration_and_quantized_recipes(
     }
 
 
+@pytest.mark.slow  # every stage of a build runs again
 def test_weights_change_reruns_everything(
     copy: Path, tiny: Components, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -133,6 +135,7 @@ def test_weights_change_reruns_everything(
     assert _build(copy, comps, caplog) == ALL_STAGES
 
 
+@pytest.mark.slow  # two partial builds
 def test_a_build_from_before_the_golden_rename_keeps_its_trajectory(
     copy: Path, tiny: Components, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -106,6 +106,7 @@ def _scales(path: Path) -> dict[str, np.ndarray]:
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if "scale" in i.name.lower()}
 
 
+@pytest.mark.slow  # two calibration captures and a quantization
 def test_same_calibration_gives_the_same_scales(built_tiny: Path, tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Seeded calibration: a second capture is identical, and quantizing it reproduces the build's scales."""
     from engine.builder.calibrate import capture_calibration
