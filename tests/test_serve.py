@@ -429,10 +429,11 @@ def test_review_holds_results_until_approved(tmp_path: Path) -> None:
 
 
 def test_results_expire_after_the_ttl(tmp_path: Path) -> None:
-    with serve(tmp_path, tiny_editor, result_ttl=1.0) as s, s.client() as c:
+    ttl = 3.0  # long enough for the first fetch on a loaded machine (1 s was not)
+    with serve(tmp_path, tiny_editor, result_ttl=ttl) as s, s.client() as c:
         body = poll(c, submit(c).json()["id"])
         assert httpx.get(body["result"]["sample"]).status_code == 200
-        time.sleep(1.1)
+        time.sleep(ttl + 0.1)
         assert httpx.get(body["result"]["sample"]).status_code == 404  # expired, even before the reaper
         deadline = time.monotonic() + 10
         while c.get("/v1/get_result", params={"id": body["id"]}).json()["status"] != "Task not found":
