@@ -14,7 +14,7 @@ EXTRAS ?= dev,quant,fp8,kernels,serve,ray,provenance,lora
 MODEL ?= tiny
 STAMP := $(VENV)/.installed-$(shell echo "$(TORCH) $(TORCH_INDEX) $(EXTRAS)" | cksum | cut -d' ' -f1)
 
-.PHONY: install test lint edit engine bench serve clean gpu-wheels rehearse
+.PHONY: install test test-fast lint edit engine bench serve clean gpu-wheels rehearse
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The inner loop: every test not marked slow (docs/testing.md gives its time on two cores).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check engine benchmarks tests

@@ -124,8 +124,7 @@ def load_and_edit(
     try:
         with load(model, device=device, vram=plan, safety="off") as kontext:
             return run_edit(kontext, device == "cuda", fraction, steps)
-    finally:
-        kontext = None
+    finally:  # the engine is closed and unreferenced here: collect it before the next plan loads
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -1,6 +1,6 @@
 """The first run on a machine with TensorRT: the audit's checks G1-G9, one table, one JSON file.
 
-No one on the team has run the TensorRT path yet (TRT-AUDIT.md read it against TensorRT's sources).
+No one on the team has run the TensorRT path yet (docs/tensorrt-audit.md read it against TensorRT's sources).
 Run this first on any NVIDIA GPU with TensorRT 10 and send us the JSON it writes:
 
     .venv/bin/pip install -e '.[trt]'
@@ -40,7 +40,7 @@ STATUSES = ("pass", "fail", "error", "info")
 
 @dataclass
 class Check:
-    """One row of the report: a check of TRT-AUDIT.md's list, its verdict, and what it measured."""
+    """One row of the report: a check of docs/tensorrt-audit.md's list, its verdict, and what it measured."""
 
     id: str  # "G1".."G9"
     title: str

@@ -10,6 +10,7 @@ import logging
 import os
 import stat
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,37 @@ log = logging.getLogger(__name__)
 MAX_PIXELS = 64 * 1024 * 1024  # 64 MP: far above any Kontext bucket, far below a decompression bomb
 MAX_FILE_BYTES = 64 * 1024 * 1024  # 64 MiB
 MAX_JPEG_SCANS = 1000  # progressive JPEGs have ~10 scans; thousands is a CPU-exhaustion attack
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WebP")
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """One image format under every spelling the engine uses: `name` is PIL's and sniff_format's ("PNG"),
+    `api_name` the HTTP APIs' output_format ("png"), then its MIME type and file suffixes."""
+
+    name: str
+    api_name: str
+    mime: str
+    suffixes: tuple[str, ...]
+    output: bool  # an edit may be written in it (WebP is an input format only)
+
+
+# The one table of image formats (inputs: all of them; outputs: PNG and JPEG).
+FORMATS = (
+    ImageFormat("PNG", "png", "image/png", (".png",), output=True),
+    ImageFormat("JPEG", "jpeg", "image/jpeg", (".jpg", ".jpeg"), output=True),
+    ImageFormat("WebP", "webp", "image/webp", (".webp",), output=False),
+)
+ACCEPTED_FORMATS = tuple(f.name for f in FORMATS)
+OUTPUT_FORMATS = tuple(f.name for f in FORMATS if f.output)
+
+
+def image_format(spelling: str) -> ImageFormat:
+    """The format named by any of its spellings: "PNG", "png" or "image/png"."""
+    for f in FORMATS:
+        if spelling in (f.name, f.api_name, f.mime):
+            return f
+    raise ConfigError(f"unknown image format {spelling!r}; the formats are {', '.join(ACCEPTED_FORMATS)}")
+
 
 _PIL_FORMATS = ["PNG", "JPEG", "WEBP"]  # plugins Image.open may try; MPO is JPEG from cameras
 _DECODED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP"})
@@ -248,8 +279,6 @@ def to_pil(tensor: torch.Tensor) -> Image.Image:
 # ---------------------------------------------------------------------------- output
 
 
-OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
-MIME_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg"}
 JPEG_QUALITY = 95
 SOFTWARE_KEY = "Software"  # the PNG keyword and EXIF tag of the AI-generation disclosure
 _EXIF_DESCRIPTION, _EXIF_MODEL, _EXIF_SOFTWARE, _EXIF_USER_COMMENT = 0x010E, 0x0110, 0x0131, 0x9286
@@ -266,9 +295,10 @@ def ai_disclosure(version: str, model: str) -> str:
 def output_format(path: str | os.PathLike[str]) -> str:
     """PNG or JPEG, from the file name's suffix."""
     suffix = Path(path).suffix.lower()
-    if suffix not in OUTPUT_FORMATS:
-        raise ConfigError(f"{path}: outputs are .png, .jpg or .jpeg files, not {suffix or 'no suffix'!r}")
-    return OUTPUT_FORMATS[suffix]
+    for f in FORMATS:
+        if f.output and suffix in f.suffixes:
+            return f.name
+    raise ConfigError(f"{path}: outputs are .png, .jpg or .jpeg files, not {suffix or 'no suffix'!r}")
 
 
 def encode_image(image: Image.Image, fmt: str, metadata: Mapping[str, str]) -> bytes:
@@ -276,7 +306,7 @@ def encode_image(image: Image.Image, fmt: str, metadata: Mapping[str, str]) -> b
     else uncompressed iTXt), keys sorted, nothing time-dependent, so equal inputs give equal bytes. JPEG
     (quality 95): EXIF Software, Model and ImageDescription from the `Software`, `model` and `prompt`
     items, and every item as JSON in UserComment."""
-    if fmt not in MIME_TYPES:
+    if fmt not in OUTPUT_FORMATS:
         raise ConfigError(f"output format must be PNG or JPEG, got {fmt!r}")
     buf = io.BytesIO()
     try:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ProvenanceError
 from .files import atomic_write_bytes, atomic_writer
-from .images import MIME_TYPES, sniff_format
+from .images import ACCEPTED_FORMATS, OUTPUT_FORMATS, image_format, sniff_format
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -148,18 +148,15 @@ def _read_pem(path: Path, flag: str, kind: bytes) -> bytes:
     return data
 
 
-_INPUT_MIME_TYPES = {**MIME_TYPES, "WebP": "image/webp"}  # inputs may also be WebP (images.load_image)
-
-
 def _mime(data: bytes, what: str) -> str:
     """The MIME type of an output (PNG, JPEG) or, for what="input", of an input (also WebP)."""
     fmt = sniff_format(data)
-    types = _INPUT_MIME_TYPES if what == "input" else MIME_TYPES
+    types = ACCEPTED_FORMATS if what == "input" else OUTPUT_FORMATS
     if fmt not in types:
         raise ProvenanceError(
             f"the {what} image is {fmt or 'not a known format'}; expected {', '.join(types)}"
         )
-    return types[fmt]
+    return image_format(fmt).mime
 
 
 def _probe_png() -> bytes:

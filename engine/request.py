@@ -27,7 +27,7 @@ from .references import DEFAULT_PLACEMENT, check_placement
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100.0
 MAX_IMAGES = 64  # one batch through the denoiser
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1 - MAX_IMAGES  # the largest seed: seeds seed .. seed + num_images - 1 fit in int64
 
 ImageInput = Image.Image | str | Path | bytes  # a PIL image, or a file (path or bytes) for images.load_image
 
@@ -81,8 +81,8 @@ class EditRequest:
             raise ConfigError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         if not (math.isfinite(self.guidance) and 0.0 <= self.guidance <= MAX_GUIDANCE):
             raise ConfigError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {self.guidance}")
-        if not 0 <= self.seed <= MAX_SEED - MAX_IMAGES:
-            raise ConfigError(f"seed must be between 0 and {MAX_SEED - MAX_IMAGES}, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.size is not None:
             w, h = self.size
             if w <= 0 or h <= 0 or w % MULTIPLE or h % MULTIPLE:

@@ -21,7 +21,7 @@ from .buckets import MULTIPLE
 
 LATENT_CHANNELS = 16
 
-# Same signature as the Denoiser protocol in backends/__init__.py.
+# Called like backends.Denoiser (keyword tensors in, velocity out); that protocol is in a layer above.
 DenoiseFn = Callable[..., torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, steps, latents)
 

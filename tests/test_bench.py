@@ -172,6 +172,7 @@ def test_bad_settings_are_typed_errors():
         BenchConfig(steps=0)
 
 
+@pytest.mark.slow  # a whole kontext bench run
 def test_cli_bench_prints_the_table(tmp_path, capsys):
     argv = [
         "bench",
@@ -220,6 +221,7 @@ def test_gpu_peaks_by_name(name, precision, peak):
     assert peak_for_gpu(name, precision) == peak
 
 
+@pytest.mark.slow  # a bench run over the built engines
 def test_engine_contestants_come_from_the_manifest(tiny, tiny_build, tmp_path):
     """Every artifact of a build is a contestant, loaded through the runtime's loader, timed and checked."""
     config = BenchConfig(
@@ -361,6 +363,7 @@ def _unopenable() -> TorchDenoiser:
     raise AssertionError("torchao assert while quantizing (injected)")
 
 
+@pytest.mark.slow  # a bench run per schedule
 @pytest.mark.parametrize("schedule", ["sequential", "interleaved"])
 def test_a_failing_contestant_is_recorded_and_the_next_one_runs(tiny, schedule):
     """Failing contestants between good ones: each failure is its result, both good ones are measured."""
@@ -384,6 +387,7 @@ def test_a_failing_contestant_is_recorded_and_the_next_one_runs(tiny, schedule):
     assert any("fails-to-open" in n for n in run.notes)
 
 
+@pytest.mark.slow  # a bench run
 def test_peak_memory_excludes_shared_weights_and_reports_own_weights_apart(tiny, tmp_path):
     config = BenchConfig(
         model="tiny", steps=1, repeats=1, warmup=0, buckets=(BUCKET,), progress=False, schedule="sequential"
@@ -402,6 +406,7 @@ def test_peak_memory_excludes_shared_weights_and_reports_own_weights_apart(tiny,
     assert weighty["peak_memory_bytes"] < run.entries[0].memory_base  # ...and not the shared process
 
 
+@pytest.mark.slow  # a bench run in bf16
 def test_bf16_contestant_on_cpu_reports_its_error_against_fp32(tiny):
     """torch-eager-bf16 runs a bf16 copy inside the fp32 pipeline; its per-step error is bf16's, the
     shared fp32 transformer is left as it was (isolation)."""

@@ -160,6 +160,7 @@ def keyed_build(tiny: Components, tiny_build: Path, tmp_path_factory: pytest.Tem
     return out
 
 
+@pytest.mark.slow  # the 56-key build (keyed_build)
 def test_a_refs_and_batch_build_verifies_every_key(keyed_build):
     m = read_manifest(keyed_build)
     keys = {str(k) for k in build_keys("tiny", TEXT, (0, 1), (1, 2))}
@@ -171,6 +172,7 @@ def test_a_refs_and_batch_build_verifies_every_key(keyed_build):
     assert "serves 0,1 reference image(s), batch 1,2" in describe(keyed_build)
 
 
+@pytest.mark.slow  # the 56-key build (keyed_build)
 def test_an_edit_with_a_reference_at_batch_2_runs_on_the_engine(keyed_build, tiny_engine):
     image, ref = gradient_image(128, 128, seed=3), gradient_image(96, 160, seed=4)
     kwargs = {"seed": 5, "steps": 2, "references": [ref], "num_images": 2}
@@ -182,6 +184,7 @@ def test_an_edit_with_a_reference_at_batch_2_runs_on_the_engine(keyed_build, tin
     assert rel_l2(out.latents.numpy(), torch_out.latents.numpy()) <= 1e-4
 
 
+@pytest.mark.slow  # the 56-key build (keyed_build)
 def test_cli_build_with_refs_and_batch_reuses_every_stage(keyed_build, tmp_path, capsys):
     out = tmp_path / "tiny"
     shutil.copytree(keyed_build, out)
@@ -216,6 +219,7 @@ def test_cli_build_with_refs_and_batch_reuses_every_stage(keyed_build, tmp_path,
 # ----------------------------------------------------------------------------- LoRA
 
 
+@pytest.mark.slow  # two whole builds
 def test_a_lora_build_invalidates_on_scale_and_refuses_to_load_without_it(tiny, tmp_path):
     lora = tmp_path / "style.safetensors"
     diffusers_lora(tiny, lora)
@@ -227,7 +231,7 @@ def test_a_lora_build_invalidates_on_scale_and_refuses_to_load_without_it(tiny, 
     assert again.stages == first.stages  # the no-op path: nothing ran
     second = _build(copy.deepcopy(tiny), out, loras=(LoraSpec(lora, 1.0),))
     assert second.weights_id != first.weights_id
-    for stage in ("export", "reference", "compile:fp32", "verify:fp32"):  # each ran on the new weights
+    for stage in ("export", "golden", "compile:fp32", "verify:fp32"):  # each ran on the new weights
         assert second.stages[stage].inputs != first.stages[stage].inputs, stage
     with pytest.raises(ManifestError, match=r"style\.safetensors at scale 1.*--lora .*style\.safetensors:1"):
         load(out, precision="fp32")
@@ -241,7 +245,7 @@ def test_a_lora_build_invalidates_on_scale_and_refuses_to_load_without_it(tiny, 
 def test_a_build_without_lora_refuses_a_lora_at_load(tiny_build, tiny, tmp_path):
     lora = tmp_path / "style.safetensors"
     diffusers_lora(tiny, lora)
-    with pytest.raises(ManifestError, match="built without LoRAs"):
+    with pytest.raises(ManifestError, match=r"was built from weights .* built without LoRAs \(drop"):
         load(tiny_build, precision="fp32", loras=[LoraSpec(lora)])
 
 
@@ -280,6 +284,7 @@ def test_tensorrt_refs_and_batch_build(tmp_path: Path, tiny: Components) -> None
 # ----------------------------------------------------------------------------- the build's torch dtype
 
 
+@pytest.mark.slow  # a whole build
 def test_a_bf16_build_verifies_its_fp32_graph_and_gives_the_weights_back_in_bf16(tiny, tmp_path, monkeypatch):
     """What a GPU build does by default (BuildOptions.resolved: cuda, bf16), run on the CPU: the weights
     held in bf16 and calibrated in bf16 (no fp32 copy of a 12B model), the graph exported and the

@@ -271,6 +271,7 @@ def edit(pipe: KontextPipeline, size: tuple[int, int] | None, refs: int, num_ima
     return result.latents  # [B, N, 64]
 
 
+@pytest.mark.slow  # spawns worker processes (the launcher)
 @pytest.mark.parametrize(
     ("size", "refs", "num_images", "image_tokens"),
     [
@@ -311,6 +312,7 @@ def _dead(cp: ContextParallelDenoiser) -> bool:
     return all(not w.process.is_alive() and w.process.exitcode is not None for w in cp.workers)
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_close_stops_every_worker(launcher: Launcher) -> None:
     cp = launcher.get()
     cp.close()
@@ -320,6 +322,7 @@ def test_close_stops_every_worker(launcher: Launcher) -> None:
         cp(**ODD)
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_a_failing_worker_fails_the_edit_and_leaves_no_process(tiny: Components, launcher: Launcher) -> None:
     cp = launcher.get()
     pipe = KontextPipeline(tiny, cp)
@@ -334,6 +337,7 @@ def test_a_failing_worker_fails_the_edit_and_leaves_no_process(tiny: Components,
         cp(**ODD)
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_a_failing_rank_zero_fails_the_call_and_leaves_no_process(launcher: Launcher) -> None:
     cp = launcher.get()
     inputs = edit_inputs(RANK0_FAULT_BATCH, (112, 144), (128, 128))
@@ -344,6 +348,7 @@ def test_a_failing_rank_zero_fails_the_call_and_leaves_no_process(launcher: Laun
     assert cp.closed and _dead(cp)
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_a_hung_worker_fails_the_call_after_the_timeout_and_is_terminated(launcher: Launcher) -> None:
     cp = launcher.get(timeout_s=HANG_TIMEOUT_S)
     with pytest.raises(RankFailedError, match=r"rank\(s\) 1 of 2 did not answer .*Timed out"):
@@ -366,6 +371,7 @@ class _Poison:
         return self
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_a_worker_that_fails_while_starting_fails_the_load_and_leaves_no_process(
     positional: torch.nn.Module,
 ) -> None:
@@ -380,6 +386,7 @@ def test_a_worker_that_fails_while_starting_fails_the_load_and_leaves_no_process
 # --------------------------------------------------------------------------- engine.load(context_parallel=N)
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_load_with_context_parallel_edits_like_one_process() -> None:
     """The wiring: engine.load("tiny", context_parallel=2) gives one process's latents (fp32, 1e-5)."""
     import engine

@@ -13,7 +13,7 @@ import torch
 from engine.backends import DENOISER_INPUTS, DENOISER_OUTPUT
 from engine.backends.inputs import dummy_inputs
 from engine.buckets import ShapeKey
-from engine.builder.calibrate import load_reference
+from engine.builder.calibrate import load_golden
 from engine.builder.export import MIN_OPSET, Float32FluxPosEmbed, float32_rope
 from engine.metrics import rel_l2
 from engine.model.components import Components
@@ -75,7 +75,7 @@ def _torch(tiny: Components, inputs: dict[str, np.ndarray]) -> np.ndarray:
 
 def test_onnx_matches_torch_on_every_shape_key(built_tiny: Path, tiny: Components) -> None:
     session = ort.InferenceSession(str(built_tiny / ONNX), providers=["CPUExecutionProvider"])
-    reference = load_reference(built_tiny / "verify/reference.npz")
+    reference = load_golden(built_tiny / "verify/golden.npz")
     assert len(reference) == 4  # the tiny family's shape keys
     for key, samples in reference.items():
         for s in samples:

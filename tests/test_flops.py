@@ -83,7 +83,8 @@ def test_no_guidance_embedder_drops_its_linears() -> None:
 
 
 def test_kontext_dev_1024_matches_anchor() -> None:
-    # ANCHORS.md: ~112 TFLOP linear + ~53 TFLOP attention = ~165 TFLOP at 4096 + 4096 + 512 tokens.
+    # docs/testing.md ("The FLOP count"): ~112 TFLOP linear + ~53 TFLOP attention = ~165 TFLOP at
+    # 4096 + 4096 + 512 tokens, counted by hand from the architecture.
     flops = transformer_flops(KONTEXT_DEV_TRANSFORMER, ShapeKey(1, 4096, 4096, 512))
     assert flops.linear / 1e12 == pytest.approx(112, rel=0.02)
     assert flops.attention / 1e12 == pytest.approx(53, rel=0.02)

@@ -107,6 +107,7 @@ def shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
+@pytest.mark.slow  # the 12B model built on meta, three layouts
 def test_transformer_state_dict_matches_the_real_layouts_on_meta():
     transformer = meta_modules()[0]
     sd = transformer.state_dict()
@@ -317,6 +318,7 @@ def run_full_depth(c: Components, width: int, height: int, text_tokens: int) -> 
     return stats
 
 
+@pytest.mark.slow  # 57 blocks in bf16 on a CPU
 def test_bf16_activations_stay_sane_through_all_57_blocks(narrow_full):
     c = narrow_full
     assert len(c.transformer.transformer_blocks) == 19 and len(c.transformer.single_transformer_blocks) == 38

@@ -429,3 +429,23 @@ def test_assets_are_small() -> None:
     total = sum(p.stat().st_size for p in assets.ASSETS_DIR.rglob("*") if p.is_file())
     assert total < 1.5 * 1024 * 1024
     assert (assets.ASSETS_DIR / "LICENSES.md").is_file()
+
+
+def test_one_format_table_for_every_spelling() -> None:
+    """PIL's names, the APIs' output_format, MIME types and suffixes all come from images.FORMATS: the
+    encoder writes what its MIME type says, and an unknown spelling is refused."""
+    from engine.images import FORMATS, OUTPUT_FORMATS, encode_image, image_format, output_format, sniff_format
+
+    assert OUTPUT_FORMATS == ("PNG", "JPEG")
+    for f in FORMATS:
+        assert image_format(f.name) is image_format(f.api_name) is image_format(f.mime) is f
+    for name in OUTPUT_FORMATS:
+        data = encode_image(Image.new("RGB", (16, 16)), name, {})
+        assert (
+            sniff_format(data) == name and image_format(name).mime == f"image/{image_format(name).api_name}"
+        )
+    assert [output_format(f"a{s}") for s in (".png", ".JPG", ".jpeg")] == ["PNG", "JPEG", "JPEG"]
+    with pytest.raises(ConfigError, match=r"outputs are \.png"):
+        output_format("a.webp")  # an input format only
+    with pytest.raises(ConfigError, match="unknown image format 'gif'"):
+        image_format("gif")

@@ -60,6 +60,7 @@ def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 # ------------------------------------------------------------------ parent: the interpreter child, refusals
 
 
+@pytest.mark.slow  # the Triton interpreter in a child process: over a minute on two cores
 def test_interpreter_suite() -> None:
     """Runs this module's CPU tests in a fresh process whose triton is imported under TRITON_INTERPRET=1."""
     if interpreted():
@@ -106,6 +107,7 @@ def test_cpu_tensors_need_the_interpreter() -> None:
         attention(q, q, q)
 
 
+@pytest.mark.slow  # a child interpreter
 def test_benchmark_imports_neither_diffusers_nor_the_rest_of_engine() -> None:
     """benchmarks/attention_bench.py runs on a GPU machine where our package is not installed."""
     if interpreted():
@@ -125,6 +127,7 @@ def test_benchmark_imports_neither_diffusers_nor_the_rest_of_engine() -> None:
     assert "engine.kernels.processor" not in loaded
 
 
+@pytest.mark.slow  # dynamo traces the launch
 @pytest.mark.parametrize(("variant", "autotune"), [("bf16", False), ("bf16", True)])
 def test_dynamo_traces_the_launch_without_graph_breaks(
     monkeypatch: pytest.MonkeyPatch, variant: str, autotune: bool

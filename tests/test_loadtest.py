@@ -8,10 +8,13 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from engine.bench.loadtest import LoadConfig, format_table, rss_trend, run_loadtest, write_report
 from tests.serve_harness import SAMPLE, serve, tiny_editor
 
 
+@pytest.mark.slow  # every phase of the load benchmark against a real server: about a minute
 def test_short_loadtest(tmp_path: Path) -> None:
     with serve(tmp_path, tiny_editor, queue=2) as s:
         config = LoadConfig(

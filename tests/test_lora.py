@@ -14,11 +14,10 @@ from safetensors.torch import save_file
 
 from engine.backends.torch import TorchDenoiser
 from engine.cli import main
-from engine.errors import ManifestError, WeightsError
+from engine.errors import WeightsError
 from engine.images import read_png_metadata
 from engine.model.components import Components
 from engine.model.lora import LoraSpec, file_sha256, fuse_loras, lora_weights_id
-from engine.runtime import load
 
 TOL = 1e-5
 RANK = 4
@@ -189,10 +188,3 @@ def test_cli_edit_fuses_the_lora(tiny, tmp_path):
     expected = lora_weights_id(tiny.weights_id, [LoraSpec(lora, 0.5)], [file_sha256(lora)])
     meta = read_png_metadata(out)
     assert meta["weights"] == expected and meta["loras"] == f"{lora.name}:0.5"
-
-
-def test_a_build_without_the_lora_refuses_the_lora_weights(tiny, tiny_build, tmp_path):
-    lora = tmp_path / "style.safetensors"
-    diffusers_lora(tiny, lora)
-    with pytest.raises(ManifestError, match=r"was built from weights .* but the loaded weights are"):
-        load(tiny_build, precision="fp32", loras=[f"{lora}:0.5"])

@@ -85,16 +85,6 @@ def test_size_references_jpeg_and_urls(server: Running) -> None:
     assert Image.open(io.BytesIO(fetched.content)).size == wide
 
 
-def test_same_seed_same_bytes(server: Running) -> None:
-    c = client(server)
-    kwargs: dict[str, Any] = {
-        "image": ("c.png", SAMPLE, "image/png"),
-        "prompt": "snow",
-        "extra_body": {"seed": 7},
-    }
-    assert c.images.edit(**kwargs).data[0].b64_json == c.images.edit(**kwargs).data[0].b64_json
-
-
 def test_wrong_key_is_authentication_error(server: Running) -> None:
     with pytest.raises(openai.AuthenticationError) as e:
         client(server, "kx_wrong").images.edit(image=("c.png", SAMPLE, "image/png"), prompt="snow")

@@ -1,6 +1,6 @@
-"""Reference images: today's path untouched without them, the bucket rule's bound, ids that never
-collide under either placement, shape keys that carry the whole context, and the miss policy for an
-engine built without multi-reference keys."""
+"""Reference images: the bucket rule's bound, ids that never collide under either placement, shape keys
+that carry the whole context, and the miss policy for an engine built without multi-reference keys. (The
+edit without references is diffusers' own, which tests/test_parity.py holds within 1e-5.)"""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from engine.buckets import (
     buckets,
     edit_key,
     family_shape_keys,
-    nearest_bucket,
     reference_bucket,
     reference_buckets,
     reference_budget,
@@ -30,7 +29,6 @@ from engine.buckets import (
 )
 from engine.dispatch import served_buckets
 from engine.errors import ConfigError, ShapeNotServedError
-from engine.images import resize_to
 from engine.pipeline import KontextPipeline
 from engine.references import PLACEMENTS, Placement, context_ids, place
 from engine.request import EditRequest
@@ -52,31 +50,6 @@ class Recording(DenoiserBase):
     def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         self.img_ids = inputs["img_ids"]
         return self.inner(**inputs)
-
-
-def _pre_change_latents(pipe: KontextPipeline, image, settings: EditRequest) -> torch.Tensor:
-    """The single-context edit as it was before references existed, call for call."""
-    bucket = nearest_bucket(image.width, image.height, pipe.bucket_family)
-    size = settings.size or bucket
-    txt, vec, txt_ids = pipe.encode_prompt(PROMPT)
-    ctx, ctx_ids = pipe.encode_image(resize_to(image, bucket))
-    img = sampling.get_noise(1, size[1], size[0], settings.seed, pipe.dtype, pipe.device)
-    img_ids = sampling.image_ids(size[1], size[0], index=0)
-    schedule = sampling.get_schedule(settings.steps, img.shape[1])
-    with torch.inference_mode():
-        return sampling.denoise(
-            pipe.denoiser, img, img_ids, ctx, ctx_ids, txt, txt_ids, vec, schedule, settings.guidance
-        )
-
-
-def test_no_references_is_the_pre_change_path_bit_for_bit(tiny):
-    pipe = KontextPipeline(tiny, TorchDenoiser(tiny.transformer))
-    image = gradient_image(80, 192, seed=3)
-    settings = EditRequest(image, PROMPT, steps=3, seed=11)
-    before = _pre_change_latents(pipe, image, settings)
-    now = pipe.edit(settings, progress=False)
-    assert torch.equal(now.latents, before)
-    assert now.shape_key == ShapeKey(1, tokens(80, 192), tokens(80, 192), 32) and now.references == []
 
 
 def test_the_bucket_rule_bounds_the_references_tokens():

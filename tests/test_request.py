@@ -7,7 +7,7 @@ from PIL import Image
 
 from engine.config import DEFAULT_GUIDANCE
 from engine.errors import ConfigError
-from engine.request import MAX_IMAGES, EditRequest
+from engine.request import MAX_IMAGES, MAX_SEED, EditRequest
 
 
 def _img(w: int = 32, h: int = 32) -> Image.Image:
@@ -40,6 +40,23 @@ def test_defaults_and_resolution() -> None:
 def test_refuses_bad_values(field: str, value: object, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         EditRequest(**{"image": _img(), "prompt": "x", field: value})  # type: ignore[arg-type]
+
+
+def test_one_max_seed_for_the_engine_and_the_apis() -> None:
+    """MAX_SEED is the largest seed a request may give: its last image's seed still fits in int64
+    (torch.Generator's range), one more is refused; the HTTP APIs bound their seeds by the same one."""
+    import torch
+
+    from engine.serve import params, schemas
+
+    r = EditRequest(_img(), "x", seed=MAX_SEED, num_images=MAX_IMAGES)
+    assert r.seeds[-1] == 2**63 - 2
+    torch.Generator().manual_seed(r.seeds[-1])
+    with pytest.raises(ConfigError, match=f"seed must be between 0 and {MAX_SEED}"):
+        EditRequest(_img(), "x", seed=MAX_SEED + 1)
+    assert params.MAX_SEED is MAX_SEED
+    seed = schemas.KontextRequest.model_json_schema()["properties"]["seed"]
+    assert any(s.get("maximum") == MAX_SEED for s in seed.get("anyOf", [seed]))
 
 
 def test_of_decodes_bytes_and_paths(tmp_path) -> None:

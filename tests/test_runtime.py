@@ -42,9 +42,8 @@ def _edit(kontext, req):
     return kontext.edit(gradient_image(*size, seed=seed), prompt, seed=seed, steps=2, size=out)
 
 
-@pytest.mark.parametrize("workers", [4])
-def test_concurrent_edits_equal_sequential(tiny_build, workers):
-    with engine.load(tiny_build, precision="fp32", workers=workers, threads=1) as kontext:
+def test_concurrent_edits_equal_sequential(tiny_build):
+    with engine.load(tiny_build, precision="fp32", workers=4, threads=1) as kontext:
         sequential = [_edit(kontext, r) for r in REQUESTS]
         with ThreadPoolExecutor(max_workers=8) as pool:
             concurrent = list(pool.map(lambda r: _edit(kontext, r), REQUESTS))

@@ -111,7 +111,8 @@ def test_pro_alias_aspect_ratio_and_jpeg(server: Running) -> None:
         assert isinstance(body["result"]["seed"], int)  # a seed was drawn and is reported
 
 
-def test_same_seed_same_bytes_data_url(server: Running) -> None:
+def test_a_data_url_gives_the_image_of_plain_base64(server: Running) -> None:
+    """The same input sent as plain base64 and as a data: URL, same seed: the same bytes."""
     with server.client() as c:
         a = submit(c, seed=3).json()["id"]
         b = c.post(
@@ -301,6 +302,44 @@ def test_per_key_limit(tmp_path: Path) -> None:
         gated.gate.set()
 
 
+def test_a_key_over_its_limit_gets_429_before_its_image_is_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/serving.md's promise, on every submitting route: the per-key limit is checked before the
+    base64 or the image is decoded. Negative control: another key's requests are decoded."""
+    import engine.serve.api_bfl as api_bfl
+    import engine.serve.api_openai as api_openai
+
+    decoded: list[str] = []
+
+    def spy(name: str, real: object) -> object:
+        def call(*args: object, **kwargs: object) -> object:
+            decoded.append(name)
+            return real(*args, **kwargs)  # type: ignore[operator]
+
+        return call
+
+    monkeypatch.setattr(api_bfl, "image_bytes", spy("base64", api_bfl.image_bytes))
+    monkeypatch.setattr(api_bfl, "load_image", spy("multipart", api_bfl.load_image))
+    monkeypatch.setattr(api_openai, "load_image", spy("openai", api_openai.load_image))
+    gated = GatedEditor(tiny_editor())
+    files = {"image": ("cat.png", SAMPLE, "image/png")}
+    with serve(tmp_path, lambda: gated, queue=8, per_key=1, sync_timeout=0.5) as s, s.client("alice") as a:
+        assert submit(a).status_code == 200
+        decoded.clear()
+        over = [
+            submit(a),
+            a.post("/v1/edit", files=files, data={"prompt": "snow"}),
+            a.post("/v1/images/edits", files=files, data={"prompt": "snow"}),
+        ]
+        assert [r.status_code for r in over] == [429, 429, 429], [r.text for r in over]
+        assert all("per-key" in r.text for r in over) and decoded == []
+        with s.client("bob") as b:
+            assert b.post("/v1/edit", files=files, data={"prompt": "snow"}).status_code == 202  # waits 0.5 s
+        assert decoded == ["multipart"]
+        gated.gate.set()
+
+
 def test_readiness_follows_the_engine(tmp_path: Path) -> None:
     loaded = GatedEditor(tiny_editor())
 
@@ -390,10 +429,11 @@ def test_review_holds_results_until_approved(tmp_path: Path) -> None:
 
 
 def test_results_expire_after_the_ttl(tmp_path: Path) -> None:
-    with serve(tmp_path, tiny_editor, result_ttl=1.0) as s, s.client() as c:
+    ttl = 3.0  # long enough for the first fetch on a loaded machine (1 s was not)
+    with serve(tmp_path, tiny_editor, result_ttl=ttl) as s, s.client() as c:
         body = poll(c, submit(c).json()["id"])
         assert httpx.get(body["result"]["sample"]).status_code == 200
-        time.sleep(1.1)
+        time.sleep(ttl + 0.1)
         assert httpx.get(body["result"]["sample"]).status_code == 404  # expired, even before the reaper
         deadline = time.monotonic() + 10
         while c.get("/v1/get_result", params={"id": body["id"]}).json()["status"] != "Task not found":

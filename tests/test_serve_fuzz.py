@@ -22,6 +22,7 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         yield running
 
 
+@pytest.mark.slow  # schemathesis over every route: about a minute
 def test_no_route_answers_5xx(fuzz_server: Running) -> None:
     schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
     tried: list[str] = []

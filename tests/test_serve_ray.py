@@ -12,7 +12,7 @@ import pytest
 
 from tests.serve_harness import SAMPLE_B64, free_port, poll
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a local Ray cluster: about a minute
 
 
 def test_two_replicas_answer_eight_concurrent_requests(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from engine.serve import jobs as J
 from engine.serve.keys import new_key
@@ -67,6 +68,7 @@ def store_ids(store: J.JobStore) -> list[str]:
         return [r[0] for r in store._db.execute("SELECT id FROM jobs")]
 
 
+@pytest.mark.slow  # server processes killed and restarted: minutes on two cores
 def test_sigkill_then_restart_runs_every_accepted_job_and_sigterm_drains(tmp_path: Path) -> None:
     data, keys, log = tmp_path / "data", tmp_path / "keys.jsonl", tmp_path / "server.log"
     key = new_key(keys, "ci")

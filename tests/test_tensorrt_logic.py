@@ -1,5 +1,5 @@
 """TensorRT without TensorRT: the build's and the runtime's logic against small fakes of TensorRT 10's
-objects (tests/trt_fakes.py), one test per defect of TRT-AUDIT.md that a CPU can show, and the pure
+objects (tests/trt_fakes.py), one test per finding of docs/tensorrt-audit.md that a CPU can show, and the pure
 functions (routes, profiles, names, the plan budget). The trt-marked test at the end runs the real
 thing on a GPU machine with TensorRT."""
 

@@ -146,6 +146,7 @@ def test_fused_qkv_on_a_copy_matches_and_leaves_the_original(tiny):
     )
 
 
+@pytest.mark.slow  # dynamo traces every block
 def test_regional_compile_traces_each_block_type_once_per_shape(tiny, monkeypatch):
     """GPU-AUDIT #13: the first single block got contiguous inputs and the later ones slices of one
     [B, L + N, D] tensor, so dynamo compiled the single block twice per shape (3 graphs per shape on tiny,
@@ -250,6 +251,7 @@ def test_kernel_attention_lever_says_why_it_cannot_run(tiny):
         torch_denoiser(weight_sharing_copy(tiny.transformer), device="cpu", options=parse_levers("attn-bf16"))
 
 
+@pytest.mark.slow  # two engine loads and edits
 def test_engine_load_applies_the_levers():
     from engine.runtime import load
 

@@ -1,7 +1,7 @@
 """Small fakes of TensorRT 10's Python objects and of torch.cuda, so the TensorRT build and runtime
 logic runs on a CPU.
 
-The fakes keep the real API's contracts that the audit (TRT-AUDIT.md) found the code relying on:
+The fakes keep the real API's contracts that the audit (docs/tensorrt-audit.md) found the code relying on:
 - a plan is what the builder's profiles said (JSON here), and `get_tensor_profile_shape` returns them;
 - `set_input_shape` returns False outside the profile;
 - the fake engine computes velocity = 2 * hidden_states + timestep from the addresses it was given

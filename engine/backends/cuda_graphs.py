@@ -1,4 +1,4 @@
-"""CUDA graphs over a whole transformer step: one captured graph per input signature (shapes, dtypes).
+"""CUDA graphs over a whole transformer step: one captured graph per GraphKey (inputs' shapes, dtypes).
 
 A step of the 12B model launches about 1,500 kernels; replaying them as one graph removes the CPU launch
 gaps between them. Capture follows torch's recipe: warm-up calls on a side stream (so compiled code
@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 StepFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
-Signature = tuple[tuple[str, tuple[int, ...], torch.dtype, torch.device], ...]
+# A captured graph's key: (name, shape, dtype, device) of each input (not backends.Signature, a call's
+# (batch, tokens, text tokens))
+GraphKey = tuple[tuple[str, tuple[int, ...], torch.dtype, torch.device], ...]
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Captured:
 Capture = Callable[[StepFn, dict[str, torch.Tensor]], Captured]
 
 
-def signature(inputs: dict[str, torch.Tensor]) -> Signature:
+def graph_key(inputs: dict[str, torch.Tensor]) -> GraphKey:
     return tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in inputs.items())
 
 
@@ -59,7 +61,7 @@ def capture_cuda_graph(
 
 
 class GraphedCall:
-    """`fn` replayed from a graph captured on the first call of each input signature.
+    """`fn` replayed from a graph captured on the first call of each GraphKey.
 
     capture: how a graph is made (default: CUDA, into this call's own memory pool). Tests on a CPU pass a
     capture that re-runs `fn` on the static buffers at each replay, which checks the buffer plumbing
@@ -69,7 +71,7 @@ class GraphedCall:
     def __init__(self, fn: StepFn, capture: Capture | None = None) -> None:
         self.fn = fn
         self._capture = capture or self._capture_cuda
-        self._graphs: dict[Signature, Captured] = {}
+        self._graphs: dict[GraphKey, Captured] = {}
         self._lock = threading.Lock()
         self._pool: Any = None  # this call's graph memory pool, made at its first capture
 
@@ -80,16 +82,16 @@ class GraphedCall:
 
     @property
     def captured(self) -> int:
-        """How many graphs exist (one per input signature seen)."""
+        """How many graphs exist (one per GraphKey seen)."""
         return len(self._graphs)
 
     @torch.inference_mode()
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        sig = signature(inputs)
+        key = graph_key(inputs)
         with self._lock:
-            g = self._graphs.get(sig)
+            g = self._graphs.get(key)
             if g is None:
-                g = self._graphs[sig] = self._capture(self.fn, inputs)
+                g = self._graphs[key] = self._capture(self.fn, inputs)
             for name, buf in g.inputs.items():
                 buf.copy_(inputs[name])
             g.replay()

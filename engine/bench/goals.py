@@ -1,4 +1,4 @@
-"""The fast path's goals (issue 8), checked against a benchmark run's records: measured value, PASS/SHORT.
+"""The fast path's goals (docs/gpu.md, "Goals") against a benchmark run's records: measured value, PASS/SHORT.
 
 They are defined for an H100, 1024², 28 steps, batch 1, no step skipping. On any other setup the same
 values are printed under `applies: no`, without a verdict (no PASS/SHORT), so the CPU dry run exercises

@@ -16,7 +16,7 @@ from .run import (
     BenchRun,
     Case,
     Entry,
-    case_reference,
+    case_golden,
     check_isolation,
     failure,
     measure,
@@ -57,9 +57,9 @@ def run_interleaved(run: BenchRun, cases: list[Case]) -> None:
                     timed_run(runner, case, run.config.prompt, entry, meter, keep=not warm)
                 bar.update()
         bar.set_postfix_str(f"{case.bucket[0]}x{case.bucket[1]} quality vs the reference")
-        reference = case_reference(run, case)
+        golden = case_golden(run, case)
         for runner in live:
-            measure(entries[runner.contestant.name], runner, reference, run)
+            measure(entries[runner.contestant.name], runner, golden, run)
         run.entries.extend(entries.values())
     run.entries.extend(unopened)
     bar.close()

@@ -30,7 +30,7 @@ from .contestants import (
     open_runner,
 )
 from .isolation import changed, fingerprint
-from .quality import Quality, Reference, measure_quality, record_reference
+from .quality import Golden, Quality, measure_quality, record_golden
 from .timing import PeakMemory, memory_in_use, summarize
 
 log = logging.getLogger(__name__)
@@ -130,9 +130,9 @@ class Case:
     key: ShapeKey
 
 
-def case_reference(run: BenchRun, case: Case) -> Reference:
+def case_golden(run: BenchRun, case: Case) -> Golden:
     name = f"torch-eager-{dtype_name(run.config.dtype)}"
-    return record_reference(
+    return record_golden(
         run.components, run.device, run.config.dtype, case.image, run.config.prompt, case.settings, name
     )
 
@@ -196,14 +196,14 @@ def serves(runner: EditRunner, key: ShapeKey, entry: Entry) -> bool:
 
 
 def measure(
-    entry: Entry, runner: EditRunner, reference: Reference, run: BenchRun, steps: int | None = None
+    entry: Entry, runner: EditRunner, golden: Golden, run: BenchRun, steps: int | None = None
 ) -> None:
     """The entry's quality against the reference; a replay that raises is noted, never fatal."""
     if not entry.samples or entry.skipped:
         return
     replay = None if runner.replay_is_reference else runner.replay_denoiser
     try:
-        entry.quality = measure_quality(replay, entry.samples[-1].image, reference, steps)
+        entry.quality = measure_quality(replay, entry.samples[-1].image, golden, steps)
     except Exception as e:
         run.notes.append(f"{entry.contestant.name}: quality replay failed: {failure(e)}")
         log.warning("%s: quality replay failed", entry.contestant.name, exc_info=True)
@@ -238,11 +238,11 @@ def timed_run(
     return seconds
 
 
-def profile_step(runner: EditRunner, reference: Reference, top: int = 25) -> str:
+def profile_step(runner: EditRunner, golden: Golden, top: int = 25) -> str:
     """torch.profiler over one transformer step (the reference's middle step): the top kernels by time."""
     from torch.profiler import ProfilerActivity, profile
 
-    call = reference.calls[len(reference.calls) // 2]
+    call = golden.calls[len(golden.calls) // 2]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with torch.inference_mode(), profile(activities=activities) as prof:
         runner.replay_denoiser(**call.inputs)

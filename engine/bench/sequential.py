@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 
 from .contestants import Contestant, EditRunner
 from .isolation import fingerprint
-from .quality import Reference
+from .quality import Golden
 from .run import (
     BenchRun,
     Case,
     Entry,
     Progress,
-    case_reference,
+    case_golden,
     check_isolation,
     failure,
     free_memory,
@@ -53,10 +53,10 @@ def time_left(deadline_s: float | None) -> float | None:
 def run_sequential(run: BenchRun, cases: list[Case], on_progress: Progress | None) -> None:
     """One contestant at a time: open, warm up and time every bucket, replay, close, free."""
     config = run.config
-    references = {case.bucket: case_reference(run, case) for case in cases}
+    goldens = {case.bucket: case_golden(run, case) for case in cases}
     baseline_print = fingerprint(run.components.transformer)
     meter = PeakMemory(run.device)
-    shared = memory_in_use(run.device)  # components + references: no contestant's own
+    shared = memory_in_use(run.device)  # components + goldens: no contestant's own
     last_cost: float | None = None
     bar = tqdm(run.contestants, desc="bench", unit="contestant", disable=not config.progress)
     for contestant in bar:
@@ -73,7 +73,7 @@ def run_sequential(run: BenchRun, cases: list[Case], on_progress: Progress | Non
             continue
         t0 = time.monotonic()
         try:
-            _one_contestant(run, contestant, cases, entries, references, meter)
+            _one_contestant(run, contestant, cases, entries, goldens, meter)
         except Exception as e:  # a contestant's failure is its result, never the end of the run
             why = f"failed: {failure(e)}"
             for entry in entries:
@@ -100,7 +100,7 @@ def _one_contestant(
     contestant: Contestant,
     cases: list[Case],
     entries: list[Entry],
-    references: dict[tuple[int, int], Reference],
+    goldens: dict[tuple[int, int], Golden],
     meter: PeakMemory,
 ) -> None:
     config = run.config
@@ -118,10 +118,10 @@ def _one_contestant(
             _time_bucket(run, runner, case, entry, meter)
             if entry.skipped:
                 continue
-            measure(entry, runner, references[case.bucket], run, QUALITY_STEPS)
+            measure(entry, runner, goldens[case.bucket], run, QUALITY_STEPS)
             if contestant.name in config.profile:
                 try:
-                    entry.profile = profile_step(runner, references[case.bucket])
+                    entry.profile = profile_step(runner, goldens[case.bucket])
                 except Exception as e:
                     run.notes.append(f"{contestant.name}: profile failed: {failure(e)}")
     finally:

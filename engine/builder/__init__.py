@@ -1,2 +1,3 @@
-"""The build step: export -> quantize -> compile -> verify -> manifest. Never imported by the runtime path
-(except manifest.py, which the runtime reads to refuse artifacts that do not match)."""
+"""The build step (`kontext build`): export -> calibrate -> golden -> quantize -> compile -> verify,
+recorded in a manifest (engine/manifest.py, which the runtime reads to refuse artifacts that do not
+match). The runtime never imports this package."""

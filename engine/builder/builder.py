@@ -1,4 +1,4 @@
-"""`kontext build`: export -> calibrate -> reference -> quantize -> compile -> verify, recorded in a manifest.
+"""`kontext build`: export -> calibrate -> golden -> quantize -> compile -> verify, recorded in a manifest.
 
 `build()` is the library entry point (the CLI, the tests and the benchmarks call it): a sequence of
 named stage functions over one BuildContext. Each stage is skipped when its input hash and files
@@ -42,21 +42,23 @@ from .request import (
     draft_manifest,
     previous_artifact,
     read_previous,
+    refuse_another_recipe,
     request_hash,
     tool_versions,
     up_to_date,
 )
-from .stages import StageResult, T, build_lock, run_stage
+from .stages import StageResult, T, build_lock, rename_stage, run_stage
 from .tensorrt_build import allows_tf32, build_plan
 
 __all__ = ["BuildOptions", "build", "build_keys", "default_out_dir"]
 
 log = logging.getLogger(__name__)
 
-REFERENCE_STEPS = 3
+GOLDEN_STEPS = 3
 ONNX_REL = "onnx/transformer.onnx"
 CALIBRATION_REL = "calibration/samples.npz"
-REFERENCE_REL = "verify/reference.npz"
+GOLDEN_REL = "verify/golden.npz"
+LEGACY_GOLDEN = ("reference", {"verify/reference.npz": GOLDEN_REL})  # its stage and file, renamed
 TIMING_CACHE_REL = "tensorrt/timing.cache"
 
 
@@ -87,7 +89,7 @@ class BuildContext:
     onnx_sha256: str = ""  # the export stage's graph, once it has run or been reused
     artifacts: list[Artifact] = field(default_factory=list)
     _samples: list[calibrate.Sample] | None = None
-    _reference: dict[str, list[calibrate.Sample]] | None = None
+    _golden: dict[str, list[calibrate.Sample]] | None = None
 
     @property
     def backend(self) -> str:
@@ -110,10 +112,10 @@ class BuildContext:
             self._samples = calibrate.load_samples(self.root / CALIBRATION_REL)[0]
         return self._samples
 
-    def reference(self) -> dict[str, list[calibrate.Sample]]:
-        if self._reference is None:
-            self._reference = calibrate.load_reference(self.root / REFERENCE_REL)
-        return self._reference
+    def golden(self) -> dict[str, list[calibrate.Sample]]:
+        if self._golden is None:
+            self._golden = calibrate.load_golden(self.root / GOLDEN_REL)
+        return self._golden
 
 
 def default_out_dir(model: str) -> Path:
@@ -152,6 +154,8 @@ def build(
     precisions = tuple(dict.fromkeys(precisions or default_precisions(chosen)))
     recipes = _recipes(precisions, chosen, opts)
     root = Path(out_dir) if out_dir is not None else default_out_dir(model)
+    if out_dir is None:
+        refuse_another_recipe(root, opts)
     target, versions = Target.of(chosen), tool_versions()
     request = request_hash(model, components, precisions, family, target, versions, recipes, opts)
     if not force and (done := up_to_date(root, request)) is not None:
@@ -165,6 +169,8 @@ def build(
     family_scale(fam)  # validates the name
     with build_lock(root):
         previous = read_previous(root)
+        stages = dict(previous.stages) if previous else {}
+        rename_stage(root, stages, LEGACY_GOLDEN[0], "golden", LEGACY_GOLDEN[1])
         ctx = BuildContext(
             root=root,
             components=comps,
@@ -173,7 +179,7 @@ def build(
             keys=build_keys(fam, comps.preset.max_sequence_length, opts.refs, opts.batches),
             force=force,
             facts=draft_manifest(comps, target, fam, recipes, versions, request, opts),
-            stages=dict(previous.stages) if previous else {},
+            stages=stages,
             previous=previous,
             bar=tqdm(
                 total=3 + sum(2 + r.quantized for r in recipes),
@@ -186,7 +192,7 @@ def build(
             family_profiles(ctx.keys, opts.tensorrt.profiles)  # too many static profiles: refuse now
         ctx.onnx_sha256 = _export(ctx).output_sha256[ONNX_REL]
         _calibrate(ctx)
-        _reference(ctx)
+        _golden(ctx)
         for recipe in recipes:
             src_rel, src_sha = _quantize(ctx, recipe)
             artifact = _compile(ctx, recipe, src_rel, src_sha)
@@ -249,7 +255,7 @@ def _write_export(ctx: BuildContext) -> list[Path]:
 @contextmanager
 def _float32(*modules: Any) -> Iterator[None]:
     """The modules in float32 for the block, cast in place on their device and back after (bf16 -> fp32
-    -> bf16 is exact). The graph is exported in fp32, and the verification reference runs the sampling
+    -> bf16 is exact). The graph is exported in fp32, and the golden trajectory runs the sampling
     loop in fp32 (calibrate.py's pipeline): the transformer and the VAE take its fp32 tensors, while the
     text encoders take token ids and stay in the build's dtype (their outputs are cast). Calibration
     runs in the build's dtype."""
@@ -273,7 +279,7 @@ def _calibrate(ctx: BuildContext) -> Stage:
 
 def _write_samples(ctx: BuildContext) -> list[Path]:
     c = ctx.components
-    # calibration runs in the weights' dtype (bf16 in a GPU build); export and the reference in fp32
+    # calibration runs in the weights' dtype (bf16 in a GPU build); export and the golden trajectory in fp32
     samples = calibrate.capture_calibration(
         c, ctx.options.calibration, ctx.family, ctx.options.device or "cpu", progress=ctx.options.progress
     )
@@ -281,32 +287,32 @@ def _write_samples(ctx: BuildContext) -> list[Path]:
     return [ctx.root / CALIBRATION_REL]
 
 
-def _reference(ctx: BuildContext) -> Stage:
+def _golden(ctx: BuildContext) -> Stage:
     inputs = {
         "weights": ctx.components.weights_id,
         "family": ctx.family,
-        "steps": REFERENCE_STEPS,
+        "steps": GOLDEN_STEPS,
         "keys": [str(k) for k in ctx.keys],
     }
     if ctx.options.refs != DEFAULT_REFS:  # which reference count builds each key's edit (default: left out)
         inputs["refs"] = list(ctx.options.refs)
-    return _stage(ctx, "reference", inputs, _files(partial(_write_reference, ctx))).stage
+    return _stage(ctx, "golden", inputs, _files(partial(_write_golden, ctx))).stage
 
 
-def _write_reference(ctx: BuildContext) -> list[Path]:
+def _write_golden(ctx: BuildContext) -> list[Path]:
     c, device = ctx.components, ctx.options.device or "cpu"
     with _float32(c.transformer, c.vae):
-        reference = calibrate.capture_reference(
+        golden = calibrate.capture_golden(
             c,
             ctx.family,
-            REFERENCE_STEPS,
+            GOLDEN_STEPS,
             device,
             keys=ctx.keys,
             refs=ctx.options.refs,
             progress=ctx.options.progress,
         )
-    calibrate.save_reference(ctx.root / REFERENCE_REL, reference)
-    return [ctx.root / REFERENCE_REL]
+    calibrate.save_golden(ctx.root / GOLDEN_REL, golden)
+    return [ctx.root / GOLDEN_REL]
 
 
 def _quantize(ctx: BuildContext, recipe: quantize.Recipe) -> tuple[str, str]:
@@ -407,7 +413,7 @@ def _verify(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> A
     old = previous_artifact(ctx.previous, artifact)
     inputs = {
         "artifact": artifact.sha256,
-        "reference": ctx.stages["reference"].output_sha256[REFERENCE_REL],
+        "golden": ctx.stages["golden"].output_sha256[GOLDEN_REL],
         "bound": recipe.bound_rel_l2,
         "runtime": artifact.runtime_options,
     }
@@ -431,7 +437,7 @@ def _measure(ctx: BuildContext, recipe: quantize.Recipe, artifact: Artifact) -> 
     try:
         results = verify.verify(
             denoiser,
-            ctx.reference(),
+            ctx.golden(),
             sorted(artifact.profiles),
             recipe.bound_rel_l2,
             recipe.name,

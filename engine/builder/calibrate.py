@@ -1,9 +1,10 @@
 """The build's calibration and verification inputs, captured from OUR sampling loop, and their files.
 
 A recording Denoiser wraps the fp32 torch transformer and keeps every call's inputs (and its
-output, the reference velocity). Calibration runs engine.calibration's set and loop (the edits static
-FP8 calibrates on too); verification edits cover every shape key a build serves (one edit per key, with
-references and a batch where the key has them). Seeded: two builds record the same bytes.
+output, the golden velocity). Calibration runs engine.calibration's set and loop (the edits static
+FP8 calibrates on too); the golden edits (what verification compares with) cover every shape key a
+build serves (one edit per key, with references and a batch where the key has them). Seeded: two
+builds record the same bytes.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def capture_calibration(
     return samples
 
 
-def capture_reference(
+def capture_golden(
     components: Components,
     family: str,
     steps: int = 3,
@@ -103,7 +104,7 @@ def capture_reference(
     out: dict[ShapeKey, list[Sample]] = {}
     seen: set[int] = set()
     bar = {"leave": False, "disable": not progress}
-    for i, bucket in enumerate(tqdm(buckets(family), desc="reference", unit="bucket", **bar)):
+    for i, bucket in enumerate(tqdm(buckets(family), desc="golden", unit="bucket", **bar)):
         n = (bucket[0] // 16) * (bucket[1] // 16)
         if n in seen:
             continue
@@ -118,7 +119,7 @@ def capture_reference(
         if keys is None or key in keys:
             out[key] = samples
     others = [k for k in sorted(keys or ()) if k not in out]
-    for j, key in enumerate(tqdm(others, desc="reference (batch, refs)", unit="key", **bar)):
+    for j, key in enumerate(tqdm(others, desc="golden (batch, refs)", unit="key", **bar)):
         image, references = reference_edit(key, family, refs, j)
         rec.reset(keep={0, steps - 1})
         edit = EditRequest(
@@ -205,13 +206,13 @@ def load_samples(path: Path) -> tuple[list[Sample], list[str]]:
     return [grouped[i] for i in order], [keys.get(i, "") for i in order]
 
 
-def save_reference(path: Path, reference: dict[ShapeKey, list[Sample]]) -> None:
-    samples = [s for k in sorted(reference) for s in reference[k]]
-    keys = [str(k) for k in sorted(reference) for _ in reference[k]]
+def save_golden(path: Path, golden: dict[ShapeKey, list[Sample]]) -> None:
+    samples = [s for k in sorted(golden) for s in golden[k]]
+    keys = [str(k) for k in sorted(golden) for _ in golden[k]]
     save_samples(path, samples, keys)
 
 
-def load_reference(path: Path) -> dict[str, list[Sample]]:
+def load_golden(path: Path) -> dict[str, list[Sample]]:
     samples, keys = load_samples(path)
     out: dict[str, list[Sample]] = {}
     for s, k in zip(samples, keys, strict=True):

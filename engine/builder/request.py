@@ -144,6 +144,30 @@ def lora_record(spec: LoraSpec) -> dict[str, Any]:
     return {"path": str(spec.path), "sha256": file_sha256(spec.path), "scale": spec.scale}
 
 
+def refuse_another_recipe(root: Path, opts: BuildOptions) -> None:
+    """A build into the default folder never replaces a build of another recipe there (reference
+    counts, batch sizes, LoRAs): what loads that folder by default would then refuse or miss."""
+    previous = read_previous(root)
+    if previous is None:
+        return
+    ours = [lora_record(spec) for spec in opts.loras]
+    same = (previous.refs, previous.batches) == (opts.refs, opts.batches) and [
+        (x["sha256"], x["scale"]) for x in previous.loras
+    ] == [(x["sha256"], x["scale"]) for x in ours]
+    if not same:
+        theirs = _recipe(previous.refs, previous.batches, previous.loras)
+        raise BuildError(
+            f"{root} holds a build of another recipe ({theirs}; this one: "
+            f"{_recipe(opts.refs, opts.batches, ours)}): build it elsewhere with --out DIR, "
+            f"or replace it with --out {root}"
+        )
+
+
+def _recipe(refs: Sequence[int], batches: Sequence[int], loras: Sequence[Mapping[str, Any]]) -> str:
+    named = ", ".join(f"{Path(x['path']).name}:{x['scale']:g}" for x in loras) or "none"
+    return f"refs {','.join(map(str, refs))}, batch {','.join(map(str, batches))}, LoRAs {named}"
+
+
 def read_previous(root: Path) -> Manifest | None:
     if not (root / MANIFEST_NAME).is_file():
         return None

@@ -139,3 +139,28 @@ def remove_leftovers(root: Path) -> list[Path]:
     if removed:
         log.info("removed %d leftovers of an interrupted build", len(removed))
     return removed
+
+
+def rename_stage(root: Path, stages: dict[str, Stage], old: str, new: str, files: Mapping[str, str]) -> None:
+    """Record a stage of an older build under its new name and its files under their new paths (a hard
+    link: same bytes, sha256 and mtime), so a renamed stage is reused, not silently run again. The old
+    files stay: the old manifest, until the next one replaces it, still names them."""
+    stage = stages.pop(old, None)
+    if stage is None or new in stages:
+        return
+    for rel_old, rel_new in files.items():
+        src, dst = root / rel_old, root / rel_new
+        if src.is_file() and not dst.exists():
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+    moved = {rel: files.get(rel, rel) for rel in stage.outputs}
+    stages[new] = Stage(
+        inputs=stage.inputs,
+        seconds=stage.seconds,
+        outputs=tuple(moved[r] for r in stage.outputs),
+        output_sha256={moved[r]: v for r, v in stage.output_sha256.items() if r in moved},
+        output_stat={moved[r]: v for r, v in stage.output_stat.items() if r in moved},
+    )
+    log.info("stage %s: adopted from the build's %r stage (renamed)", new, old)

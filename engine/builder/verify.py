@@ -4,8 +4,8 @@ compare with the fp32 torch transformer.
 The Denoiser is made by the function `engine.load`'s loader calls for that artifact
 (onnxruntime.ort_denoiser: OrtDenoiser under the manifest's session options; tensorrt.trt_denoiser:
 TrtDenoiser with its contexts, shared device memory and CUDA graphs), so "verified" means the runtime
-path was verified, not only the graph. The inputs and reference velocities come
-from the sampling loop (calibrate.capture_reference). Errors: relative L2 over all samples of a key
+path was verified, not only the graph. The inputs and golden velocities come
+from the sampling loop (calibrate.capture_golden). Errors: relative L2 over all samples of a key
 (engine.metrics.rel_l2), and max abs. Exceeding the recipe's bound fails the build.
 """
 
@@ -46,7 +46,7 @@ def artifact_denoiser(
 
 def verify(
     denoiser: Denoiser,
-    reference: Mapping[str, Sequence[Sample]],
+    golden: Mapping[str, Sequence[Sample]],
     keys: Sequence[str],
     bound: float,
     label: str,
@@ -55,7 +55,7 @@ def verify(
     """Verification per shape key; the caller raises (check) once the results are recorded."""
     out: dict[str, Verification] = {}
     for key in tqdm(keys, desc=f"verify {label}", unit="key", leave=False, disable=not progress):
-        samples = reference.get(key)
+        samples = golden.get(key)
         if not samples:
             raise VerificationError(f"no captured inputs for shape key {key}; rebuild with --force")
         if isinstance(denoiser, GraphCapturing):

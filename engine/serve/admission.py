@@ -83,6 +83,11 @@ class WorkQueue:
         with self._lock:
             return len(self._owners)
 
+    def in_flight_of(self, owner: str) -> int:
+        """One key's jobs in flight (what the per-key limit counts)."""
+        with self._lock:
+            return self._per_owner[owner]
+
     @property
     def running(self) -> int:
         with self._lock:

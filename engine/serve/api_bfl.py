@@ -42,7 +42,7 @@ def input_file(service: Service, value: str, field: str, owner: str) -> bytes:
 
 
 def submit(service: Service, body: KontextRequest, request: Request, owner: str) -> AsyncResponse:
-    check_accepting(service)
+    check_accepting(service, owner)
     settings = service.settings
     try:
         if body.prompt_upsampling:
@@ -154,7 +154,7 @@ async def edit_sync(
 ) -> Response:
     """Multipart edit that answers with the PNG itself (for curl). It goes through the same queue; if
     the edit takes longer than the server's sync timeout the answer is 202 with a polling URL."""
-    check_accepting(service)
+    check_accepting(service, user.owner)
     data = await image.read()
     try:
         await run_in_threadpool(load_image, data)

@@ -189,7 +189,7 @@ async def _images(service: Service, form: FormData) -> list[bytes]:
 )
 async def images_edits(request: Request, user: User, service: ServiceDep) -> JSONResponse:
     """Edit an image as `prompt` says; the answer carries `n` images (OpenAI's images.edit)."""
-    check_accepting(service)
+    check_accepting(service, user.owner)
     assert service.editor is not None  # check_accepting() passed: the editor is loaded
     if service.review_on:
         raise refuse(

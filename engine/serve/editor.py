@@ -7,12 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from ..images import image_format
 from .params import JobParams
 
 if TYPE_CHECKING:
     from ..runtime import KontextEngine
-
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 
 
 @dataclass(frozen=True)
@@ -72,14 +71,12 @@ class LocalEditor:
         # The engine's output path: AI disclosure and model in the metadata (never the prompt: prompts
         # can be private), C2PA-signed with the input as parent when the engine has a signer. No
         # response reveals a local path: the metadata names the build folder, never its path.
-        fmt = "JPEG" if p.output_format == "jpeg" else "PNG"
+        fmt = image_format(p.output_format)
         images = tuple(
-            self.engine.outputs.encode(result, fmt, index=i, source=job.image)
+            self.engine.outputs.encode(result, fmt.name, index=i, source=job.image)
             for i in range(len(result.images))
         )
-        return EditOutput(
-            images, MEDIA_TYPES[p.output_format], result.size, dict(result.timings), result.backend
-        )
+        return EditOutput(images, fmt.mime, result.size, dict(result.timings), result.backend)
 
     def stats(self) -> dict[str, int]:
         s = self.engine.stats()

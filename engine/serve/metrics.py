@@ -1,6 +1,6 @@
 """Prometheus metrics of one server, in a registry of its own (never prometheus_client's global
-one, so two apps in a process, as in the tests, do not collide). Gauges that mirror live state
-(queue depth, in flight, jobs by state, dispatch counters) are read at scrape time."""
+one, so two apps in a process, as in the tests, do not collide). What mirrors live state is read at
+scrape time: gauges (queue depth, in flight, jobs by state) and the dispatch counters."""
 
 from __future__ import annotations
 

@@ -12,11 +12,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..config import DEFAULT_GUIDANCE
-from ..request import MAX_IMAGES, EditRequest
-from ..request import MAX_SEED as ENGINE_MAX_SEED
+from ..request import MAX_SEED as MAX_SEED  # re-exported: the APIs' bound is the engine's
+from ..request import EditRequest
 
 RANDOM_SEEDS = 2**31  # a seed left out is drawn below this
-MAX_SEED = ENGINE_MAX_SEED - MAX_IMAGES  # the engine's seeds run seed .. seed + num_images - 1
 
 
 @dataclass(frozen=True)

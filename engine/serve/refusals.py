@@ -63,13 +63,16 @@ def refuse(service: Service, reason: str, status: int, message: str, **kw: Any) 
     return Refused(status, message, **kw)
 
 
-def check_accepting(service: Service) -> None:
-    """Refuse early, before any image is decoded: 503 while warming up or draining, 429 when full."""
+def check_accepting(service: Service, owner: str | None = None) -> None:
+    """Refuse early, before any image is decoded: 503 while warming up or draining, 429 when full or
+    when `owner` (the key) has its per-key limit in flight. `admit` checks both again, atomically."""
     why = service.accepting()
     if why is not None:
         raise refuse(service, "draining" if service.draining else "not_ready", 503, why, retry_after=5)
     if service.queue.in_flight >= service.settings.queue:
         raise _queue_full(service)
+    if owner is not None and service.queue.in_flight_of(owner) >= service.settings.key_limit:
+        raise _key_limit(service)
 
 
 def admit(
@@ -87,16 +90,20 @@ def admit(
     except QueueFull:
         raise _queue_full(service) from None
     except KeyLimit:
-        raise refuse(
-            service,
-            "key_limit",
-            429,
-            f"this key has {service.settings.key_limit} tasks in flight (the per-key limit); retry later",
-            retry_after=service.queue.retry_after(),
-        ) from None
+        raise _key_limit(service) from None
     except NotAccepting as e:
         reason = "draining" if service.draining else "not_ready"
         raise refuse(service, reason, 503, str(e), retry_after=5) from None
+
+
+def _key_limit(service: Service) -> Refused:
+    return refuse(
+        service,
+        "key_limit",
+        429,
+        f"this key has {service.settings.key_limit} tasks in flight (the per-key limit); retry later",
+        retry_after=service.queue.retry_after(),
+    )
 
 
 def _queue_full(service: Service) -> Refused:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from ..images import image_format
 from . import jobs as J
 from .schemas import STATUS, ResultResponse, Status
-
-EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg"}
 
 
 def polling_url(base: str, job_id: str) -> str:
@@ -15,7 +14,7 @@ def polling_url(base: str, job_id: str) -> str:
 def sample_url(base: str, job: J.Job, index: int = 0) -> str:
     """The URL of image `index` of a Ready job's result (TOKEN.ext, then TOKEN.1.ext, ...)."""
     name = job.sample_token if index == 0 else f"{job.sample_token}.{index}"
-    return f"{base.rstrip('/')}/v1/samples/{name}.{EXTENSIONS.get(job.media_type or '', 'png')}"
+    return f"{base.rstrip('/')}/v1/samples/{name}.{image_format(job.media_type or 'image/png').api_name}"
 
 
 def not_found(job_id: str) -> ResultResponse:
