@@ -144,8 +144,10 @@ def run_child(args: argparse.Namespace, phase: str, timeout: float) -> dict[str,
             proc = subprocess.run(
                 cmd, cwd=ROOT, env=env, timeout=max(timeout, 1.0), capture_output=True, text=True
             )
-        except subprocess.TimeoutExpired:
-            return {"phase": phase, "status": f"deadline: killed after {timeout:.0f} s"}
+        except subprocess.TimeoutExpired as e:  # what it said so far: where the time went
+            said = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+            status = f"deadline: killed after {timeout:.0f} s"
+            return {"phase": phase, "status": status, "stderr": said[-3000:]}
         wall = time.perf_counter() - t0
         if proc.returncode != 0 or not result_path.is_file():
             return {

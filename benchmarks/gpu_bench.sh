@@ -50,7 +50,7 @@ gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 cold_levers="dynamic" cold_mode="fp8" cold_steps=28 cold_keys=()
 vram="24,16"
 # name:minimum:cap seconds, in priority order (see benchmarks/phases.py and docs/gpu.md's table)
-phases="headline:150:0,cold:170:210,memory:30:60,rest:60:0,attention:40:60"
+phases="headline:150:0,cold:170:210,memory:45:75,rest:90:0,attention:20:40"
 skip_cold=0 skip_attention=0 skip_memory=0 dry_run=0
 results_root="${OUT:+$OUT/results}"
 results_root="${results_root:-benchmarks/results}"
@@ -99,6 +99,7 @@ drop_phase() { phases=$(echo ",$phases," | sed "s/,$1:[0-9]*:[0-9]*,/,/; s/^,//;
 [[ $skip_cold == 1 ]] && drop_phase cold
 [[ $skip_attention == 1 ]] && drop_phase attention
 [[ $skip_memory == 1 ]] && drop_phase memory
+[[ -z $headline ]] && drop_phase headline  # --headline "": a second session's rest phase only
 
 log() { echo "== gpu_bench [$((SECONDS - start)) s of ${budget} s] $*"; }
 failed=()   # what makes a dry run exit 1 (on a GPU the results still count: logged only)
@@ -186,7 +187,7 @@ bench_phase() {
 }
 
 # 1. the headline ---------------------------------------------------------------------------------------
-bench_phase headline "$headline"
+[[ $phases == *headline:* ]] && bench_phase headline "$headline"
 
 # 2. cold start -----------------------------------------------------------------------------------------
 if [[ $phases == *cold:* ]]; then
@@ -211,7 +212,8 @@ if [[ $phases == *memory:* ]]; then
 fi
 
 # 4. the rest: headline contestants left without a result first, then the step-cached, then the others --
-missed=$("$py" -m benchmarks.results_check missing "$results" "$since" "$headline") || missed=""
+missed=""
+[[ -n $headline ]] && { missed=$("$py" -m benchmarks.results_check missing "$results" "$since" "$headline") || missed=""; }
 [[ -n $missed ]] && log "headline contestants without a result, first in the rest: $missed"
 rest=$(echo "$missed,$cached,$contestants" | tr ',' '\n' | awk 'NF && !seen[$0]++' | paste -sd, -)
 if [[ -n $rest ]]; then

@@ -71,7 +71,7 @@ def missing(runs: list[list[dict[str, Any]]], requested: list[str]) -> list[str]
 def errors(folder: Path, since: float) -> tuple[list[str], list[str]]:
     """(errors, interpreter-only notes) of the run's files: bench rows that failed, unfinished bench runs,
     notes of failed replays, a broken isolation, attention rows in error, a cold start that failed or
-    whose second child loaded no cache, memory rows in error."""
+    whose second child loaded no cache, memory rows in error or skipped by the deadline."""
     out: list[str] = []
     notes: list[str] = []
     for lines in bench_runs(folder, since):
@@ -108,8 +108,9 @@ def errors(folder: Path, since: float) -> tuple[list[str], list[str]]:
         for line in memory.read_text().splitlines():
             row = json.loads(line) if line.strip() else {}
             status = str(row.get("status") or "")
-            if row.get("error") or status.startswith(("error", "failed")):
-                out.append(f"memory: {row.get('error') or status}")
+            if row.get("error") or row.get("skipped") or status.startswith(("error", "failed")):
+                why = row.get("error") or row.get("skipped") or status
+                out.append(f"memory {row.get('plan', '?')}: {why}")
     return out, notes
 
 

@@ -80,7 +80,7 @@ def test_the_scripts_own_plans_fit_their_budgets():
         for line in script.splitlines()
         if line.strip().startswith("phases=")
     ]
-    assert len(specs) == 2 and "DRY_RUN_BUDGET_S:-540}" in script
+    assert len(specs) == 2 and "DRY_RUN_BUDGET_S:-900}" in script  # a CPU compiles for minutes
     for spec in specs:
         phases = parse_phases(spec)
         assert [p.name for p in phases] == ["headline", "cold", "memory", "rest", "attention"]
@@ -89,22 +89,23 @@ def test_the_scripts_own_plans_fit_their_budgets():
         assert all(s.seconds > 0 for s in slots) and sum(s.seconds for s in slots) <= DEFAULT_BUDGET_S - 40
 
 
-def test_the_gpu_plan_fits_the_audits_h100_estimate_with_margin():
-    """The phase estimate on an H100 (docs/gpu.md's table, upper ends): start-up 38 s, headline 200, cold
-    125 (both children), memory 60, attention 40: every phase gets at least its estimate, cold its
-    minimum whatever the headline takes (it cannot be squeezed out), and the rest phase keeps time."""
+def test_the_gpu_plan_fits_the_h100_estimate_with_margin():
+    """docs/gpu.md's table at its upper ends: start-up 25 s (one torch import), the headline taking all it
+    is given, cold 125 s (both children), memory 75 s (its cap): cold still gets its minimum, and the
+    rest phase (bench start-up ~50 s, then the missed headline contestant and the step-cached ones) and
+    the attention bench still get theirs."""
     script = (ROOT / "benchmarks" / "gpu_bench.sh").read_text()
     spec = next(line.split('"')[1] for line in script.splitlines() if line.startswith("phases="))
     phases = parse_phases(spec)
-    budget = DEFAULT_BUDGET_S - 38  # the start-up's upper end is gone when the headline starts
-    worst = {"headline": 200, "cold": 125, "memory": 60, "attention": 40}
-    slots = {s.name: s for s in plan(budget, phases, durations=worst)}
-    assert all(slots[name].seconds >= seconds for name, seconds in worst.items())
-    assert slots["rest"].seconds >= 60  # two or three contestants: the missed one and the step-cached
-    cold = {p.name: p for p in phases}["cold"]
-    assert cold.min_s >= 125 + 40  # the estimate's upper end and a margin: the cold child saves
-    squeezed = {s.name: s for s in plan(budget, phases)}  # the headline takes all it is given
-    assert squeezed["cold"].seconds >= cold.min_s
+    mins = {p.name: p.min_s for p in phases}
+    assert sum(mins.values()) + 25 <= DEFAULT_BUDGET_S - 40  # 40 s of margin at the minimums
+    assert mins["cold"] >= 125 + 40  # the estimate's upper end and a margin: the cold child saves
+    took = {"cold": 125, "memory": 75}
+    slots = {s.name: s for s in plan(DEFAULT_BUDGET_S - 25, phases, took)}
+    assert slots["headline"].seconds >= 155  # the estimate's lower end; a later contestant may move on
+    assert slots["cold"].seconds >= mins["cold"]
+    assert slots["rest"].seconds >= 100 and slots["attention"].seconds >= mins["attention"]
+    assert sum(min(s.seconds, took.get(s.name, s.seconds)) for s in slots.values()) <= DEFAULT_BUDGET_S - 25
 
 
 def test_the_budget_from_the_device_time_left():
