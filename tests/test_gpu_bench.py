@@ -319,3 +319,35 @@ def test_the_report_on_a_cpu_reads_every_run_in_their_recorded_order(tmp_path):
     assert "memory plans (memory.jsonl, 1 rows)" in text
     summarize(tmp_path)  # without --all: the newest run only
     assert json.loads((tmp_path / "goals.json").read_text())["bench"] == ["b.jsonl"]
+
+
+# ----------------------------------------------------------------------------- the preflight's pieces
+
+
+def test_preflight_checks_names_as_well_as_imports(monkeypatch):
+    from benchmarks import preflight
+
+    assert "torchao.quantization" in preflight.NAMES  # the names engine/backends/fp8.py imports
+    assert preflight.check(("json",)) == []
+    monkeypatch.setitem(preflight.NAMES, "json", ("dumps", "no_such_name"))
+    (failure,) = preflight.check(("json",))
+    assert failure.startswith("json: AttributeError") and "no_such_name" in failure
+
+
+def test_preflight_tells_an_absent_module_from_a_broken_one(tmp_path, monkeypatch):
+    from benchmarks import preflight
+
+    (tmp_path / "broken_phase_mod.py").write_text("raise ImportError('needs engine.memory')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert preflight.optional("benchmarks.no_such_phase") == "absent"
+    assert preflight.optional("broken_phase_mod") == "broken: ImportError: needs engine.memory"
+    assert preflight.optional("benchmarks.phases") == "ok"
+
+
+def test_preflight_refuses_what_kontext_bench_would_refuse():
+    from benchmarks import preflight
+
+    refused = preflight.refusals(["torch-eager+qkv", "torch-eager+nope", "diffusers"], "cpu")
+    assert (
+        list(refused) == ["torch-eager+nope"] and "unknown torch lever 'nope'" in refused["torch-eager+nope"]
+    )
