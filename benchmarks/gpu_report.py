@@ -92,6 +92,8 @@ def summarize(folder: Path, stem: str | None = None, since: float | None = None,
             r = cold.get(phase, {})
             if r.get("status") == "ok":
                 peak = f", peak {r['peak_memory_gb']:.1f} GB" if "peak_memory_gb" in r else ""
+                if phase == "warm":
+                    peak += f"; compile cache loaded: {r.get('cache_loaded')}"
                 parts.append(
                     f"cold start, {phase} compile cache: load {r['load_s']:.1f} s + {r['keys']} keys "
                     f"{r['warmup_s']:.1f} s; ready {r.get('ready_s', r['serve_s']):.1f} s after process "
