@@ -80,7 +80,7 @@ done
 attention_args=(--device cuda)
 memory_args=(--model full)
 if [[ $dry_run == 1 ]]; then  # the same phases, CPU-sized: `make rehearse` runs this so the script cannot rot
-  model=tiny device=cpu steps=2 buckets=128x128 repeats=1 warmup=1 budget="${DRY_RUN_BUDGET_S:-900}"
+  model=tiny device=cpu steps=2 buckets=128x128 repeats=1 warmup=1 budget="${DRY_RUN_BUDGET_S:-1800}"
   headline="diffusers,torch-eager,torch-fp8"
   cached="torch-eager+qkv+cache=magcache-kontext,torch-eager+qkv+cache=fbc"
   contestants="torch-eager-bf16,torch-eager+qkv" profile="torch-eager-fp32+qkv"

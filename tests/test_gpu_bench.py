@@ -184,7 +184,7 @@ def test_the_dry_run_runs_the_same_phases_cpu_sized_and_passes_when_clean(tmp_pa
     assert _arg(cold, "--torch-mode") == "compile" and "--one-key" in cold  # it compiles, one key
     memory = next(argv for kind, argv in calls if kind == "memory")
     assert _arg(memory, "--model") == "tiny" and "--dry-run" in memory
-    assert "checking the results" in proc.stdout and "s of a 900 s budget (within)" in proc.stdout
+    assert "checking the results" in proc.stdout and "s of a 1800 s budget (within)" in proc.stdout
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,7 @@ def test_the_scripts_own_plans_fit_their_budgets():
         for line in script.splitlines()
         if line.strip().startswith("phases=")
     ]
-    assert len(specs) == 2 and "DRY_RUN_BUDGET_S:-900}" in script  # a CPU compiles for minutes
+    assert len(specs) == 2 and "DRY_RUN_BUDGET_S:-1800}" in script  # a CPU compiles for minutes
     for spec in specs:
         phases = parse_phases(spec)
         assert [p.name for p in phases] == ["headline", "cold", "memory", "rest", "attention"]
