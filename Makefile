@@ -93,10 +93,19 @@ $(REHEARSE_STAMP):
 	$(REHEARSE)/venv/bin/python -m pip install -q --no-cache-dir $(IMAGE_PACKAGES)
 	@touch $@
 
+# The dry run exits 1 on an error row, a failed, killed or skipped phase, or a module that exists but does not
+# import (benchmarks/results_check.py); then the report is made as on a CPU from a GPU run's returned files.
+# Its cold phase compiles the tiny model on the CPU (minutes on two busy cores), made cheaper for a rehearsal:
+# inductor compiles in-process (TORCHINDUCTOR_COMPILE_THREADS=1: no pool of workers each importing torch)
+# and its C++ at -O0 (TORCHINDUCTOR_DEBUG_COMPILE=1 instead of -O3: the same graphs, cached and loaded alike).
 rehearse: $(REHEARSE_STAMP)
 	$(MAKE) gpu-wheels GPU_PYTHON=$$($(REHEARSE)/venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-	rm -rf $(REHEARSE)/results $(REHEARSE)/tmp && mkdir -p $(REHEARSE)/tmp
+	rm -rf $(REHEARSE)/results $(REHEARSE)/tmp $(REHEARSE)/compile-cache $(REHEARSE)/site && mkdir -p $(REHEARSE)/tmp
 	PYTHON=$(REHEARSE)/venv/bin/python TMPDIR=$(CURDIR)/$(REHEARSE)/tmp \
 		TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/$(REHEARSE)/inductor TRITON_CACHE_DIR=$(CURDIR)/$(REHEARSE)/triton \
 		COMPILE_CACHE=$(REHEARSE)/compile-cache HF_HOME=$(CURDIR)/$(REHEARSE)/hf \
+		TORCHINDUCTOR_COMPILE_THREADS=1 TORCHINDUCTOR_DEBUG_COMPILE=1 \
 		bash benchmarks/gpu_bench.sh --dry-run --results-root $(REHEARSE)/results
+	$(REHEARSE)/venv/bin/python -m pip install -q --no-index --no-deps --target $(REHEARSE)/site .whl/*.whl
+	PYTHONPATH=$(CURDIR)/$(REHEARSE)/site:$(CURDIR) $(REHEARSE)/venv/bin/python -m benchmarks.gpu_report \
+		$$(ls -d $(REHEARSE)/results/*/*) --all | tail -n 20

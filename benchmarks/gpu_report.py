@@ -1,12 +1,15 @@
-"""The report step of gpu_bench.sh: one summary of a results folder (the bench tables, the goals with the
-cold-start numbers folded in, what the attention benchmark wrote), printed and saved as summary.txt and
-goals.json beside the results.
+"""The report of a gpu_bench.sh results folder, made on any machine from the files the GPU run returned
+(the GPU run itself makes none: its seconds go to measurements): the bench tables, the goals with the
+cold-start numbers folded in, the memory plans and what the attention benchmark wrote, printed and saved
+as summary.txt and goals.json beside the results.
 
-The script benches in two runs (the headline contestants, then the rest after the cold start): the goals
-read the records of every run since `--since`, and a run without the diffusers baseline gets its ratios
-from the baseline another run measured on the same bucket and steps.
+The script benches in two runs (the headline contestants, then the rest): the goals read the records of
+every run (`--all`, ordered by each run's start as recorded, not by file times, which a copy changes),
+and a run without the diffusers baseline gets its ratios from the baseline another run measured on the
+same bucket and steps.
 
-    python -m benchmarks.gpu_report benchmarks/results/<gpu>/<date> [--since EPOCH | --stem full-123456]
+    python -m benchmarks.gpu_report benchmarks/results/<gpu>/<date> --all   # the returned folder
+    python -m benchmarks.gpu_report FOLDER [--since EPOCH | --stem full-123456]  # newest run by default
 """
 
 from __future__ import annotations
@@ -47,12 +50,25 @@ def merge_runs(runs: list[list[dict[str, Any]]]) -> tuple[dict[str, Any], list[d
     return run_rec, records
 
 
-def summarize(folder: Path, stem: str | None = None, since: float | None = None) -> str:
+MEMORY = "memory.jsonl"  # benchmarks.memory_phase's rows, not a bench run
+
+
+def _started(path: Path) -> str:
+    """A bench run's recorded start (ISO time), '' when unreadable: the order of the runs."""
+    try:
+        with path.open() as f:
+            return str(json.loads(f.readline()).get("started", ""))
+    except (OSError, ValueError):
+        return ""
+
+
+def summarize(folder: Path, stem: str | None = None, since: float | None = None, every: bool = False) -> str:
     """The summary text; writes summary.txt and goals.json into `folder`."""
-    runs = sorted(folder.glob(f"{stem}.jsonl" if stem else "*.jsonl"), key=lambda p: p.stat().st_mtime)
+    found = [p for p in folder.glob(f"{stem}.jsonl" if stem else "*.jsonl") if p.name != MEMORY]
+    runs = sorted(found, key=lambda p: (_started(p), p.name))
     if since is not None:
         runs = [p for p in runs if p.stat().st_mtime >= since]
-    elif stem is None:
+    elif stem is None and not every:
         runs = runs[-1:]
     parts: list[str] = []
     goals_json: dict[str, Any] = {}
@@ -76,6 +92,8 @@ def summarize(folder: Path, stem: str | None = None, since: float | None = None)
             r = cold.get(phase, {})
             if r.get("status") == "ok":
                 peak = f", peak {r['peak_memory_gb']:.1f} GB" if "peak_memory_gb" in r else ""
+                if phase == "warm":
+                    peak += f"; compile cache loaded: {r.get('cache_loaded')}"
                 parts.append(
                     f"cold start, {phase} compile cache: load {r['load_s']:.1f} s + {r['keys']} keys "
                     f"{r['warmup_s']:.1f} s; ready {r.get('ready_s', r['serve_s']):.1f} s after process "
@@ -83,6 +101,12 @@ def summarize(folder: Path, stem: str | None = None, since: float | None = None)
                 )
             else:
                 parts.append(f"cold start, {phase} compile cache: {r.get('status', 'not run')}")
+        if "cold_start_note" in cold:
+            parts.append(f"cold start: {cold['cold_start_note']}")
+    memory = folder / MEMORY
+    if memory.is_file():
+        rows = [x for x in memory.read_text().splitlines() if x.strip()]
+        parts.append("\n".join([f"memory plans ({MEMORY}, {len(rows)} rows):", *(r[:400] for r in rows)]))
     attention = _read_json(folder / "attention.json")
     if attention is not None:
         parts.append("attention benchmark: " + json.dumps(attention)[:1500])
@@ -98,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folder", type=Path)
     p.add_argument("--stem", default=None, help="the bench run's file stem (default: the newest)")
     p.add_argument("--since", type=float, default=None, help="every bench run written since (Unix time)")
+    p.add_argument("--all", action="store_true", help="every bench run in the folder (a returned GPU run)")
     args = p.parse_args(argv)
-    print(summarize(args.folder, args.stem, args.since))
+    print(summarize(args.folder, args.stem, args.since, every=args.all))
     return 0
 
 

@@ -9,6 +9,12 @@ ends early leaves its time to the next ones. Standard library only: the script c
 
     python -m benchmarks.phases BUDGET ELAPSED PHASE "name:min:cap,name:min:cap,..."
     -> prints the seconds PHASE may take from now (0: skip it) and why
+    python -m benchmarks.phases budget DEVICE_LEFT_S [--warm]
+    -> prints the script's budget for a device with DEVICE_LEFT_S seconds of device time left
+
+The device the script runs on (see docs/gpu.md) lends 15 minutes of device time in all, machine start
+(1-2 minutes) included, and runs one command for at most 600 s: `budget_for_device` turns the device
+time left (the device tool's `status`, read before the call) into the script's budget.
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ import sys
 from dataclasses import dataclass
 
 KILL_GRACE_S = 5  # a phase is asked to stop at its deadline - KILL_GRACE_S, killed at its deadline
+CALL_LIMIT_S = 600  # the device tool runs one command for at most this long
+MACHINE_START_S = 120  # a machine start, paid from the device time unless the machine is warm
+MARGIN_S = 60  # wheels carried over, results brought back, the last kill grace, a slow exit
+DEFAULT_BUDGET_S = CALL_LIMIT_S - MARGIN_S  # 540: gpu_bench.sh's default
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,17 @@ def plan(budget_s: int, phases: list[Phase], durations: dict[str, int] | None = 
     return out
 
 
+def budget_for_device(device_left_s: int, warm: bool = False) -> int:
+    """The script's budget when the device has `device_left_s` seconds left before the call: what is left
+    after the machine's start (none when `warm`) and a margin, never more than one call may run."""
+    left = device_left_s - (0 if warm else MACHINE_START_S) - MARGIN_S
+    return max(0, min(DEFAULT_BUDGET_S, left))
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["budget"] and len(argv) in (2, 3):
+        print(budget_for_device(int(argv[1]), warm=argv[2:] == ["--warm"]))
+        return 0
     if len(argv) != 4:
         print(__doc__, file=sys.stderr)
         return 2

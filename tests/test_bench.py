@@ -277,6 +277,35 @@ def test_sequential_deadline_skips_whole_contestants_and_reports_progress(tiny):
         BenchConfig(deadline_s=10.0)
 
 
+def test_sequential_reports_each_timed_round_so_a_killed_contestant_keeps_them(tiny, tmp_path):
+    """Progress after every timed round (and after the contestant, and at the end): `kontext bench`
+    writes its files there, so a phase killed mid-contestant leaves the rounds already timed."""
+    config = BenchConfig(
+        model="tiny",
+        steps=1,
+        repeats=2,
+        warmup=0,
+        buckets=(BUCKET,),
+        progress=False,
+        schedule="sequential",
+    )
+    contestants = [torch_contestant("torch-eager", tiny, torch.device("cpu"), torch.float32)]
+    rounds: list[int] = []
+    written: list[int] = []
+
+    def save(run) -> None:  # what `kontext bench` does: the files, rewritten
+        rounds.append(len(run.entries[0].samples))
+        _, files = write_results(run, tmp_path, chart=False, folder=tmp_path / "one")
+        assert files.jsonl.parent == tmp_path / "one"  # exactly the folder asked for, no <device>/<date>
+        rows = [json.loads(x) for x in files.jsonl.read_text().splitlines()]
+        stats = rows[1]["stages"]["total"]
+        written.append(stats["n"] if stats else 0)
+
+    run_bench(config, tiny, contestants, on_progress=save)
+    assert rounds == [1, 2, 2, 2]  # round 1, round 2, the contestant done, the run done
+    assert written == [1, 2, 2, 2]  # each round on disk as soon as it was timed
+
+
 def test_cold_start_column_is_load_plus_first_edit_minus_median(bench_out):
     results = _results(bench_out[3])
     for r in results.values():
@@ -327,6 +356,15 @@ def test_goals_pass_and_fall_short_on_known_numbers():
     _, drifting = _goal_records(total_s=4.5, base_s=12.0, psnr=45.0, rel=0.2)
     gate = {g.name: g for g in evaluate_goals(run, drifting)}["per-step rel L2 vs our bf16 eager"]
     assert gate.passed is False  # high PSNR does not save a per-step error above the bound
+    cached = _goal_records(total_s=4.5, base_s=12.0, psnr=31.0)[1]
+    cached.append({**cached[1], "contestant": "torch-fp8+qkv+cache=magcache-kontext",
+                   "stages": {"total": {"median_s": 2.5}}, "ratio_total": 12.0 / 2.5})  # fmt: skip
+    with_cache = {g.name: g for g in evaluate_goals(run, cached, cold)}
+    assert with_cache["end to end (must)"].measured == 4.5  # a step cache never meets a no-skip goal
+    assert with_cache["step-cached end to end (skips steps)"].measured == 2.5
+    assert with_cache["step-cached end to end (skips steps)"].by.startswith("torch-fp8+qkv+cache=")
+    assert with_cache["step-cached speed-up (skips steps)"].measured == pytest.approx(4.8)
+    assert goals["step-cached end to end (skips steps)"].passed is None  # none ran: NOT MEASURED
     cpu_run = {"device_type": "cpu", "buckets": ["1024x1024"], "steps": 28}
     off = format_goals(evaluate_goals(cpu_run, records, cold), goals_apply(cpu_run))
     assert "applies: no" in off and "PASS" not in off and "SHORT" not in off and "4.5 s" in off

@@ -47,11 +47,13 @@ class TorchDenoiser(DenoiserBase):
         *,
         call: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
         compile_cache: Path | None = None,
+        cache_loaded: bool | None = None,
     ) -> None:
         self.transformer = transformer
         self.name = name
         self._call = call or (lambda inputs: velocity(transformer, inputs))
         self.compile_cache = compile_cache
+        self.cache_loaded = cache_loaded  # the compile cache's blob was read at load (None: no cache)
 
     @torch.inference_mode()
     def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # DENOISER_INPUTS -> [B, N + M, 64]
@@ -280,10 +282,11 @@ def torch_denoiser(
             module = quantize_fp8(module, dev, options.fp8_filter)
     if options.attention != "sdpa":
         module = use_kernel_attention(module, options.attention.removeprefix(KERNEL_PREFIX))
+    loaded = None
     if options.compile_cache is not None and mode != "eager":
         from .compile_cache import load_compile_cache
 
-        load_compile_cache(options.compile_cache)
+        loaded = load_compile_cache(options.compile_cache)
     if mode in ("compile", "fp8"):
         module = compile_blocks(module, options.compile_mode, options.dynamic, options.freeze)
     call = None
@@ -295,4 +298,4 @@ def torch_denoiser(
     name = "+".join((f"torch-{mode}-{dtype_name(dt)}", *options.levers))  # torch-fp8-bf16+qkv+graphs
     log.info("torch denoiser %s on %s", name, dev)
     cache = options.compile_cache if mode != "eager" else None
-    return TorchDenoiser(module, name=name, call=call, compile_cache=cache)
+    return TorchDenoiser(module, name=name, call=call, compile_cache=cache, cache_loaded=loaded)

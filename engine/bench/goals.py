@@ -1,10 +1,12 @@
 """The fast path's goals (docs/gpu.md, "Goals") against a benchmark run's records: measured value, PASS/SHORT.
 
-They are defined for an H100, 1024², 28 steps, batch 1, no step skipping. On any other setup the same
-values are printed under `applies: no`, without a verdict (no PASS/SHORT), so the CPU dry run exercises
-this code. Quality gates on the per-step relative L2 against our bf16 eager transformer (the bound of the
-build's FP8 recipe); PSNR of the final image is printed, not gated: on random weights 28 steps amplify
-noise. Timed goals are checked here and never in a test.
+They are defined for an H100, 1024², 28 steps, batch 1, no step skipping. Step-cached contestants
+(`+cache=PRESET`: they skip transformer passes) never satisfy those; their own lines ("step-cached")
+stand beside them, against the same targets, so both numbers are read side by side. On any other setup
+the same values are printed under `applies: no`, without a verdict (no PASS/SHORT), so the CPU dry run
+exercises this code. Quality gates on the per-step relative L2 against our bf16 eager transformer (the
+bound of the build's FP8 recipe); PSNR of the final image is printed, not gated: on random weights 28
+steps amplify noise. Timed goals are checked here and never in a test.
 """
 
 from __future__ import annotations
@@ -46,17 +48,31 @@ class Goal:
         return f"  {status:<12} {self.name:<40} {self.target:<12} measured {value:<14} ({self.by})"
 
 
-def _fastest(records: list[dict[str, Any]], bucket: str) -> dict[str, Any] | None:
-    """Our fastest measured contestant on `bucket` (not the baseline, not prompt-cached ones)."""
+STEP_CACHE_LEVER = "+cache="  # torch-fp8+qkv+cache=magcache-kontext: skips transformer passes
+
+
+def step_cached(name: str) -> bool:
+    """A contestant that skips transformer passes (a step cache): never a no-skip goal's."""
+    return STEP_CACHE_LEVER in name
+
+
+def _fastest(records: list[dict[str, Any]], bucket: str, cached: bool = False) -> dict[str, Any] | None:
+    """Our fastest measured contestant on `bucket` (not the baseline): without `cached`, among those that
+    compute every step with no bench-side prompt cache (the goals' setup); with it, among the step-cached."""
     ours = [
         r
         for r in records
         if r["bucket"] == bucket
         and not r["baseline"]
         and r["stages"]["total"]
-        and "+cache" not in r["contestant"]
+        and (step_cached(r["contestant"]) if cached else "+cache" not in r["contestant"])
     ]
     return min(ours, key=lambda r: r["stages"]["total"]["median_s"], default=None)
+
+
+def check(value: float | None, ok: bool) -> bool | None:
+    """The verdict: None when nothing was measured (never a PASS), else `ok`."""
+    return None if value is None else ok
 
 
 def evaluate_goals(
@@ -74,9 +90,6 @@ def evaluate_goals(
     psnr = (math.inf if q["psnr_identical"] else q["psnr_db"]) if q else None
     rel = q.get("step_rel_l2_max") if q else None
 
-    def check(value: float | None, ok: bool) -> bool | None:
-        return None if value is None else ok
-
     goals = [
         Goal("end to end (must)", f"<= {E2E_MUST_S} s", total, "s",
              check(total, (total or 0) <= E2E_MUST_S), name),
@@ -88,6 +101,7 @@ def evaluate_goals(
              check(rel, (rel if rel is not None else math.inf) <= STEP_REL_L2_MAX), name),
         Goal("PSNR vs our bf16 eager (not gated)", "-", psnr, "dB", None, name, gated=False),
     ]  # fmt: skip
+    goals += _step_cached_goals(records, bucket)
     peak = cold.get("peak_memory_gb") if cold else None
     start = cold.get("cold_start_s") if cold else None
     by = cold.get("contestant", "cold_start.py") if cold else "benchmarks/cold_start.py did not run"
@@ -98,6 +112,20 @@ def evaluate_goals(
              check(start, (start or 0) <= COLD_START_MAX_S), by),
     ]  # fmt: skip
     return goals
+
+
+def _step_cached_goals(records: list[dict[str, Any]], bucket: str) -> list[Goal]:
+    """The no-skip goals' end-to-end and speed-up targets for the fastest step-cached contestant."""
+    best = _fastest(records, bucket, cached=True)
+    name = f"{best['contestant']} at {bucket}" if best else "no step-cached contestant measured"
+    total = best["stages"]["total"]["median_s"] if best else None
+    ratio = best["ratio_total"] if best else None
+    return [
+        Goal("step-cached end to end (skips steps)", f"<= {E2E_MUST_S} s", total, "s",
+             check(total, (total or 0) <= E2E_MUST_S), name),
+        Goal("step-cached speed-up (skips steps)", f">= {SPEEDUP_MIN}x", ratio, "x",
+             check(ratio, (ratio or 0) >= SPEEDUP_MIN), name),
+    ]  # fmt: skip
 
 
 def goals_apply(run_rec: dict[str, Any]) -> bool:

@@ -315,14 +315,17 @@ def result_dir(out_root: Path, run: BenchRun) -> Path:
     return out_root / slug(device_name(run.device)) / run.started.strftime("%Y-%m-%d")
 
 
-def write_results(run: BenchRun, out_root: Path, chart: bool = True) -> tuple[str, ResultFiles]:
-    """Write JSON lines, the table and the chart; return the table and the paths."""
+def write_results(
+    run: BenchRun, out_root: Path, chart: bool = True, folder: Path | None = None
+) -> tuple[str, ResultFiles]:
+    """Write JSON lines, the table and the chart; return the table and the paths. `folder`: exactly
+    there instead of result_dir(out_root, run) (the GPU script keeps one folder, named at its start)."""
     from .chart import draw_latency_chart
 
     run_rec = run_record(run)
     records = result_records(run)
     table = format_table(run_rec, records)
-    folder = result_dir(out_root, run)
+    folder = folder or result_dir(out_root, run)
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{slug(Path(str(run.config.model)).name)}-{run.started.strftime('%H%M%S')}"
     jsonl = folder / f"{stem}.jsonl"

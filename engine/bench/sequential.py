@@ -10,6 +10,9 @@ Budget savers, since a GPU session is minutes long:
 - timed rounds beyond the first run only while three more still fit before the deadline (median of 3
   when the budget allows, of 1 when it does not);
 - quality replays QUALITY_STEPS evenly spread steps, not all of them.
+
+`on_progress` is called after every timed round (and after each contestant): `kontext bench` writes its
+results there, so a contestant killed mid-run (the GPU script's phase deadline) keeps its timed rounds.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def run_sequential(run: BenchRun, cases: list[Case], on_progress: Progress | Non
             continue
         t0 = time.monotonic()
         try:
-            _one_contestant(run, contestant, cases, entries, goldens, meter)
+            _one_contestant(run, contestant, cases, entries, goldens, meter, on_progress)
         except Exception as e:  # a contestant's failure is its result, never the end of the run
             why = f"failed: {failure(e)}"
             for entry in entries:
@@ -102,6 +105,7 @@ def _one_contestant(
     entries: list[Entry],
     goldens: dict[tuple[int, int], Golden],
     meter: PeakMemory,
+    on_progress: Progress | None = None,
 ) -> None:
     config = run.config
     reset_dynamo_counters()
@@ -115,7 +119,7 @@ def _one_contestant(
         for case, entry in zip(cases, entries, strict=True):
             if not serves(runner, case.key, entry):
                 continue
-            _time_bucket(run, runner, case, entry, meter)
+            _time_bucket(run, runner, case, entry, meter, on_progress)
             if entry.skipped:
                 continue
             measure(entry, runner, goldens[case.bucket], run, QUALITY_STEPS)
@@ -136,8 +140,16 @@ def _one_contestant(
         free_memory(run.device)
 
 
-def _time_bucket(run: BenchRun, runner: EditRunner, case: Case, entry: Entry, meter: PeakMemory) -> None:
-    """Warm-up (none for the baseline, see the module doc), then up to `repeats` timed rounds."""
+def _time_bucket(
+    run: BenchRun,
+    runner: EditRunner,
+    case: Case,
+    entry: Entry,
+    meter: PeakMemory,
+    on_progress: Progress | None = None,
+) -> None:
+    """Warm-up (none for the baseline, see the module doc), then up to `repeats` timed rounds, each
+    reported to `on_progress` as soon as it is measured."""
     config = run.config
     warmup = 0 if runner.contestant.is_baseline else config.warmup
     for _ in range(warmup):
@@ -147,6 +159,8 @@ def _time_bucket(run: BenchRun, runner: EditRunner, case: Case, entry: Entry, me
         seconds = timed_run(runner, case, config.prompt, entry, meter, keep=True)
         if seconds is None:
             return
+        if on_progress is not None:
+            on_progress(run)
         left = time_left(config.deadline_s)
         more = config.repeats - rnd - 1
         if more and left is not None and left < 3 * seconds:

@@ -20,9 +20,10 @@ def bench_command(args: argparse.Namespace) -> int:
     config = bench_config(args)
 
     def save(run: BenchRun) -> None:  # after each contestant: a killed run still leaves results
-        write_results(run, args.out, chart=False)
+        write_results(run, args.out, chart=False, folder=args.results_dir)
 
-    table, files = write_results(run_bench(config, on_progress=save), args.out, chart=not args.no_chart)
+    run = run_bench(config, on_progress=save)
+    table, files = write_results(run, args.out, chart=not args.no_chart, folder=args.results_dir)
     print(table)
     written = [files.jsonl, files.table, files.chart, files.profile]
     print("\nwrote " + ", ".join(str(p) for p in written if p is not None))

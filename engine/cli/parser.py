@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--build-dir", type=Path, default=None, help="the build to bench (default build/<model>)")
     b.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results root folder")
+    b.add_argument(
+        "--results-dir", type=Path, default=None, help="write exactly here (default: OUT/<device>/<date>)"
+    )
     b.add_argument("--image", type=Path, default=None, help="input image (default: the bundled sample)")
     b.add_argument("--prompt", default=DEFAULT_PROMPT)
     b.add_argument("--seed", type=int, default=0)
