@@ -352,3 +352,96 @@ def test_a_base_install_without_accelerate_loads_both_routes(real_folder):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("loaded"), out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- the real files' key names
+
+# Names the real repository's files hold, written down from the libraries that wrote them, not from
+# today's modules (tests/real_layout.py states the source of each): a few that must be there and a few
+# that must not, per file.
+REAL_NAMES = {
+    "text_encoder": (  # transformers 4.43.3 CLIPTextModel: every tensor under its `text_model` wrapper
+        [
+            "text_model.embeddings.token_embedding.weight",
+            "text_model.encoder.layers.0.self_attn.q_proj.weight",
+            "text_model.final_layer_norm.weight",
+        ],
+        ["embeddings.token_embedding.weight", "text_model.embeddings.position_ids"],
+    ),
+    "text_encoder_2": (  # transformers 4.43.3 T5EncoderModel: the tied embedding saved once, as `shared`
+        [
+            "shared.weight",
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            "encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
+            "encoder.final_layer_norm.weight",
+        ],
+        ["encoder.embed_tokens.weight"],
+    ),
+    "transformer": (  # diffusers FluxTransformer2DModel
+        [
+            "x_embedder.weight",
+            "transformer_blocks.0.attn.to_q.weight",
+            "single_transformer_blocks.1.proj_mlp.weight",
+            "norm_out.linear.weight",
+        ],
+        ["img_in.weight"],
+    ),
+    "vae": (  # diffusers AutoencoderKL (to_q, not the pre-0.14 `query`)
+        ["encoder.conv_in.weight", "encoder.mid_block.attentions.0.to_q.weight", "decoder.conv_out.weight"],
+        ["encoder.mid_block.attentions.0.query.weight"],
+    ),
+    BFL_FILE: (  # black-forest-labs/flux src/flux/model.py, unprefixed
+        [
+            "img_in.weight",
+            "double_blocks.0.img_attn.qkv.weight",
+            "single_blocks.1.linear1.weight",
+            "final_layer.adaLN_modulation.1.weight",
+        ],
+        ["x_embedder.weight", "model.diffusion_model.img_in.weight"],
+    ),
+}
+
+
+def disk_keys(root: Path, rel: str) -> set[str]:
+    from safetensors import safe_open
+
+    files = [root / rel] if rel.endswith(".safetensors") else sorted((root / rel).glob("*.safetensors"))
+    keys: set[str] = set()
+    for f in files:
+        with safe_open(f, "pt") as sf:
+            keys.update(sf.keys())
+    return keys
+
+
+def todays_names(root: Path, rel: str) -> set[str]:
+    """The state_dict() names of the class that reads `rel` today (built on meta from its config)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        if rel == "text_encoder":
+            module = CLIPTextModel(CLIPTextConfig.from_pretrained(root / rel))
+        elif rel == "text_encoder_2":
+            module = T5EncoderModel(T5Config.from_pretrained(root / rel))
+        elif rel == "vae":
+            module = AutoencoderKL.from_config(AutoencoderKL.load_config(root / rel))
+        else:
+            module = FluxTransformer2DModel(**TRANSFORMER.to_diffusers())
+    return set(module.state_dict())
+
+
+@pytest.mark.parametrize("rel", list(REAL_NAMES))
+def test_every_fixture_file_has_the_real_files_key_names(rel, real_folder):
+    """Fails on a fixture written from today's state_dict() where the real file's names differ (CLIP's
+    `text_model.` prefix, T5's untied embedding, BFL's names)."""
+    keys = disk_keys(real_folder, rel)
+    present, absent = REAL_NAMES[rel]
+    assert set(present) <= keys, (rel, sorted(set(present) - keys))
+    assert not set(absent) & keys, (rel, sorted(set(absent) & keys))
+    today = todays_names(real_folder, rel)
+    if rel in ("transformer", "vae"):  # diffusers has not renamed these since the real files were written
+        assert keys == today
+    else:
+        assert keys != today
+        if rel == "text_encoder":
+            assert not keys & today  # not one CLIP name is today's
