@@ -240,3 +240,23 @@ def test_every_documented_command_runs_as_written(clean_clone: Path) -> None:
             ran = re.findall(r"docs-test: run (\S+)", out)
             failures.append(f"{ran[-1] if ran else page.name}: exit {proc.returncode}\n{out[-3000:]}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_a_failing_block_fails_its_page_and_a_marked_one_does_not(tmp_path: Path) -> None:
+    """The runner's negative control: an unmarked block that fails stops the page with its name; the
+    same block marked skip is only named; variables carry from block to block."""
+    page = tmp_path / "docs" / "p.md"
+    page.parent.mkdir()
+    marked = "<!-- docs-test: skip (fails on purpose) -->\n```sh\nexit 3\n```\n"
+    page.write_text("# P\n```sh\nX=1\n```\n" + marked + '```sh\ntest "$X" = 1\nfalse\n```\n')
+    run = subprocess.run(
+        ["bash", "-c", page_script(page, tmp_path, 8000, 60)], capture_output=True, text=True
+    )
+    assert run.returncode == 1
+    assert re.findall(r"docs-test: run (\S+)", run.stderr) == ["docs/p.md:2", "docs/p.md:9"]
+    assert "docs-test: skip docs/p.md:6 (fails on purpose)" in run.stderr
+    page.write_text("# P\n```sh\nX=1\n```\n" + marked + '```sh\ntest "$X" = 1\n```\n')
+    run = subprocess.run(
+        ["bash", "-c", page_script(page, tmp_path, 8000, 60)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
