@@ -19,6 +19,7 @@ import logging
 import platform
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -26,6 +27,9 @@ import engine
 from engine import assets
 from engine.images import load_image
 from engine.metrics import rel_l2
+
+if TYPE_CHECKING:
+    from engine.pipeline import EditResult
 
 log = logging.getLogger("benchmarks.sessions")
 
@@ -58,7 +62,7 @@ def main() -> None:
     log.info("loading %s", args.model)
     with engine.load(args.model) as kontext:
         kontext.edit(image, PROMPTS[0], steps=1)  # warm-up: first-call allocations out of the timings
-        runs = {}
+        runs: dict[bool, list[EditResult]] = {}
         for reencode in (True, False):
             name = "reencode" if reencode else "latents"
             session = kontext.session(image, reencode=reencode)
