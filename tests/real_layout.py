@@ -1,9 +1,10 @@
 """A reduced-width FLUX.1-Kontext-dev download, file for file as the Hugging Face repository holds it
-(docs/checkpoints.md, "The real download"): sharded transformer (3) and T5 (2) with their index files,
-CLIP's vocab.json/merges.txt without tokenizer.json, T5's spiece.model (a unigram model trained here) and
-tokenizer.json, model_index.json, the scheduler config, the VAE config with its factors, BFL's
-`flux1-kontext-dev.safetensors` and `ae.safetensors`, and `.cache/huggingface/`. Weights are bf16 on
-disk (ae.safetensors fp32), CLIP's config says bos 0 / eos 2 / pad 1.
+(docs/checkpoints.md, "The real download's files and key names"): sharded transformer (3) and T5 (2)
+with their index files, CLIP's vocab.json/merges.txt without tokenizer.json, T5's spiece.model (a
+unigram model trained here) and tokenizer.json, model_index.json, the scheduler config, the VAE config
+with its factors, BFL's `flux1-kontext-dev.safetensors` and `ae.safetensors`, and
+`.cache/huggingface/`. Weights are bf16 on disk (ae.safetensors fp32), CLIP's config says bos 0 / eos 2
+/ pad 1.
 
 Every file carries the key names and metadata of the library that wrote the real one, not today's
 `state_dict()` names (see REAL_KEYS below for the source of each):
