@@ -1,9 +1,26 @@
-"""A reduced-width FLUX.1-Kontext-dev download, file for file as /work/shared/REAL-CHECKPOINT.md gives the
-Hugging Face repository: sharded transformer (3) and T5 (2) with their index files, CLIP's
-vocab.json/merges.txt without tokenizer.json, T5's spiece.model (a unigram model trained here) and
-tokenizer.json, model_index.json, the scheduler config, the VAE config with its factors, BFL's
-`flux1-kontext-dev.safetensors` and `ae.safetensors`, and `.cache/huggingface/`. Weights are bf16 on
-disk (ae.safetensors fp32), T5 stores `shared.weight` only, CLIP's config says bos 0 / eos 2 / pad 1.
+"""A reduced-width FLUX.1-Kontext-dev download, file for file as the Hugging Face repository holds it
+(docs/checkpoints.md, "The real download's files and key names"): sharded transformer (3) and T5 (2)
+with their index files, CLIP's vocab.json/merges.txt without tokenizer.json, T5's spiece.model (a
+unigram model trained here) and tokenizer.json, model_index.json, the scheduler config, the VAE config
+with its factors, BFL's `flux1-kontext-dev.safetensors` and `ae.safetensors`, and
+`.cache/huggingface/`. Weights are bf16 on disk (ae.safetensors fp32), CLIP's config says bos 0 / eos 2
+/ pad 1.
+
+Every file carries the key names and metadata of the library that wrote the real one, not today's
+`state_dict()` names (see REAL_KEYS below for the source of each):
+- text_encoder/: transformers 4.43.3 (its config.json says so). That release's `CLIPTextModel.__init__`
+  sets `self.text_model = CLIPTextTransformer(config)`, so every key starts `text_model.`; its
+  `position_ids` buffer is non-persistent (not in the file). transformers 5.x's CLIPTextModel has no
+  wrapper and renames on load (conversion_mapping.py: `PrefixChange(prefix_to_remove="text_model")`).
+- text_encoder_2/: transformers 4.43.3 `T5EncoderModel`: `encoder.embed_tokens` is tied to `shared`
+  (`_tied_weights_keys`), and save_pretrained writes the tied tensor once, as `shared.weight`.
+- config.json files of both: written by 4.43.3, so `torch_dtype` (5.x writes `dtype`) and
+  `transformers_version: 4.43.3`.
+- transformer/ and vae/: diffusers' names (FluxTransformer2DModel, AutoencoderKL with `to_q`...), which
+  diffusers has not changed since the real files were written (0.34/0.30).
+- flux1-kontext-dev.safetensors: BFL's names (black-forest-labs/flux src/flux/model.py:
+  `double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`, ...), unprefixed.
+- safetensors metadata: `{"format": "pt"}`, what save_pretrained (both libraries) writes.
 
 The transformer keeps the real head size (128) and rotary axes (16, 56, 56), so BFL's file names its
 own config from its shapes; everything else is a few thousand parameters. `snapshot()` turns a folder
@@ -147,17 +164,11 @@ def write_download(root: Path) -> Path:
         },
     )
     # CLIP-L's config keeps bos 0 / eos 2 / pad 1 (the legacy pooling at the highest id)
-    clip_cfg = clip.config.to_dict() | {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
-    clip_cfg |= {"architectures": ["CLIPTextModel"], "dtype": "bfloat16", "transformers_version": "4.43.3"}
     clip.config.bos_token_id, clip.config.eos_token_id, clip.config.pad_token_id = 0, 2, 1
-    _json(root / "text_encoder/config.json", clip_cfg)
-    _safetensors(root / "text_encoder/model.safetensors", _bf16(clip.state_dict()))
-    _json(
-        root / "text_encoder_2/config.json",
-        t5.config.to_dict() | {"architectures": ["T5EncoderModel"], "dtype": "bfloat16"},
-    )
-    t5_state = {k: v for k, v in _bf16(t5.state_dict()).items() if k != "encoder.embed_tokens.weight"}
-    _shards(root / "text_encoder_2", "model", t5_state, 2)
+    _json(root / "text_encoder/config.json", _clip_config_4_43(clip.config))
+    _safetensors(root / "text_encoder/model.safetensors", _clip_4_43(_bf16(clip.state_dict())))
+    _json(root / "text_encoder_2/config.json", _t5_config_4_43(t5.config))
+    _shards(root / "text_encoder_2", "model", _t5_4_43(_bf16(t5.state_dict())), 2)
     _json(
         root / "transformer/config.json",
         {
@@ -167,10 +178,10 @@ def write_download(root: Path) -> Path:
             "out_channels": None,
         },
     )
-    transformer_state = _bf16(transformer.state_dict())
+    transformer_state = REAL_KEYS["transformer"](_bf16(transformer.state_dict()))
     _shards(root / "transformer", "diffusion_pytorch_model", transformer_state, 3)
     vae.save_config(root / "vae")
-    _safetensors(root / "vae/diffusion_pytorch_model.safetensors", _bf16(vae.state_dict()))
+    _safetensors(root / "vae/diffusion_pytorch_model.safetensors", REAL_KEYS["vae"](_bf16(vae.state_dict())))
     _safetensors(root / BFL_FILE, to_bfl(transformer_state))
     vae_fp32 = {k: v.float() for k, v in vae.state_dict().items()}  # BFL's ae: fp32, LDM names (unread)
     _safetensors(
@@ -186,6 +197,74 @@ def write_download(root: Path) -> Path:
     _write(root / ".cache/huggingface/.gitignore", b"*\n")
     _write(root / ".cache/huggingface/download/model_index.json.metadata", f"{COMMIT}\n0\n0.0\n".encode())
     return root
+
+
+def _clip_4_43(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 4.43.3's CLIPTextModel names: its CLIPTextTransformer is `self.text_model`
+    (models/clip/modeling_clip.py), and position_ids is a non-persistent buffer (not saved)."""
+    return {f"text_model.{k}": v for k, v in state.items() if not k.endswith("position_ids")}
+
+
+def _t5_4_43(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 4.43.3's T5EncoderModel file: `encoder.embed_tokens.weight` is tied to
+    `shared.weight` (`_tied_weights_keys`) and save_pretrained keeps only `shared.weight`."""
+    return {k: v for k, v in state.items() if k != "encoder.embed_tokens.weight"}
+
+
+def _same(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' names: the real transformer/ and vae/ files were written by diffusers 0.34/0.30,
+    whose FluxTransformer2DModel and AutoencoderKL name every tensor as today's do."""
+    return dict(state)
+
+
+# each file's names as the library that wrote the real file gives them, from today's state_dict()
+# (BFL's single file: engine.model.bfl.to_bfl, checked against BFL's strict load_state_dict)
+REAL_KEYS = {"text_encoder": _clip_4_43, "text_encoder_2": _t5_4_43, "transformer": _same, "vae": _same}
+
+
+def _clip_config_4_43(config: object) -> dict[str, object]:
+    """text_encoder/config.json as transformers 4.43.3 writes it for FLUX's CLIP-L (its fields, at
+    this fixture's sizes): `torch_dtype`, not 5.x's `dtype`."""
+    c = config.to_dict()  # type: ignore[attr-defined]
+    fields = [
+        "attention_dropout", "bos_token_id", "eos_token_id", "hidden_act", "hidden_size",
+        "initializer_factor", "initializer_range", "intermediate_size", "layer_norm_eps",
+        "max_position_embeddings", "model_type", "num_attention_heads", "num_hidden_layers",
+        "pad_token_id", "projection_dim", "vocab_size",
+    ]  # fmt: skip
+    return {
+        "_name_or_path": "openai/clip-vit-large-patch14",
+        "architectures": ["CLIPTextModel"],
+        **{k: c[k] for k in fields},
+        "dropout": 0.0,  # 4.43.3's field (5.x's CLIPTextConfig has none)
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.43.3",
+    }
+
+
+def _t5_config_4_43(config: object) -> dict[str, object]:
+    """text_encoder_2/config.json as transformers 4.43.3 writes it for T5-v1.1-XXL (its fields, at this
+    fixture's sizes)."""
+    c = config.to_dict()  # type: ignore[attr-defined]
+    fields = [
+        "classifier_dropout", "d_ff", "d_kv", "d_model", "dense_act_fn", "dropout_rate", "eos_token_id",
+        "feed_forward_proj", "initializer_factor", "is_gated_act", "layer_norm_epsilon", "model_type",
+        "num_heads", "num_layers", "pad_token_id", "relative_attention_max_distance",
+        "relative_attention_num_buckets", "vocab_size",
+    ]  # fmt: skip
+    return {
+        "_name_or_path": "google/t5-v1_1-xxl",
+        "architectures": ["T5EncoderModel"],
+        **{k: c[k] for k in fields},
+        "decoder_start_token_id": 0,
+        "is_encoder_decoder": True,
+        "num_decoder_layers": c["num_layers"],
+        "output_past": True,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.43.3",
+        "use_cache": True,
+    }
 
 
 def _tokenizers(root: Path) -> tuple[object, object, bytes]:

@@ -417,3 +417,25 @@ def test_load_refuses_context_parallel_for_built_engines(tiny_build) -> None:
 
     with pytest.raises(ConfigError, match="built onnxruntime engine runs as one process"):
         engine.load(tiny_build, context_parallel=2)
+
+
+@pytest.mark.slow
+def test_a_script_without_a_main_guard_is_told_to_add_one_in_one_line(tmp_path):
+    """The documented snippet run as a script without `if __name__ == "__main__":`: each worker
+    re-imports it and multiprocessing refuses to spawn again; rank 0 says what to do, and no
+    multiprocessing bootstrap traceback reaches the user."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "unguarded.py"
+    script.write_text('import engine\nwith engine.load("tiny", context_parallel=2) as k:\n    pass\n')
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1
+    assert last.startswith("engine.distributed.launcher.RankFailedError: context-parallel rank 1 could not")
+    assert 'under `if __name__ == "__main__":`' in last
+    assert "bootstrapping phase" not in out.stderr

@@ -22,7 +22,7 @@ from engine.builder.builder import BuildOptions, default_out_dir
 from engine.builder.request import Target, request_hash
 from engine.cli.parser import build_parser
 from engine.config import KONTEXT_DEV_TRANSFORMER, TransformerConfig
-from engine.errors import BackendUnavailableError, BuildError
+from engine.errors import BackendUnavailableError, BuildError, WeightsError
 from engine.model import random_weights
 from engine.model.bfl import BFL_FILE, config_from_shapes, from_bfl
 from engine.model.components import Components
@@ -61,6 +61,11 @@ def test_the_fixture_is_the_real_layout_file_for_file(real_folder, real_snapshot
     assert all(os.readlink(p).startswith("../") and "blobs" in os.readlink(p) for p in linked)
 
 
+# a file's key -> the module's name for it, as the library's own from_pretrained loads it (transformers
+# 5.x's conversion_mapping.py: CLIPTextModel's PrefixChange(prefix_to_remove="text_model")); others as is
+LOADED_AS: dict[str, Callable[[str], str]] = {"text_encoder": lambda k: k.removeprefix("text_model.")}
+
+
 def assert_equals_disk(c: Components, root: Path) -> None:
     """Every tensor of every module is the bytes on disk (bf16 in, bf16 loaded), nothing left at init."""
     t5 = c.text_encoder_2.state_dict()
@@ -72,7 +77,7 @@ def assert_equals_disk(c: Components, root: Path) -> None:
         (c.vae, "vae"),
     ]
     for module, sub in pairs:
-        disk = disk_tensors(root, sub)
+        disk = {LOADED_AS.get(sub, str)(k): v for k, v in disk_tensors(root, sub).items()}
         state = {k: v for k, v in module.state_dict().items() if k != "encoder.embed_tokens.weight"}
         assert state.keys() == disk.keys(), sub
         for k, v in state.items():
@@ -353,3 +358,163 @@ def test_a_base_install_without_accelerate_loads_both_routes(real_folder):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("loaded"), out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- the real files' key names
+
+# Names the real repository's files hold, written down from the libraries that wrote them, not from
+# today's modules (tests/real_layout.py states the source of each): a few that must be there and a few
+# that must not, per file.
+REAL_NAMES = {
+    "text_encoder": (  # transformers 4.43.3 CLIPTextModel: every tensor under its `text_model` wrapper
+        [
+            "text_model.embeddings.token_embedding.weight",
+            "text_model.encoder.layers.0.self_attn.q_proj.weight",
+            "text_model.final_layer_norm.weight",
+        ],
+        ["embeddings.token_embedding.weight", "text_model.embeddings.position_ids"],
+    ),
+    "text_encoder_2": (  # transformers 4.43.3 T5EncoderModel: the tied embedding saved once, as `shared`
+        [
+            "shared.weight",
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            "encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
+            "encoder.final_layer_norm.weight",
+        ],
+        ["encoder.embed_tokens.weight"],
+    ),
+    "transformer": (  # diffusers FluxTransformer2DModel
+        [
+            "x_embedder.weight",
+            "transformer_blocks.0.attn.to_q.weight",
+            "single_transformer_blocks.1.proj_mlp.weight",
+            "norm_out.linear.weight",
+        ],
+        ["img_in.weight"],
+    ),
+    "vae": (  # diffusers AutoencoderKL (to_q, not the pre-0.14 `query`)
+        ["encoder.conv_in.weight", "encoder.mid_block.attentions.0.to_q.weight", "decoder.conv_out.weight"],
+        ["encoder.mid_block.attentions.0.query.weight"],
+    ),
+    BFL_FILE: (  # black-forest-labs/flux src/flux/model.py, unprefixed
+        [
+            "img_in.weight",
+            "double_blocks.0.img_attn.qkv.weight",
+            "single_blocks.1.linear1.weight",
+            "final_layer.adaLN_modulation.1.weight",
+        ],
+        ["x_embedder.weight", "model.diffusion_model.img_in.weight"],
+    ),
+}
+
+
+def disk_keys(root: Path, rel: str) -> set[str]:
+    from safetensors import safe_open
+
+    files = [root / rel] if rel.endswith(".safetensors") else sorted((root / rel).glob("*.safetensors"))
+    keys: set[str] = set()
+    for f in files:
+        with safe_open(f, "pt") as sf:
+            keys.update(sf.keys())
+    return keys
+
+
+def todays_names(root: Path, rel: str) -> set[str]:
+    """The state_dict() names of the class that reads `rel` today (built on meta from its config)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        if rel == "text_encoder":
+            module = CLIPTextModel(CLIPTextConfig.from_pretrained(root / rel))
+        elif rel == "text_encoder_2":
+            module = T5EncoderModel(T5Config.from_pretrained(root / rel))
+        elif rel == "vae":
+            module = AutoencoderKL.from_config(AutoencoderKL.load_config(root / rel))
+        else:
+            module = FluxTransformer2DModel(**TRANSFORMER.to_diffusers())
+    return set(module.state_dict())
+
+
+@pytest.mark.parametrize("rel", list(REAL_NAMES))
+def test_every_fixture_file_has_the_real_files_key_names(rel, real_folder):
+    """Fails on a fixture written from today's state_dict() where the real file's names differ (CLIP's
+    `text_model.` prefix, T5's untied embedding, BFL's names)."""
+    keys = disk_keys(real_folder, rel)
+    present, absent = REAL_NAMES[rel]
+    assert set(present) <= keys, (rel, sorted(set(present) - keys))
+    assert not set(absent) & keys, (rel, sorted(set(absent) & keys))
+    today = todays_names(real_folder, rel)
+    if rel in ("transformer", "vae"):  # diffusers has not renamed these since the real files were written
+        assert keys == today
+    else:
+        assert keys != today
+        if rel == "text_encoder":
+            assert not keys & today  # not one CLIP name is today's
+
+
+def test_each_encoder_loads_as_its_librarys_own_from_pretrained_loads_it(from_folder, real_folder):
+    """The oracle is the library itself: transformers' and diffusers' from_pretrained on the same files
+    give every module the same names and bytes our meta-device load gives it."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    theirs = {
+        "text_encoder": CLIPTextModel.from_pretrained(real_folder / "text_encoder", dtype=torch.bfloat16),
+        "text_encoder_2": T5EncoderModel.from_pretrained(
+            real_folder / "text_encoder_2", dtype=torch.bfloat16
+        ),
+        "vae": AutoencoderKL.from_pretrained(real_folder / "vae", torch_dtype=torch.bfloat16),
+        "transformer": FluxTransformer2DModel.from_pretrained(
+            real_folder / "transformer", torch_dtype=torch.bfloat16
+        ),
+    }
+    ours = {
+        "text_encoder": from_folder.text_encoder,
+        "text_encoder_2": from_folder.text_encoder_2,
+        "vae": from_folder.vae,
+        "transformer": from_folder.transformer,
+    }
+    for sub, module in theirs.items():
+        a, b = module.state_dict(), ours[sub].state_dict()
+        assert a.keys() == b.keys(), sub
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def test_a_clip_file_under_names_no_loader_knows_is_refused_in_one_line(real_folder, tmp_path):
+    """Negative control for the renaming: a prefix transformers does not map stays unmatched."""
+    from safetensors.torch import load_file, save_file
+
+    folder = copy(real_folder, tmp_path)
+    path = folder / "text_encoder/model.safetensors"
+    tensors = load_file(path)
+    save_file({k.replace("text_model.", "clip_model.", 1): v for k, v in tensors.items()}, path)
+    with pytest.raises(WeightsError, match=r"text_encoder: 20 tensors do not fit its config.json") as e:
+        load_components(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_a_key_needing_a_transformers_tensor_conversion_is_refused(real_folder, monkeypatch):
+    """A format whose tensors transformers would split or merge (a WeightConverter) is named, not loaded
+    under a wrong shape."""
+    import transformers.conversion_mapping as mapping
+    from transformers.core_model_loading import Chunk, WeightConverter
+
+    from engine.model.key_names import transformers_names
+
+    fuse = WeightConverter(
+        source_patterns="self_attn.qkv_proj.weight",
+        target_patterns=["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+        operations=[Chunk(dim=0)],
+    )
+    monkeypatch.setattr(mapping, "get_checkpoint_conversion_mapping", lambda name: [fuse] if name else None)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        clip = CLIPTextModel(CLIPTextConfig.from_pretrained(real_folder / "text_encoder"))
+    keys = ["encoder.layers.0.self_attn.qkv_proj.weight"]
+    with pytest.raises(WeightsError, match=r"qkv_proj\.weight needs transformers' tensor conversion"):
+        transformers_names(clip, keys, "text_encoder")
+    assert transformers_names(clip, ["final_layer_norm.weight"], "x") == {
+        "final_layer_norm.weight": "final_layer_norm.weight"
+    }

@@ -56,6 +56,14 @@ from .sharding import Group, Layout
 
 log = logging.getLogger(__name__)
 
+# A worker's exit status when the caller's script started context parallelism at import time: each
+# spawned worker imports that script again, reaches the same call, and multiprocessing refuses to spawn
+# during its bootstrapping ("An attempt has been made to start a new process...").
+MAIN_GUARD_EXIT = 87
+MAIN_GUARD_HINT = (
+    'put the code that loads the engine under `if __name__ == "__main__":` (each context-parallel '
+    "worker imports your script again)"
+)
 STOP_GRACE_S = 10.0  # how long close() waits for a worker to exit before terminating it
 REPORT_GRACE_S = 5.0  # how long a failure waits for the other ranks' error reports
 
@@ -275,6 +283,8 @@ def _await(workers: list[_Worker], kind: str, deadline: float) -> None:
                 raise RankFailedError(f"context-parallel rank {rank} failed while starting: {message[2]}")
             elif message is None and dead:
                 w.process.join(0.1)
+                if w.process.exitcode == MAIN_GUARD_EXIT:
+                    raise RankFailedError(f"context-parallel rank {rank} could not start: {MAIN_GUARD_HINT}")
                 raise RankFailedError(
                     f"context-parallel rank {rank} exited with code {w.process.exitcode} while starting "
                     "(see its stderr)"
@@ -285,6 +295,18 @@ def _await(workers: list[_Worker], kind: str, deadline: float) -> None:
                 f"{STARTUP_TIMEOUT_S:.0f} s"
             )
         time.sleep(0.02)
+
+
+def _start(process: Any) -> None:
+    """process.start(); inside a worker still importing the caller's unguarded script, one log line and
+    exit MAIN_GUARD_EXIT (rank 0 turns it into MAIN_GUARD_HINT) instead of multiprocessing's traceback."""
+    try:
+        process.start()
+    except RuntimeError as e:
+        if "bootstrapping phase" not in str(e):
+            raise
+        log.error("context parallelism started while a worker imported the script: %s", MAIN_GUARD_HINT)
+        raise SystemExit(MAIN_GUARD_EXIT) from None
 
 
 def context_parallel_denoiser(
@@ -328,7 +350,7 @@ def context_parallel_denoiser(
                 name=f"kontext-cp-rank{rank}",
                 daemon=True,
             )
-            process.start()
+            _start(process)
             child_end.close()
             workers.append(_Worker(rank, process, parent_end))
         group = Group(None, 0, world_size)

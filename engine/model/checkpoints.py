@@ -24,6 +24,7 @@ from ..errors import WeightsError
 from ..files import move_into_place
 from .bfl import config_from_shapes, from_bfl
 from .components import DOWNLOAD_HINT, Components, assemble, fingerprint_files
+from .key_names import library_names
 from .layout import SIDECAR, Layout, find_layout, model_name
 from .random_weights import remake_buffers_, require_room
 from .safetensors_files import load_bytes, load_tensors, shapes
@@ -142,11 +143,12 @@ def build_transformer(
     config: TransformerConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype
 ) -> Any:
     """A FluxTransformer2DModel built on meta and given `state_dict`'s tensors (cast to `dtype` where
-    they lie), in eval mode without gradients."""
+    they lie, named as diffusers' loader names them), in eval mode without gradients."""
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
         model = cast(torch.nn.Module, FluxTransformer2DModel(**config.to_diffusers()))
+    state_dict = library_names(model, state_dict, "the transformer")
     for k in list(state_dict):
         state_dict[k] = state_dict[k].to(dtype)  # one tensor at a time, on its device
     try:
@@ -187,7 +189,9 @@ def _encoders(layout: Layout, dtype: torch.dtype, device: torch.device) -> tuple
 def _on_meta(
     make: Callable[[], Any], files: tuple[Path, ...], dtype: torch.dtype, device: torch.device
 ) -> torch.nn.Module:
-    """make() on the meta device, then the files' tensors (cast to `dtype` on `device`) assigned.
+    """make() on the meta device, then the files' tensors (cast to `dtype` on `device`) assigned, under
+    the names the module's own library loads them into (key_names: a transformers 4.x CLIP file's
+    `text_model.*` keys are today's unprefixed ones).
 
     Tied weights (T5's encoder.embed_tokens is its shared.weight, which alone is on disk) are tied
     again; non-persistent buffers (CLIP's position_ids) remade; anything still on meta is an error that
@@ -198,13 +202,13 @@ def _on_meta(
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
     expected = set(model.state_dict())
     buffers = {n for n, _ in model.named_buffers()}
+    where = files[0].parent
     state = {}
-    for k, v in load_tensors(files, device).items():
+    for k, v in library_names(model, load_tensors(files, device), str(where)).items():
         if k not in expected and k in buffers:
             continue  # an old checkpoint's copy of a non-persistent buffer
         fp32 = keep.intersection(k.split("."))
         state[k] = v.to(torch.float32 if fp32 else dtype) if v.is_floating_point() else v
-    where = files[0].parent
     _missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise WeightsError(
