@@ -17,6 +17,10 @@ SYNTHETIC_STEPS = 8  # the random-weight presets gain nothing past 8
 DEFAULT_GUIDANCE = 2.5  # the model card and BFL's CLI (diffusers defaults to 3.5)
 DEFAULT_PROMPT = "add a small red hat"  # what `kontext edit` and `kontext bench` run when given none
 DTYPES = ("fp32", "bf16")  # what the torch path's weights may be in (LoadOptions.dtype, --dtype)
+# The names LoadOptions accepts, here once (the CLI's choices, the backends and the dispatcher read them).
+BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
+TORCH_MODES: tuple[str, ...] = ("eager", "compile", "fp8")
+MISS_POLICIES: tuple[str, ...] = ("error", "torch")  # an unbuilt shape: refuse, or run the torch path
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,14 @@ class LoadOptions:
     context_parallel: int = 1
 
     def __post_init__(self) -> None:
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.torch_mode not in TORCH_MODES:
+            raise ConfigError(f"torch_mode must be one of {', '.join(TORCH_MODES)}, got {self.torch_mode!r}")
+        if self.miss_policy not in MISS_POLICIES:
+            raise ConfigError(
+                f"miss_policy must be one of {', '.join(MISS_POLICIES)}, got {self.miss_policy!r}"
+            )
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.context_parallel < 1:

@@ -16,11 +16,10 @@ import torch
 
 from .backends import Denoiser, DenoiserBase, Signature, call_signature, describe_keys, key_signature
 from .buckets import ShapeKey, buckets, family_shape_keys, tokens
+from .config import MISS_POLICIES as MISS_POLICIES  # config owns the names
 from .errors import ConfigError, ShapeNotServedError
 
 log = logging.getLogger(__name__)
-
-MISS_POLICIES: tuple[str, ...] = ("error", "torch")
 
 
 def served_buckets(keys: frozenset[ShapeKey], family: str, refs: int = 0) -> list[tuple[int, int]]:

@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..buckets import ShapeKey
+from ..config import BACKENDS as BACKENDS  # config owns the names
 
 
 @runtime_checkable
@@ -58,8 +59,6 @@ DENOISER_INPUTS: tuple[str, ...] = (
     "guidance",
 )
 DENOISER_OUTPUT = "velocity"
-
-BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
 
 Signature = tuple[int, int, int]  # (batch, image tokens N + M, text tokens): what a call's tensors fix
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..config import TORCH_MODES as TORCH_MODES  # config owns the names
 from ..errors import ConfigError
 from .fp8 import FP8_FILTERS, FP8_SCALES
 
-TORCH_MODES: tuple[str, ...] = ("eager", "compile", "fp8")
 # attention: "sdpa" (torch), or "kernel-<variant>" for engine.kernels' Triton attention, whose variants
 # (bf16, fp8-head, fp8-block, int8-fp8 ...) that package names and checks.
 KERNEL_PREFIX = "kernel-"
