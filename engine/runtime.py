@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any, overload
 import torch
 from PIL import Image
 
-from .backends import BACKENDS, Denoiser, GraphCapturing
+from .backends import Denoiser, GraphCapturing
 from .backends.inputs import dummy_inputs
 from .backends.torch import TorchDenoiser, default_dtype, torch_denoiser
-from .backends.torch_options import TORCH_MODES, TorchOptions
+from .backends.torch_options import TorchOptions
 from .buckets import ShapeKey, family_shape_keys
 from .config import DEFAULT_STEPS, PRESETS, LoadOptions, is_synthetic
-from .dispatch import MISS_POLICIES, Dispatcher, DispatchStats, served_buckets
+from .dispatch import Dispatcher, DispatchStats, served_buckets
 from .distributed import check_context_parallel, context_parallel_denoiser
 from .errors import BackendUnavailableError, ConfigError
 from .images import load_image
@@ -301,14 +301,8 @@ class Resolved:
 
 
 def resolve(source: str | Path, opts: LoadOptions) -> Resolved:
-    """Check the options and decide the backend (the build's, or torch), device (cuda for TensorRT or
-    when torch sees a GPU) and dtype, before loading anything."""
-    if opts.backend is not None and opts.backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {opts.backend!r}")
-    if opts.torch_mode not in TORCH_MODES:
-        raise ConfigError(f"torch_mode must be one of {', '.join(TORCH_MODES)}, got {opts.torch_mode!r}")
-    if opts.miss_policy not in MISS_POLICIES:
-        raise ConfigError(f"miss_policy must be one of {', '.join(MISS_POLICIES)}, got {opts.miss_policy!r}")
+    """Decide the backend (the build's, or torch), device (cuda for TensorRT or when torch sees a GPU)
+    and dtype, before loading anything (LoadOptions checked its own fields when it was made)."""
     build_dir = Path(source) if is_build_dir(source) else None
     manifest = read_manifest(build_dir) if build_dir is not None else None
     backend = opts.backend or (manifest.backend if manifest is not None else "torch")

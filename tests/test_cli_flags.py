@@ -137,3 +137,20 @@ def test_help_shows_defaults_and_version(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit) as exit_:
         parse("--version")
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"kontext {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("backend", "tvm", "backend must be one of torch, onnxruntime, tensorrt"),
+        ("torch_mode", "warp", "torch_mode must be one of eager, compile, fp8"),
+        ("miss_policy", "ignore", "miss_policy must be one of error, torch"),
+    ],
+)
+def test_load_options_checks_its_names_once_where_it_is_made(field: str, value: str, message: str) -> None:
+    """The names live in config.py; the CLI's choices are the same tuples, so argparse refuses first."""
+    with pytest.raises(ConfigError, match=message):
+        LoadOptions(**{field: value})
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(SystemExit):
+        parse("edit", flag, value)
