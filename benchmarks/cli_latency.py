@@ -1,5 +1,6 @@
 """How fast `kontext` answers: each command run as a whole process several times (after a warm-up
-run), its wall time's median, min and max, against the targets of docs/usage.md ("How fast the CLI
+run), its wall time's median, min and max and its CPU seconds (user + sys, which the machine's load
+moves least), against the targets of docs/usage.md ("How fast the CLI
 answers"):
 
 - a usage error, a missing file, an unwritable output path: under 1 s;
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +39,7 @@ class Case:
     args: list[str]
     target: str  # "1s" (wall under a second) or "own+3s" (wall minus the edit's own time under 3 s)
     walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)  # user + sys seconds: what the load moves least
     owns: list[float] = field(default_factory=list)
     codes: set[int] = field(default_factory=set)
 
@@ -53,6 +56,7 @@ def cases(tmp: Path) -> list[Case]:
 
 def run_once(case: Case, repo: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(repo)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(  # cwd: `-m` puts the working folder first on the path
         [sys.executable, "-m", "engine.cli", *case.args],
@@ -63,7 +67,9 @@ def run_once(case: Case, repo: Path) -> None:
         timeout=600,
     )
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     case.walls.append(wall)
+    case.cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     case.codes.add(r.returncode)
     if case.target == "own+3s":
         found = WROTE.search(r.stdout)
@@ -80,13 +86,27 @@ def measure(repo: Path, runs: int, warmup: int) -> list[Case]:
                 run_once(case, repo)
                 if i < warmup:  # the warm-up fills the page cache and Python's bytecode cache
                     case.walls.pop()
+                    case.cpus.pop()
                     if case.owns:
                         case.owns.pop()
     return chosen
 
 
 def table(repo: Path, chosen: list[Case]) -> str:
-    rows = [("command", "exit", "wall s med", "min", "max", "own s med", "over own s", "target", "met")]
+    rows = [
+        (
+            "command",
+            "exit",
+            "wall s med",
+            "min",
+            "max",
+            "cpu s med",
+            "own s med",
+            "over own s",
+            "target",
+            "met",
+        )
+    ]
     for c in chosen:
         med = statistics.median(c.walls)
         own = statistics.median(c.owns) if c.owns else None
@@ -99,6 +119,7 @@ def table(repo: Path, chosen: list[Case]) -> str:
                 f"{med:.2f}",
                 f"{min(c.walls):.2f}",
                 f"{max(c.walls):.2f}",
+                f"{statistics.median(c.cpus):.2f}",
                 "-" if own is None else f"{own:.2f}",
                 "-" if over is None else f"{over:.2f}",
                 "wall < 1 s" if c.target == "1s" else "wall - own <= 3 s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,6 +50,8 @@ def edit_command(args: argparse.Namespace) -> int:
 
     policy, signer = safety_and_signer(args)
     progress = not args.no_progress
+    if progress and sys.stderr.isatty():  # the load is the long silent part (minutes for real weights)
+        print(f"kontext edit: loading {plan.source} ...", file=sys.stderr)
     with load(
         plan.source,
         options=plan.options,
@@ -81,8 +84,8 @@ def edit_command(args: argparse.Namespace) -> int:
 
 def _input(args: argparse.Namespace) -> tuple[Path, bool]:
     """The input image, and whether this is the demo: neither image nor prompt runs the bundled sample
-    with the default prompt (said on stderr). An image without a prompt is refused: a default would edit
-    it as nobody asked."""
+    with the default prompt (said on the `wrote` line, and logged with -v). An image without a prompt is
+    refused: a default would edit it as nobody asked."""
     from ..assets import sample_image_path
 
     if args.image and args.prompt is None:

@@ -128,6 +128,9 @@ def loadtest_command(args: argparse.Namespace) -> int:
     from ..assets import sample_image_path
     from ..bench.loadtest import LoadConfig, run_loadtest, write_report
 
+    if args.verbose == 0:
+        logging.getLogger("engine.bench.loadtest").setLevel(logging.INFO)  # one line per phase: progress
+
     image = args.image or sample_image_path()
     config = LoadConfig(
         url=args.url,
