@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parents[1] / "engine"
 
 # Lowest first. A name stands for that module and, for a package, everything under it.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "base": ("engine.errors", "engine.version", "engine.noise", "engine.prompts", "engine.files", "engine.config", "engine.metrics",
-             "engine.flops", "engine.assets", "engine.buckets", "engine.sampling", "engine.images",
-             "engine.references", "engine.request", "engine.manifest", "engine.safety"),
+    "base": ("engine.errors", "engine.version", "engine.noise", "engine.prompts", "engine.files",
+             "engine.config", "engine.metrics", "engine.flops", "engine.assets", "engine.buckets",
+             "engine.sampling", "engine.images", "engine.references", "engine.request", "engine.manifest", "engine.safety"),
     "model": ("engine.model", "engine.prompt_cache"),
     "compute": ("engine.kernels", "engine.backends", "engine.distributed"),
     "pipeline": ("engine.pipeline", "engine.dispatch", "engine.calibration"),
