@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ..backends.torch_options import TorchOptions
     from ..model.lora import LoraSpec
     from ..provenance import ProvenanceSigner
+    from ..runtime import KontextEngine
     from ..safety import SafetyPolicy
 
 log = logging.getLogger("engine.cli")
@@ -134,6 +135,16 @@ def check_output(path: Path) -> None:
         ) from None
     if path.exists() and not os.access(path, os.W_OK):
         raise ConfigError(f"-o {path}: the file exists and is not writable")
+
+
+def save_compile_cache(kontext: KontextEngine) -> None:
+    """After the edits or a server's warm-up (everything compiled by now): write the torch compile cache
+    named by --compile-cache, so the next process skips the compiles."""
+    from ..backends.torch import TorchDenoiser
+
+    primary = kontext.dispatcher.primary
+    if isinstance(primary, TorchDenoiser) and (saved := primary.save_compile_cache()) is not None:
+        log.info("compile cache written to %s", saved)
 
 
 def quiet_third_party(verbose: int) -> None:

@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING
 
 from ..config import DEFAULT_PROMPT
 from ..errors import ConfigError
-from .common import check_output, load_args, load_options, load_source, quiet_third_party, safety_and_signer
+from .common import (
+    check_output,
+    load_args,
+    load_options,
+    load_source,
+    quiet_third_party,
+    safety_and_signer,
+    save_compile_cache,
+)
 
 if TYPE_CHECKING:
     from ..pipeline import EditResult
@@ -72,13 +80,13 @@ def edit_command(args: argparse.Namespace) -> int:
                 path = _numbered(args.output, turn)
                 _save(kontext, result, 0, path, previous, args, extra)
                 previous = path
-            _save_compile_cache(kontext)
+            save_compile_cache(kontext)
             return 0
         result = kontext.edit(request, progress=progress)
         for i in range(len(result.images)):
             path = args.output if args.num_images == 1 else _numbered(args.output, i + 1)
             _save(kontext, result, i, path, image_path, args, extra)
-        _save_compile_cache(kontext)
+        save_compile_cache(kontext)
     return 0
 
 
@@ -103,15 +111,6 @@ def _input(args: argparse.Namespace) -> tuple[Path, bool]:
             args.prompt = DEFAULT_PROMPT
         return sample_image_path(), demo
     return Path(args.image), False
-
-
-def _save_compile_cache(kontext: KontextEngine) -> None:
-    """After the edits (everything compiled by now): write the torch compile cache, if one was named."""
-    from ..backends.torch import TorchDenoiser
-
-    primary = kontext.dispatcher.primary
-    if isinstance(primary, TorchDenoiser) and (saved := primary.save_compile_cache()) is not None:
-        log.info("compile cache written to %s", saved)
 
 
 def edit_request(args: argparse.Namespace, image: Path) -> EditRequest:

@@ -10,7 +10,14 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from .common import load_args, load_options, load_source, quiet_third_party, safety_and_signer
+from .common import (
+    load_args,
+    load_options,
+    load_source,
+    quiet_third_party,
+    safety_and_signer,
+    save_compile_cache,
+)
 
 if TYPE_CHECKING:
     from ..serve.settings import ServeSettings
@@ -80,6 +87,7 @@ def serve_command(args: argparse.Namespace) -> int:
             loras=plan.loras,
         )
         kontext.warmup()
+        save_compile_cache(kontext)  # every served shape compiled: the next start skips the compiles
         return LocalEditor(kontext)
 
     print(
