@@ -99,17 +99,15 @@ class BuildFolder(argparse.Action):
 
 
 def add_build_flag(p: argparse.ArgumentParser | Any, help: str, *aliases: str) -> None:
-    """The build folder's one flag, `--build`, with its old spellings as deprecated aliases."""
+    """The build folder's one flag, `--build`, with its old spellings as deprecated aliases (accepted,
+    logged, and left out of --help)."""
     p.add_argument(
-        "--build",
-        *aliases,
-        dest="build",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        action=BuildFolder,
-        help=help,
+        "--build", dest="build", type=Path, default=None, metavar="DIR", action=BuildFolder, help=help
     )
+    for alias in aliases:
+        p.add_argument(
+            alias, dest="build", type=Path, default=None, action=BuildFolder, help=argparse.SUPPRESS
+        )
 
 
 def add_load_flags(p: argparse.ArgumentParser, *, torch_path: bool = True) -> None:
