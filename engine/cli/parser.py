@@ -126,10 +126,12 @@ def add_load_flags(p: argparse.ArgumentParser, *, torch_path: bool = True) -> No
         help="split each transformer forward over N processes (torch path; N GPUs on CUDA)"
         + ("" if torch_path else "; bench: each torch contestant also runs split, as NAME+cpN"),
     )
-    # --cache SPEC (add_cache_flag) and --vram GIB|auto (add_vram_flag) are load options too: they join
-    # here, in their own small functions, and common.load_options reads them by their LoadOptions names.
+    # Load options of other branches join here, each in its own small function, and common.load_options
+    # reads them by their LoadOptions field names (tests/test_cli_flags.py fails until each has a flag):
+    # --vram GIB|auto (add_vram_flag(g)) here, for edit, serve and bench alike;
     if not torch_path:
         return
+    # --cache SPEC (add_cache_flag(g)) here, for edit and serve (a bench names caches per contestant).
     g.add_argument("--backend", default=None, choices=BACKENDS, help="with --build: the artifact's backend")
     g.add_argument(
         "--precision", default=None, help="with --build: fp32 | int8 | fp8 | bf16 (default: the first built)"
