@@ -533,8 +533,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from engine.backends.tensorrt_plans import require_tensorrt
+    from engine.errors import KontextError
 
-    require_tensorrt()  # a clear message on a machine without CUDA or TensorRT
+    try:
+        require_tensorrt()  # a clear message on a machine without CUDA or TensorRT
+    except KontextError as e:  # one line, as the CLI answers, not a traceback
+        print(f"trt_first_run: {e}", file=sys.stderr)
+        return 2
     run = Run(args.model, args.work, args.repeats)
     run.work.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(",")) if args.only else None

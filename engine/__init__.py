@@ -10,7 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from . import noise
 from .version import __version__
+
+noise.install()  # drop torchao's, torch's and diffusers' known noise lines (engine/noise.py says which)
 
 __all__ = ["DenoiserTransformer", "EditRequest", "KontextEngine", "__version__", "kontext_pipeline", "load"]
 
@@ -25,8 +28,8 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     """Import the public API on first use (torch and diffusers are heavy). Its types are in __init__.pyi
-    (the lazy_loader convention), so the package imports no module but version.py, not even for type
-    checking: every module may import the package without a cycle."""
+    (the lazy_loader convention), so the package imports no module but version.py and noise.py (logging
+    filters), not even for type checking: every module may import the package without a cycle."""
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,13 +12,15 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
 from .errors import ConfigError, ImageError
 from .files import atomic_writer
+
+if TYPE_CHECKING:  # numpy and torch are imported where used: decoding and checking an input needs neither
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +227,8 @@ def _composite_over_white(image: Image.Image) -> Image.Image:
 
 def _sixteen_bit_grey_to_rgb(image: Image.Image) -> Image.Image:
     """16-bit grey -> 8-bit RGB by round(v / 257) (0 -> 0, 65535 -> 255), never clipping at 255."""
+    import numpy as np
+
     samples = np.asarray(image).astype(np.float64)  # I;16B arrives as big-endian uint16: astype fixes it
     eight = np.rint(np.clip(samples, 0.0, 65535.0) / 257.0).astype(np.uint8)  # v/257 never ties at .5
     key = image.info.get("transparency")  # a tRNS grey key: those pixels are transparent -> white
@@ -251,6 +255,9 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> [1, 3, H, W] float32 in [-1, 1], as VaeImageProcessor.preprocess computes it."""
     if image.mode != "RGB":
         raise ImageError(f"to_tensor needs an RGB image, got mode {image.mode}; load it with load_image")
+    import numpy as np
+    import torch
+
     pixels = np.array(image).astype(np.float32) / 255.0  # [H, W, 3] in [0, 1]
     tensor = torch.from_numpy(pixels[None].transpose(0, 3, 1, 2)).contiguous()  # [1, 3, H, W]
     return 2.0 * tensor - 1.0
@@ -265,6 +272,8 @@ def to_pil(tensor: torch.Tensor) -> Image.Image:
     """
     if tensor.ndim != 4 or tensor.shape[0] != 1 or tensor.shape[1] != 3:
         raise ImageError(f"to_pil needs a [1, 3, H, W] tensor, got shape {list(tensor.shape)}")
+    import torch
+
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ImageError(

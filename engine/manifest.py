@@ -194,7 +194,7 @@ def read_manifest(build_dir: Path) -> Manifest:
     path = Path(build_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(
-            f"no {MANIFEST_NAME} in {build_dir}; build one with `kontext build --out {build_dir}`"
+            f"no {MANIFEST_NAME} in {build_dir}; build one with `kontext build --build {build_dir}`"
             " (or `make engine`)"
         )
     try:

@@ -211,7 +211,7 @@ class TrialCredentials:
     key: Path
 
 
-def trial_credentials(folder: Path, kind: str = "ec") -> TrialCredentials:
+def trial_credentials(folder: str | Path, kind: str = "ec") -> TrialCredentials:
     """Write a fresh CA-issued signing certificate chain and key into `folder` (kind: ec for ES256, rsa
     for PS256). The leaf has digitalSignature and emailProtection, which C2PA asks of a signer."""
     from cryptography import x509
@@ -223,6 +223,7 @@ def trial_credentials(folder: Path, kind: str = "ec") -> TrialCredentials:
         org = x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Kontext trial")
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn), org])
 
+    folder = Path(folder)  # a str too (it raised AttributeError on one)
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())

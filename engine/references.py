@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from . import sampling
 from .buckets import MULTIPLE
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # torch only where ids are made: EditRequest checks a placement without it
+    import torch
 
 PLACEMENTS: tuple[str, ...] = ("offset", "index")
 DEFAULT_PLACEMENT = "offset"
@@ -69,6 +70,10 @@ def context_ids(
 
     One image: sampling.image_ids(h, w, index=1), the single-context path of every Kontext pipeline.
     """
+    import torch
+
+    from . import sampling
+
     if len(sizes) == 1:
         w, h = sizes[0]
         return sampling.image_ids(h, w, index=1, device=device)

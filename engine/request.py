@@ -14,15 +14,19 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
 from .buckets import MAX_REFERENCES, MULTIPLE, ShapeKey, edit_key
 from .config import DEFAULT_GUIDANCE
 from .errors import ConfigError
 from .images import load_image
+from .prompts import check_prompt
 from .references import DEFAULT_PLACEMENT, check_placement
+
+if TYPE_CHECKING:  # EditRequest is checked without torch: the CLI makes one before loading anything
+    import torch
 
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100.0
@@ -75,8 +79,7 @@ class EditRequest:
                 f"image must be a PIL image or an EncodedImage, got {type(self.image).__name__} "
                 "(EditRequest.of decodes paths and bytes)"
             )
-        if not isinstance(self.prompt, str):
-            raise ConfigError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        check_prompt(self.prompt)  # the rules of every API (prompts.py)
         if self.steps is not None and not 1 <= self.steps <= MAX_STEPS:
             raise ConfigError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         if not (math.isfinite(self.guidance) and 0.0 <= self.guidance <= MAX_GUIDANCE):

@@ -62,7 +62,7 @@ def test_size_override(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["edit", "/no/such/image.png"], "no such file"),
+        (["edit", "/no/such/image.png", "a hat"], "no such file"),
         (["edit", "--steps", "0"], "steps must be"),
         (["edit", "--size", "100x64"], "multiples of 16"),
         (["edit", "--model", "/no/such/model"], "hf download"),
@@ -101,7 +101,7 @@ def test_edit_serve_and_bench_share_the_model_defaults(model):
     """Steps: one rule (runtime.default_steps, the preset's value) behind edit, serve and bench; guidance
     and prompt: config's. `serve --model full` once ran 8 steps where `edit --model full` ran 28."""
     p = build_parser()
-    edit = p.parse_args(["edit", "--model", model])
+    edit = p.parse_args(["edit", "--model", model, "", "a hat"])
     serve = p.parse_args(["serve", "--model", model, "--no-auth"])
     bench = p.parse_args(["bench", "--model", model, "--device", "cpu"])
     want = PRESETS[model].default_steps
@@ -112,7 +112,7 @@ def test_edit_serve_and_bench_share_the_model_defaults(model):
     request = edit_request(edit, sample_image_path())
     assert request.steps is None and request.resolved(want).steps == want  # the engine fills it in
     assert edit.guidance == bench.guidance == request.guidance == settings_module.DEFAULT_GUIDANCE == 2.5
-    assert edit.prompt == bench.prompt == DEFAULT_PROMPT
+    assert bench.prompt == DEFAULT_PROMPT and p.parse_args(["edit"]).prompt is None  # edit: the demo fills it
     assert (
         serve_settings(p.parse_args(["serve", "--model", model, "--no-auth", "--steps", "3"])).default_steps
         == 3
@@ -120,14 +120,14 @@ def test_edit_serve_and_bench_share_the_model_defaults(model):
 
 
 def test_a_build_and_local_weights_default_to_their_model_steps(tiny_build, tmp_path, capsys):
-    """`--engine build/tiny`: edit, serve and the loaded engine all run the tiny preset's 8 steps (serve
+    """`--build build/tiny`: edit, serve and the loaded engine all run the tiny preset's 8 steps (serve
     once ran 28); a local diffusers folder: its kontext.json's, else the real model's 28."""
-    serve = build_parser().parse_args(["serve", "--engine", str(tiny_build), "--no-auth"])
+    serve = build_parser().parse_args(["serve", "--build", str(tiny_build), "--no-auth"])
     assert default_steps(tiny_build) == serve_settings(serve).default_steps == SYNTHETIC_STEPS
     with load(tiny_build) as kontext:
         assert kontext.default_steps == SYNTHETIC_STEPS
     out = tmp_path / "out.png"
-    assert main(["edit", "--engine", str(tiny_build), "--no-progress", "-o", str(out)]) == 0
+    assert main(["edit", "--build", str(tiny_build), "--no-progress", "-o", str(out)]) == 0
     meta = read_png_metadata(out)
     assert meta["steps"] == str(SYNTHETIC_STEPS) and meta["engine"] == tiny_build.name
     assert str(tiny_build.parent) not in capsys.readouterr().out + "".join(meta.values())

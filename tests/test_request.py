@@ -34,7 +34,10 @@ def test_defaults_and_resolution() -> None:
         ("num_images", MAX_IMAGES + 1, "num_images must be between"),
         ("placement", "left", "placement must be one of"),
         ("references", (_img(),) * 4, "at most 3 reference images"),
-        ("prompt", None, "prompt must be a string"),
+        ("prompt", None, "a prompt is required"),
+        ("prompt", 7, "prompt must be a string"),
+        ("prompt", " ", "the prompt is empty"),
+        ("prompt", "x" * 4097, "over the limit of 4096"),
     ],
 )
 def test_refuses_bad_values(field: str, value: object, words: str) -> None:

@@ -2,7 +2,9 @@
 environment are read (this package: parser.py parses, one module per command runs it).
 
 Every failure the user can fix is one line on stderr and exit status 2, never a traceback. A request or
-output flagged by the content filters is one line and exit status 3, with nothing written.
+output flagged by the content filters is one line and exit status 3, with nothing written. Each command
+checks what the user typed before it imports torch, diffusers or transformers (a mistake is answered in
+a fraction of a second), and quiets third-party noise unless -v.
 """
 
 from __future__ import annotations
@@ -27,13 +29,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    quiet_third_party(args.verbose)
+    for flag in getattr(args, "deprecated_flags", None) or ():
+        logging.getLogger("engine.cli").warning(
+            "%s is deprecated: spell it --build (the one name of a build folder)", flag
+        )
     try:
         if args.command == "edit":
             return edit_command(args)
         if args.command == "info":
+            quiet_third_party(args.verbose)
             return info_command(args)
         if args.command == "build":
+            quiet_third_party(args.verbose)
             return build_command(args)
         if args.command == "bench":
             return bench_command(args)

@@ -7,14 +7,23 @@ import argparse
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from .common import resolve_device
-from .parser import parse_size
+from .common import load_options, quiet_third_party, resolve_device
+from .parser import DEFAULT_MODEL, parse_size
 
 if TYPE_CHECKING:
     from ..bench import BenchConfig
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    from ..prompts import check_prompt
+
+    if load_options(args).vram is not None:  # the light checks first
+        raise ConfigError(
+            "kontext bench times resident contestants; the memory plans are timed by "
+            "`python -m benchmarks.memory_phase --vram 24,16` (docs/memory.md)"
+        )
+    check_prompt(args.prompt)
+    quiet_third_party(args.verbose)
     from ..bench import BenchRun, run_bench, write_results
 
     config = bench_config(args)
@@ -31,18 +40,18 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
-    """BenchConfig of `kontext bench`'s flags; steps: the model's default (runtime.default_steps)."""
+    """BenchConfig of `kontext bench`'s flags; steps: the model's default (runtime.default_steps).
+    Its load flags are edit's source, device and context parallelism (parser.add_load_flags, read through
+    common.load_options); the torch modes, levers and dtypes are named per contestant."""
     from ..bench import BenchConfig
     from ..runtime import default_steps
 
     def names(text: str | None) -> tuple[str, ...] | None:
         return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
 
-    if getattr(args, "vram", None) is not None:
-        raise ConfigError(
-            "kontext bench times resident contestants; the memory plans are timed by "
-            "`python -m benchmarks.memory_phase --vram 24,16` (docs/memory.md)"
-        )
+    options = load_options(args)
+    model = args.model or DEFAULT_MODEL
+    device = resolve_device(options.device)
     try:
         bucket_list = (
             None if args.buckets is None else tuple(parse_size(s) for s in names(args.buckets) or ())
@@ -50,16 +59,14 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     except argparse.ArgumentTypeError as e:
         raise ConfigError(f"--buckets: {e}") from None
     return BenchConfig(
-        model=args.model,
-        steps=args.steps if args.steps is not None else default_steps(args.model),
+        model=model,
+        steps=args.steps if args.steps is not None else default_steps(model),
         repeats=args.repeats,
         warmup=args.warmup,
         buckets=bucket_list or None,
-        contestants=_with_context_parallel(
-            names(args.contestants), args.context_parallel, resolve_device(args.device)
-        ),
-        build_dir=args.build_dir,
-        device=resolve_device(args.device),
+        contestants=_with_context_parallel(names(args.contestants), options.context_parallel, device),
+        build_dir=args.build,
+        device=device,
         prompt=args.prompt,
         image=args.image,
         seed=args.seed,
@@ -77,8 +84,6 @@ def _with_context_parallel(
     """The bench's contestants plus a +cpN twin of each torch one, timed side by side (n > 1)."""
     if n == 1:
         return chosen
-    if n < 1:
-        raise ConfigError(f"--context-parallel must be 1 (off) or more processes, got {n}")
     import torch
 
     from ..bench.runner import default_contestants

@@ -31,7 +31,7 @@ def build_command(args: argparse.Namespace) -> int:
     )
     m = build(
         args.model,
-        out_dir=args.out,
+        out_dir=args.build,
         precisions=precisions,
         family=args.family,
         backend=args.backend,

@@ -7,47 +7,52 @@ import argparse
 import logging
 import sys
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import LoadOptions
 from ..errors import ConfigError
-from .common import resolve_device, safety_and_signer, vram_option
+from .common import (
+    load_args,
+    load_options,
+    load_source,
+    quiet_third_party,
+    safety_and_signer,
+    save_compile_cache,
+)
 
 if TYPE_CHECKING:
     from ..serve.settings import ServeSettings
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    """`kontext serve`: the engine loads (and warms up) in the background; /readyz turns 200 after."""
-    from ..serve.keys import KeyRing
-
+    """`kontext serve`: the engine loads (and warms up) in the background; /readyz turns 200 after.
+    Its load flags are edit's (parser.add_load_flags, common.load_args): the compiled and FP8 torch
+    paths, levers, LoRAs, threads and dtype serve as they edit."""
     if args.keys is None and not args.no_auth:
         raise ConfigError(
             "kontext serve needs --keys FILE (from `kontext keys new --file FILE`) or --no-auth"
         )
-    source = _serve_source(args)
+    load_options(args)  # the light checks first: flags, the build folder
+    load_source(args)
+    quiet_third_party(args.verbose)
+    from ..serve.keys import KeyRing
+
+    plan = load_args(args)
     settings = serve_settings(args)
     keys = KeyRing.load(args.keys) if args.keys is not None else None
-    device = resolve_device(args.device)
     policy, signer = safety_and_signer(args)
     if args.verbose == 0:
         logging.getLogger("engine.serve").setLevel(logging.INFO)  # recoveries, drains, reaps
-    load_options = LoadOptions(
-        backend=args.backend,
-        precision=args.precision,
-        device=device,
-        miss_policy=args.miss_policy,
-        dtype=args.dtype,
-        context_parallel=args.context_parallel,
-        vram=vram_option(args),
-    )
     if args.ray:
+        from ..backends.torch_options import TorchOptions
         from ..serve.ray_app import RayOptions, run_ray
 
-        if args.context_parallel > 1:
+        if plan.options.context_parallel > 1:
             raise ConfigError("--context-parallel runs in the local server: drop --ray or --context-parallel")
-
+        if plan.loras or plan.torch_options != TorchOptions():
+            raise ConfigError(
+                "kontext serve --ray takes no --lora, --levers or --compile-cache yet: drop them"
+            )
+        device = plan.options.device
         gpus = (
             args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
         )
@@ -65,7 +70,7 @@ def serve_command(args: argparse.Namespace) -> int:
         if signer is not None:
             raise ConfigError("kontext serve --ray does not sign outputs yet; drop --c2pa-cert/--c2pa-key")
         safety = policy.names[0] if policy is not None and policy.names else None
-        return run_ray(settings, str(source), load_options, options, keys, safety=safety)
+        return run_ray(settings, str(plan.source), plan.options, options, keys, safety=safety)
 
     from ..serve.editor import LocalEditor
     from ..serve.server import run
@@ -74,9 +79,15 @@ def serve_command(args: argparse.Namespace) -> int:
         from ..runtime import load
 
         kontext = load(
-            source, options=replace(load_options, workers=settings.workers), safety=policy, signer=signer
+            plan.source,
+            options=replace(plan.options, workers=settings.workers),
+            safety=policy,
+            signer=signer,
+            torch_options=plan.torch_options,
+            loras=plan.loras,
         )
         kontext.warmup()
+        save_compile_cache(kontext)  # every served shape compiled: the next start skips the compiles
         return LocalEditor(kontext)
 
     print(
@@ -85,14 +96,9 @@ def serve_command(args: argparse.Namespace) -> int:
     return run(settings, editor, keys)
 
 
-def _serve_source(args: argparse.Namespace) -> str | Path:
-    """What `kontext serve` loads: --engine, else --model (default tiny)."""
-    return args.engine if args.engine is not None else (args.model or "tiny")
-
-
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
     """ServeSettings of `kontext serve`'s flags; default steps: the model's (runtime.default_steps),
-    the same value `kontext edit` runs for the same --model or --engine."""
+    the same value `kontext edit` runs for the same --model or --build."""
     from ..runtime import default_steps
     from ..serve.settings import ServeSettings
 
@@ -111,7 +117,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         review=args.review,
         drain_timeout=args.drain_timeout,
         public_url=args.public_url,
-        default_steps=args.steps if args.steps is not None else default_steps(_serve_source(args)),
+        default_steps=args.steps if args.steps is not None else default_steps(load_source(args)),
     )
 
 
@@ -129,6 +135,9 @@ def loadtest_command(args: argparse.Namespace) -> int:
 
     from ..assets import sample_image_path
     from ..bench.loadtest import LoadConfig, run_loadtest, write_report
+
+    if args.verbose == 0:
+        logging.getLogger("engine.bench.loadtest").setLevel(logging.INFO)  # one line per phase: progress
 
     image = args.image or sample_image_path()
     config = LoadConfig(

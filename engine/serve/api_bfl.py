@@ -12,8 +12,9 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import ImageError
+from ..errors import ConfigError, ImageError
 from ..images import load_image
+from ..prompts import check_prompt
 from . import jobs as J
 from .deps import ServiceDep, User, base_url
 from .inputs import InputError, image_bytes, output_size
@@ -44,6 +45,7 @@ def input_file(service: Service, value: str, field: str, owner: str) -> bytes:
 def submit(service: Service, body: KontextRequest, request: Request, owner: str) -> AsyncResponse:
     check_accepting(service, owner)
     settings = service.settings
+    _check_prompt(service, body.prompt)
     try:
         if body.prompt_upsampling:
             raise InputError(
@@ -90,6 +92,14 @@ def submit(service: Service, body: KontextRequest, request: Request, owner: str)
     )
     job_id = admit(service, owner, params, image, references=references)
     return AsyncResponse(id=job_id, polling_url=polling_url(base, job_id))
+
+
+def _check_prompt(service: Service, prompt: str) -> None:
+    """The rules of every API (prompts.py), refused as this API's 422."""
+    try:
+        check_prompt(prompt)
+    except ConfigError as e:
+        raise refuse(service, "invalid", 422, str(e)) from None
 
 
 @router.post("/v1/flux-kontext-dev", response_model=AsyncResponse, tags=["Models"])
@@ -147,7 +157,7 @@ async def edit_sync(
     user: User,
     service: ServiceDep,
     image: Annotated[UploadFile, File(description="PNG, JPEG or WebP")],
-    prompt: Annotated[str, Form(min_length=1, max_length=MAX_PROMPT_CHARS)],
+    prompt: Annotated[str, Form(description=f"the edit instruction, 1 to {MAX_PROMPT_CHARS} characters")],
     seed: Annotated[int | None, Form(ge=0, le=MAX_SEED)] = None,
     steps: Annotated[int | None, Form(ge=STEPS_RANGE[0], le=STEPS_RANGE[1])] = None,
     guidance: Annotated[float | None, Form(ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1])] = None,
@@ -155,6 +165,7 @@ async def edit_sync(
     """Multipart edit that answers with the PNG itself (for curl). It goes through the same queue; if
     the edit takes longer than the server's sync timeout the answer is 202 with a polling URL."""
     check_accepting(service, user.owner)
+    _check_prompt(service, prompt)
     data = await image.read()
     try:
         await run_in_threadpool(load_image, data)

@@ -30,8 +30,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
 from ..buckets import MAX_REFERENCES, nearest_bucket
-from ..errors import ImageError
+from ..errors import ConfigError, ImageError
 from ..images import load_image
+from ..prompts import check_prompt
 from . import jobs as J
 from .deps import ServiceDep, User, base_url
 from .params import MAX_SEED, job_params
@@ -208,9 +209,10 @@ async def images_edits(request: Request, user: User, service: ServiceDep) -> JSO
                 "mask is not supported: FLUX.1 Kontext edits by instruction; "
                 "say in the prompt what to change",
             )
-        prompt = _text(service, form, "prompt")
-        if not prompt or len(prompt) > MAX_PROMPT_CHARS:
-            raise _invalid(service, "prompt", f"prompt is required, 1 to {MAX_PROMPT_CHARS} characters")
+        try:  # the rules of every API (prompts.py)
+            prompt = check_prompt(_text(service, form, "prompt"))
+        except ConfigError as e:
+            raise _invalid(service, "prompt", str(e)) from None
         n = _number(service, form, "n", int, 1, MAX_N) or 1
         response_format = _text(service, form, "response_format", "b64_json")
         if response_format not in RESPONSE_FORMATS:

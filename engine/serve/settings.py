@@ -9,12 +9,12 @@ from pathlib import Path
 
 from ..config import DEFAULT_GUIDANCE as DEFAULT_GUIDANCE  # the edit defaults: config owns them
 from ..errors import ConfigError
+from ..prompts import MAX_PROMPT_CHARS as MAX_PROMPT_CHARS  # prompts.py owns the prompt rules
 
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
 
 # Ranges of the request fields (BFL's where BFL has one; steps and guidance as cog-flux-kontext).
 # Their defaults are the model's: ModelPreset.default_steps and config.DEFAULT_GUIDANCE.
-MAX_PROMPT_CHARS = 4096
 STEPS_RANGE = (1, 50)
 GUIDANCE_RANGE = (0.0, 10.0)
 
