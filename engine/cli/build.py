@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 
 def build_command(args: argparse.Namespace) -> int:
@@ -16,11 +17,15 @@ def build_command(args: argparse.Namespace) -> int:
     if args.verbose == 0:
         logging.getLogger("engine.builder").setLevel(logging.INFO)  # one line per stage
     precisions = tuple(p.strip() for v in (args.precision or []) for p in v.split(",") if p.strip()) or None
+
+    def given(**values: object) -> dict[str, Any]:  # a flag left unset keeps its dataclass's default
+        return {k: v for k, v in values.items() if v is not None}
+
     options = BuildOptions(
-        opset=args.opset,
-        calibration=CalibrationSpec(edits=args.calib_samples, steps=args.calib_steps),
+        **given(opset=args.opset),
+        calibration=CalibrationSpec(**given(edits=args.calib_samples, steps=args.calib_steps)),
         tensorrt=TensorRTOptions(
-            profiles=args.profiles, opt_level=args.opt_level, workspace_gb=args.workspace_gb
+            **given(profiles=args.profiles, opt_level=args.opt_level, workspace_gb=args.workspace_gb)
         ),
         fp8_attention=args.fp8_attention,
         device=args.device,

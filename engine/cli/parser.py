@@ -271,17 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--family", default=None, help="bucket family (default: the preset's, e.g. tiny)")
     k.add_argument("--backend", default="auto", choices=BUILD_BACKENDS, help="what the artifacts run on")
     k.add_argument("--force", action="store_true", help="rebuild every stage")
-    k.add_argument("--opset", type=int, default=20, help="ONNX opset")
+    k.add_argument("--opset", type=int, default=None, help="ONNX opset (default: BuildOptions')")
     k.add_argument(
         "--profiles",
-        default="dynamic",
+        default=None,
         choices=PROFILE_MODES,
         help="TensorRT: one dynamic profile per family (one weight copy; default) or a static one per key",
     )
-    k.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
-    k.add_argument("--workspace-gb", type=float, default=8.0, help="TensorRT workspace limit in GiB")
-    k.add_argument("--calib-samples", type=int, default=32, help="calibration edits (image, instruction)")
-    k.add_argument("--calib-steps", type=int, default=4, help="sampling steps per calibration edit")
+    # None: the dataclass's default (BuildOptions, CalibrationSpec, TensorRTOptions; the parser imports
+    # no torch, so it cannot read them): build_command passes only the flags given.
+    k.add_argument("--opt-level", type=int, default=None, help="TensorRT builder optimization level, 0-5")
+    k.add_argument("--workspace-gb", type=float, default=None, help="TensorRT workspace limit in GiB")
+    k.add_argument("--calib-samples", type=int, default=None, help="calibration edits (image, instruction)")
+    k.add_argument("--calib-steps", type=int, default=None, help="sampling steps per calibration edit")
     k.add_argument("--fp8-attention", action="store_true", help="fp8: quantize attention too (Hopper)")
     k.add_argument("--device", default=None, help="calibration's device (default: cuda, bf16; else cpu)")
     k.add_argument(
