@@ -229,7 +229,8 @@ class LoadOptions:
     plans kept loaded (None: 80% of the GPU's memory); plans of other families are evicted LRU.
     dtype: fp32 | bf16 of the torch path's weights (None: bf16 on CUDA, fp32 on a CPU; bf16 pays on CPUs
     with AMX or AVX512-BF16). context_parallel: processes each torch forward is split over
-    (engine/distributed; 1: off).
+    (engine/distributed; 1: off). cache: the step cache of every edit that names none (engine/caching;
+    `NAME[:key=value,...]` or a preset; None or "off": no cache).
     """
 
     backend: str | None = None
@@ -242,8 +243,13 @@ class LoadOptions:
     plan_memory_budget: int | None = None
     dtype: str | None = None
     context_parallel: int = 1
+    cache: str | None = None  # the engine's default step cache (engine/caching spec); None: off
 
     def __post_init__(self) -> None:
+        if self.cache is not None:
+            from .caching import parse_cache_spec
+
+            parse_cache_spec(self.cache)  # one line ConfigError on a bad spec, before any weights
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.context_parallel < 1:

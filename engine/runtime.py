@@ -32,6 +32,7 @@ from .backends.inputs import dummy_inputs
 from .backends.torch import TorchDenoiser, default_dtype, torch_denoiser
 from .backends.torch_options import TORCH_MODES, TorchOptions
 from .buckets import ShapeKey, family_shape_keys
+from .caching import CacheSpec, parse_cache_spec, refuse_unsplit
 from .config import DEFAULT_STEPS, PRESETS, LoadOptions, is_synthetic
 from .dispatch import MISS_POLICIES, Dispatcher, DispatchStats, served_buckets
 from .distributed import check_context_parallel, context_parallel_denoiser
@@ -70,8 +71,10 @@ class KontextEngine:
         manifest: Manifest | None = None,
         safety: SafetyPolicy | None = None,
         signer: ProvenanceSigner | None = None,
+        cache: CacheSpec | None = None,
     ) -> None:
-        """safety: the content policy edit() applies (None: off); signer: C2PA signing for save()."""
+        """safety: the content policy edit() applies (None: off); signer: C2PA signing for save();
+        cache: the step cache of every edit whose request names none (None: off)."""
         if workers < 1:
             raise ConfigError(f"workers must be at least 1, got {workers}")
         self.components = components
@@ -88,6 +91,7 @@ class KontextEngine:
             safety = SafetyPolicy()
         self.safety = safety
         self.signer = signer
+        self.cache = cache if cache is not None and cache.enabled else None
         self.outputs = OutputWriter(
             model=components.preset.name,  # "kontext-dev" for local weights: never a local path
             weights_id=components.weights_id,
@@ -183,6 +187,8 @@ class KontextEngine:
         else:
             request = EditRequest.of(request, prompt, **knobs)
         request = request.resolved(self.default_steps)
+        if request.cache is None and self.cache is not None:
+            request = replace(request, cache=self.cache)  # the engine's default step cache
         # safety: before any encoder, transformer or VAE work
         self.safety.check_request(request.prompt, request.input_images)
         key = request.shape_key(self.family, self.components.preset.max_sequence_length)
@@ -377,6 +383,7 @@ def load(
     plan_memory_budget: int | None = None,
     dtype: str | None = None,
     context_parallel: int = 1,
+    cache: str | None = None,
     safety: SafetyPolicy | str | None = None,
     signer: ProvenanceSigner | None = None,
     loras: Sequence[LoraSpec | str] = (),
@@ -404,6 +411,7 @@ def load(
         plan_memory_budget=plan_memory_budget,
         dtype=dtype,
         context_parallel=context_parallel,
+        cache=cache,
     )
     if options is not None and keywords != LoadOptions():
         raise ConfigError("pass the load options either as options=LoadOptions(...) or as keywords, not both")
@@ -415,6 +423,10 @@ def load(
     from .safety.policy import resolve_policy
 
     policy = resolve_policy(safety, synthetic=is_synthetic(r.model))  # before the weights: fail fast
+    cache_spec = parse_cache_spec(r.options.cache)
+    graphs = torch_options is not None and torch_options.cuda_graphs
+    if r.options.backend != "torch" or r.options.context_parallel > 1 or graphs:  # one-piece forwards
+        refuse_unsplit(cache_spec, f"{r.options.backend} (context_parallel={r.options.context_parallel})")
     components = load_components(r.model, dtype=r.dtype, device=r.device)
     if loras:
         components = fuse_loras(components, [LoraSpec.parse(x) if isinstance(x, str) else x for x in loras])
@@ -436,6 +448,7 @@ def load(
         manifest=r.manifest,
         safety=policy,
         signer=signer,
+        cache=cache_spec,
     )
 
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "engine"
 LAYERS: dict[str, tuple[str, ...]] = {
     "base": ("engine.errors", "engine.version", "engine.files", "engine.config", "engine.metrics",
              "engine.flops", "engine.assets", "engine.buckets", "engine.sampling", "engine.images",
-             "engine.references", "engine.request", "engine.manifest", "engine.safety"),
+             "engine.references", "engine.request", "engine.manifest", "engine.safety", "engine.caching"),
     "model": ("engine.model", "engine.prompt_cache"),
     "compute": ("engine.kernels", "engine.backends", "engine.distributed"),
     "pipeline": ("engine.pipeline", "engine.dispatch", "engine.calibration"),
