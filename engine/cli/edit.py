@@ -52,6 +52,7 @@ def edit_command(args: argparse.Namespace) -> int:
         torch_mode=args.torch_mode,
         dtype=args.dtype,
         context_parallel=args.context_parallel,
+        cache=args.cache,
     )
     progress = not args.no_progress
     with load(
@@ -128,7 +129,9 @@ def _save(
         review_dir=args.review_dir,
         extra=extra,
     )
-    what = f"{result.size[0]}x{result.size[1]}, {len(result.step_times)} steps, " + (
+    steps = len(result.step_times)
+    computed = f", {result.steps_computed} computed" if result.cache else ""  # a step cache ran
+    what = f"{result.size[0]}x{result.size[1]}, {steps} steps{computed}, " + (
         f"{result.timings['total']:.2f}s, {result.backend}" + (", C2PA-signed" if saved.signed else "")
     )
     if saved.held:

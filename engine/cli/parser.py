@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "written after the edits, so the next process skips the compiles",
     )
     _safety_flags(e)
+    add_cache_flag(e)
 
     b = sub.add_parser("bench", help="time diffusers, torch and the built engines on the same edits")
     b.add_argument("--model", default="tiny", help=MODEL_HELP)
@@ -249,6 +250,7 @@ def _serve_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     s.add_argument("--max-replicas", type=int, default=None, help="--ray: autoscale from 1 up to this")
     s.add_argument("--gpus-per-replica", type=float, default=None, help="--ray: default 1 with CUDA, else 0")
     s.add_argument("--address", default=None, help="--ray: a Ray cluster (default: start a local one)")
+    add_cache_flag(s, server=True)
 
     k = sub.add_parser("keys", help="manage the server's API keys")
     ksub = k.add_subparsers(dest="keys_command", required=True)
@@ -268,6 +270,24 @@ def _serve_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     lt.add_argument("--open-seconds", type=float, default=20.0, help="seconds per open-loop rate")
     lt.add_argument("--pid", type=int, default=None, help="the server's process id, for its RSS slope")
     lt.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results root folder")
+
+
+def add_cache_flag(p: argparse.ArgumentParser, *, server: bool = False) -> None:
+    """--cache SPEC: the step cache (docs/caching.md); a bad spec is one line and exit status 2 at load."""
+    from ..caching import PRESETS
+
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="SPEC",
+        help=(
+            "every edit's step cache (neither BFL's nor OpenAI's API has the field): "
+            if server
+            else "step cache: "
+        )
+        + f"off, a preset ({', '.join(PRESETS)}) or NAME[:key=value,...] with NAME fbc | taylorseer | "
+        "magcache, e.g. magcache:threshold=0.05,ratios=kontext (default off)",
+    )
 
 
 def _torch_path_flags(p: argparse.ArgumentParser) -> None:

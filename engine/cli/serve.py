@@ -40,6 +40,7 @@ def serve_command(args: argparse.Namespace) -> int:
         miss_policy=args.miss_policy,
         dtype=args.dtype,
         context_parallel=args.context_parallel,
+        cache=args.cache,
     )
     if args.ray:
         from ..serve.ray_app import RayOptions, run_ray
