@@ -235,6 +235,8 @@ class LoadOptions:
     with AMX or AVX512-BF16). context_parallel: processes each torch forward is split over
     (engine/distributed; 1: off). vram: plan memory for a card of this many GiB (2^30 bytes), or "auto"
     (the device's own); None: no plan, everything on the device (engine/memory, docs/memory.md).
+    cache: the step cache of every edit that names none (engine/caching; `NAME[:key=value,...]` or a
+    preset; None or "off": no cache).
     """
 
     backend: str | None = None
@@ -248,6 +250,7 @@ class LoadOptions:
     dtype: str | None = None
     context_parallel: int = 1
     vram: float | str | None = None
+    cache: str | None = None  # the engine's default step cache (engine/caching spec); None: off
 
     def __post_init__(self) -> None:
         """Every check of a load's options, here once: runtime.load, the engine and the dispatcher
@@ -260,6 +263,10 @@ class LoadOptions:
             raise ConfigError(
                 f"miss_policy must be one of {', '.join(MISS_POLICIES)}, got {self.miss_policy!r}"
             )
+        if self.cache is not None:
+            from .caching import parse_cache_spec
+
+            parse_cache_spec(self.cache)  # one line ConfigError on a bad spec, before any weights
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.context_parallel < 1:

@@ -111,8 +111,9 @@ class OutputWriter:
         include_prompt: bool = True,
         extra: Mapping[str, str | None] | None = None,
     ) -> dict[str, str]:
-        """The text metadata of image `index` of `result`: disclosure, model, weights, seed, steps,
-        guidance, backend, size, build, source file name, the prompt when `include_prompt`, `extra`."""
+        """The text metadata of image `index` of `result`: disclosure, model, weights, seed, steps (and
+        with a step cache, the steps computed and the cache), guidance, backend, size, build, source file
+        name, the prompt when `include_prompt`, `extra`."""
         r = result.request
         return output_metadata(
             self.model,
@@ -120,6 +121,8 @@ class OutputWriter:
             include_prompt=include_prompt,
             seed=result.seeds[index],
             steps=r.steps if r is not None else None,
+            steps_computed=result.steps_computed if result.cache else None,  # only when a cache ran
+            cache=result.cache or None,
             guidance=r.guidance if r is not None else None,
             weights=self.weights_id,
             backend=result.backend,

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import sampling
 from .backends import Denoiser
 from .buckets import ShapeKey, buckets, nearest_bucket, reference_bucket
+from .caching import StepCache, new_step_cache
 from .config import ModelPreset
 from .errors import BucketError, ConfigError
 from .images import resize_to, to_pil, to_tensor
@@ -46,6 +47,8 @@ class EditResult:
     seeds: list[int] = field(default_factory=list)  # the seed of each image
     references: list[tuple[int, int]] = field(default_factory=list)  # (w, h) bucket of each reference
     request: EditRequest | None = None  # what was asked (steps resolved); output metadata reads it
+    steps_computed: int = 0  # full transformer passes per image (steps, less what a step cache skipped)
+    cache: str = ""  # the step cache that ran and its form, e.g. "magcache-kontext (residual)"; "": none
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -63,6 +66,9 @@ def combine_results(results: Sequence[EditResult]) -> EditResult:
     for r in results:
         for stage, seconds in r.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
+    computed = round(sum(r.steps_computed for r in results) / len(results))  # per image
+    if "steps_computed" in timings:
+        timings["steps_computed"] = float(computed)
     return EditResult(
         first.image,
         torch.cat([r.latents for r in results], dim=0),
@@ -76,6 +82,8 @@ def combine_results(results: Sequence[EditResult]) -> EditResult:
         seeds=[s for r in results for s in r.seeds],
         references=first.references,
         request=first.request if first.request is None else replace(first.request, num_images=len(results)),
+        steps_computed=computed,
+        cache=first.cache,
     )
 
 
@@ -99,9 +107,13 @@ class PreparedEdit:
     references: tuple[tuple[int, int], ...] = ()  # (w, h) bucket of each reference image
 
     def denoise(
-        self, denoiser: sampling.DenoiseFn, callback: sampling.StepCallback | None = None
+        self,
+        denoiser: sampling.DenoiseFn,
+        callback: sampling.StepCallback | None = None,
+        cache: StepCache | None = None,
     ) -> torch.Tensor:
-        """Run the sampling loop over this edit with `denoiser` -> final latents [B, N, 64]."""
+        """Run the sampling loop over this edit with `denoiser` (and this edit's step cache, if any)
+        -> final latents [B, N, 64]."""
         return sampling.denoise(
             denoiser,
             img=self.img,
@@ -114,6 +126,7 @@ class PreparedEdit:
             schedule=self.schedule,
             guidance=self.guidance,
             callback=callback,
+            cache=cache,
         )
 
 
@@ -330,17 +343,21 @@ class KontextPipeline:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         p = self.prepare(request, timings, key=key)
+        cache = new_step_cache(request.cache, denoiser, p.schedule.steps)  # this edit's alone
         with self._timed(timings, "denoise"), torch.inference_mode():
-            latents, step_times = self._denoise(p, denoiser, progress, callback)  # [B, N, 64]
+            latents, step_times = self._denoise(p, denoiser, progress, callback, cache)  # [B, N, 64]
+        computed = p.schedule.steps if cache is None else cache.computed
         with self._timed(timings, "vae_decode"):
             images = [self.decode(latents[i : i + 1], p.size) for i in range(latents.shape[0])]
         timings["total"] = time.perf_counter() - t_start
+        timings["steps_computed"] = float(computed)  # a count beside the seconds (bench and server read it)
         log.info(
-            "edit %dx%d, %d image(s), %d reference(s), %d steps, %.2fs (%s)",
+            "edit %dx%d, %d image(s), %d reference(s), %d steps, %d computed, %.2fs (%s)",
             *p.size,
             len(images),
             len(p.references),
             p.schedule.steps,
+            computed,
             timings["total"],
             denoiser.name,
         )
@@ -357,10 +374,17 @@ class KontextPipeline:
             seeds=list(p.seeds),
             references=list(p.references),
             request=request,
+            steps_computed=computed,
+            cache="" if cache is None else cache.label,
         )
 
     def _denoise(
-        self, p: PreparedEdit, denoiser: Denoiser, progress: bool, callback: sampling.StepCallback | None
+        self,
+        p: PreparedEdit,
+        denoiser: Denoiser,
+        progress: bool,
+        callback: sampling.StepCallback | None,
+        cache: StepCache | None = None,
     ) -> tuple[torch.Tensor, list[float]]:
         """The sampling loop with a progress bar and the seconds of each step (synchronized)."""
         step_times: list[float] = []
@@ -378,7 +402,7 @@ class KontextPipeline:
                 callback(i, n, latents)
 
         try:
-            return p.denoise(denoiser, on_step), step_times
+            return p.denoise(denoiser, on_step, cache), step_times
         finally:
             bar.close()
 

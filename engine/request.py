@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from .buckets import MAX_REFERENCES, MULTIPLE, ShapeKey, edit_key
+from .caching import CacheSpec, parse_cache_spec
 from .config import DEFAULT_GUIDANCE
 from .errors import ConfigError
 from .images import load_image
@@ -61,6 +62,8 @@ class EditRequest:
     steps None: the model's default (`ModelPreset.default_steps`; `resolved()` fills it in).
     size None: the output takes the input's bucket. references: up to 3 more images placed beside the
     input as `placement` says (references.py). num_images: seeds seed .. seed + num_images - 1, one batch.
+    cache: this edit's step cache (engine/caching; a spec text is parsed); None: the engine's default,
+    an "off" spec: no cache for this edit whatever the default.
     """
 
     image: Image.Image | EncodedImage
@@ -72,8 +75,13 @@ class EditRequest:
     references: tuple[Image.Image, ...] = ()
     placement: str = DEFAULT_PLACEMENT
     num_images: int = 1
+    cache: CacheSpec | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.cache, str):
+            object.__setattr__(self, "cache", parse_cache_spec(self.cache))
+        if self.cache is not None and not isinstance(self.cache, CacheSpec):
+            raise ConfigError(f"cache must be a spec text or a CacheSpec, got {type(self.cache).__name__}")
         if not isinstance(self.image, Image.Image | EncodedImage):
             raise ConfigError(
                 f"image must be a PIL image or an EncodedImage, got {type(self.image).__name__} "
@@ -114,6 +122,7 @@ class EditRequest:
         size: tuple[int, int] | None = None,
         placement: str = DEFAULT_PLACEMENT,
         num_images: int = 1,
+        cache: str | CacheSpec | None = None,
     ) -> EditRequest:
         """A request from files, bytes or images: paths and bytes are decoded and checked by
         images.load_image (format, size limits, EXIF orientation, RGB)."""
@@ -131,6 +140,7 @@ class EditRequest:
             references=tuple(decoded(r) for r in references),
             placement=placement,
             num_images=num_images,
+            cache=None if cache is None else parse_cache_spec(cache),
         )
 
     def resolved(self, default_steps: int) -> EditRequest:

@@ -32,6 +32,7 @@ from .backends import GraphCapturing
 from .backends.inputs import dummy_inputs
 from .backends.torch_options import TorchOptions
 from .buckets import ShapeKey, family_shape_keys
+from .caching import CacheSpec, parse_cache_spec, refuse_unsplit
 from .config import LoadOptions, is_synthetic
 from .dispatch import Dispatcher, DispatchStats, served_buckets
 from .distributed import check_context_parallel
@@ -73,9 +74,11 @@ class KontextEngine:
         manifest: Manifest | None = None,
         safety: SafetyPolicy | None = None,
         signer: ProvenanceSigner | None = None,
+        cache: CacheSpec | None = None,
     ) -> None:
-        """safety: the content policy edit() applies (None: off); signer: C2PA signing for save().
-        workers: LoadOptions.workers (checked there)."""
+        """safety: the content policy edit() applies (None: off); signer: C2PA signing for save();
+        cache: the step cache of every edit whose request names none (None: off). workers:
+        LoadOptions.workers (checked there)."""
         self.components = components
         self.dispatcher = dispatcher
         self.device = device
@@ -90,6 +93,7 @@ class KontextEngine:
             safety = SafetyPolicy()
         self.safety = safety
         self.signer = signer
+        self.cache = cache if cache is not None and cache.enabled else None
         self.outputs = OutputWriter(
             model=components.preset.name,  # "kontext-dev" for local weights: never a local path
             weights_id=components.weights_id,
@@ -193,6 +197,8 @@ class KontextEngine:
         else:
             request = EditRequest.of(request, prompt, **knobs)
         request, key = plan_edit(request, self.components.preset, self.family)
+        if request.cache is None and self.cache is not None:
+            request = replace(request, cache=self.cache)  # the engine's default step cache
         # safety: before any encoder, transformer or VAE work
         self.safety.check_request(request.prompt, request.input_images)
         # One batch where the engine serves it (torch serves any); else one seed at a time at batch 1.
@@ -300,6 +306,7 @@ def load(
     plan_memory_budget: int | None = _DEFAULTS.plan_memory_budget,
     dtype: str | None = _DEFAULTS.dtype,
     context_parallel: int = _DEFAULTS.context_parallel,
+    cache: str | None = _DEFAULTS.cache,
     safety: SafetyPolicy | str | None = None,
     signer: ProvenanceSigner | None = None,
     loras: Sequence[LoraSpec | str] = (),
@@ -334,6 +341,7 @@ def load(
         dtype=dtype,
         context_parallel=context_parallel,
         vram=None if isinstance(vram, MemoryPlan) else vram,
+        cache=cache,
     )
     if options is not None and keywords != LoadOptions():
         raise ConfigError("pass the load options either as options=LoadOptions(...) or as keywords, not both")
@@ -345,6 +353,10 @@ def load(
     from .safety.policy import resolve_policy
 
     policy = resolve_policy(safety, synthetic=is_synthetic(r.model))  # before the weights: fail fast
+    cache_spec = parse_cache_spec(r.options.cache)
+    graphs = torch_options is not None and torch_options.cuda_graphs
+    if r.options.backend != "torch" or r.options.context_parallel > 1 or graphs:  # one-piece forwards
+        refuse_unsplit(cache_spec, f"{r.options.backend} (context_parallel={r.options.context_parallel})")
     from .memory.planning import plan_load
 
     plan = plan_load(r.model, r.options, torch_options, manifest=r.manifest, given=given_plan)  # or refuse
@@ -373,6 +385,7 @@ def load(
         manifest=r.manifest,
         safety=policy,
         signer=signer,
+        cache=cache_spec,
     )
     engine.memory_plan = plan
     return engine

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .buckets import MULTIPLE
+from .caching import StepCache
 
 LATENT_CHANNELS = 16
 
@@ -148,11 +149,14 @@ def denoise(
     schedule: Schedule,
     guidance: float,
     callback: StepCallback | None = None,
+    cache: StepCache | None = None,
 ) -> torch.Tensor:
     """Euler integration of the rectified flow from noise (sigma 1) to the image (sigma 0).
 
     img: [B, N, 64] noise; ctx: [B, M, 64] context tokens; txt: [B, L, D]; vec: [B, P] pooled.
     Each step the transformer sees img (+) ctx and the velocity of the first N tokens is kept.
+    cache: this edit's step cache (engine/caching), which decides each step whether the transformer
+    runs; None: it runs every step (the same code as before caching existed).
     Returns the final latents [B, N, 64] in the dtype of the denoiser's output.
     """
     b, n = img.shape[0], img.shape[1]
@@ -162,15 +166,17 @@ def denoise(
     for i in range(steps):
         t = schedule.timesteps[i]
         timestep = t.expand(b).to(img.dtype) / 1000  # [B]
-        v = denoiser(
-            hidden_states=torch.cat([img, ctx], dim=1),  # [B, N + M, 64]
-            img_ids=ids,
-            encoder_hidden_states=txt,
-            txt_ids=txt_ids,
-            pooled_projections=vec,
-            timestep=timestep,
-            guidance=guidance_vec,
-        )[:, :n]  # [B, N, 64]
+        inputs = {
+            "hidden_states": torch.cat([img, ctx], dim=1),  # [B, N + M, 64]
+            "img_ids": ids,
+            "encoder_hidden_states": txt,
+            "txt_ids": txt_ids,
+            "pooled_projections": vec,
+            "timestep": timestep,
+            "guidance": guidance_vec,
+        }
+        # [B, N, 64]
+        v = denoiser(**inputs)[:, :n] if cache is None else cache.velocity(i, denoiser, inputs, n)
         dt = schedule.sigmas[i + 1] - schedule.sigmas[i]
         img = (img.to(torch.float32) + dt * v).to(v.dtype)
         if callback is not None:

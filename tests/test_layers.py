@@ -14,7 +14,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "base": ("engine.errors", "engine.version", "engine.noise", "engine.prompts", "engine.files",
              "engine.config", "engine.metrics", "engine.flops", "engine.assets", "engine.buckets",
              "engine.sampling", "engine.images", "engine.references", "engine.request", "engine.manifest",
-             "engine.safety"),
+             "engine.safety", "engine.caching"),
     "model": ("engine.model", "engine.prompt_cache"),
     "compute": ("engine.kernels", "engine.backends", "engine.distributed", "engine.memory"),
     "pipeline": ("engine.pipeline", "engine.dispatch", "engine.calibration"),

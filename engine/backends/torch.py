@@ -24,6 +24,7 @@ import torch
 from ..errors import BackendUnavailableError, ConfigError
 from . import DenoiserBase
 from .fp8 import quantize_fp8, quantize_static
+from .stages import TorchStages
 from .torch_options import KERNEL_PREFIX, TorchOptions, check_options
 
 if TYPE_CHECKING:
@@ -54,6 +55,9 @@ class TorchDenoiser(DenoiserBase):
         self._call = call or (lambda inputs: velocity(transformer, inputs))
         self.compile_cache = compile_cache
         self.cache_loaded = cache_loaded  # the compile cache's blob was read at load (None: no cache)
+        # The split forward for step caches (caching/stages.py); a CUDA-graph replay (a `call`) is one
+        # capture of the whole forward, so it has none: residual caches refuse it in one line.
+        self.stages: TorchStages | None = TorchStages(transformer) if call is None else None
 
     @torch.inference_mode()
     def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # DENOISER_INPUTS -> [B, N + M, 64]

@@ -23,6 +23,7 @@ from ..backends import Denoiser, DenoiserBase
 from ..backends.fp8 import fp8_linears
 from ..backends.torch import TorchDenoiser, dtype_name, torch_denoiser, weight_sharing_copy, with_vae_lever
 from ..backends.torch_options import parse_spec
+from ..caching import CACHE_OFF, CacheSpec, parse_cache_spec
 from ..distributed import check_context_parallel, context_parallel_denoiser
 from ..errors import ConfigError
 from ..model.components import Components
@@ -38,6 +39,7 @@ BASELINE = "diffusers"
 TORCH_PREFIX = "torch-"  # torch-{eager|compile}[-fp32|-bf16][+lever...][+cache] or torch-fp8[+lever...]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # torch-<mode>-<dtype>
 CACHE_LEVER = "cache"  # bench-side lever: prompt embeddings cached across the contestant's edits
+STEP_CACHE = "cache="  # +cache=SPEC: a step cache (engine/caching); ';' stands for ',' inside SPEC
 CP_LEVER = "cp"  # bench-side lever cpN: each forward split over N processes (engine.distributed)
 ENGINES = "engines"  # every artifact of the manifest
 STAGES = ("text_encode", "vae_encode", "step", "denoise", "vae_decode", "total")
@@ -57,6 +59,7 @@ class Contestant:
     prompt_cache: bool = False  # keep prompt embeddings across its edits (a repeated prompt skips T5, CLIP)
     fp8_linears: frozenset[str] = frozenset()  # the Linears it runs in FP8 (for %peak's FLOP mix)
     fp8_attention: bool = False  # its attention matmuls run in FP8
+    step_cache: CacheSpec | None = None  # +cache=SPEC: its edits run this step cache (None: none)
 
     @property
     def is_baseline(self) -> bool:
@@ -71,6 +74,8 @@ class RunSample:
     step_times: list[float]
     image: Image.Image
     notes: dict[str, str] = field(default_factory=dict)  # stage -> how it was measured, where it differs
+    steps_computed: int | None = None  # full transformer passes per image (None: not known, diffusers)
+    latents: torch.Tensor | None = None  # [B, N, 64] final latents (cached vs uncached comparisons)
 
 
 class EditRunner(Protocol):
@@ -116,9 +121,22 @@ class PipelineRunner:
 
     def run(self, image: Image.Image, prompt: str, settings: EditRequest) -> RunSample:
         self.clock.drain()
-        result = self.pipe.edit(dataclasses.replace(settings, image=image, prompt=prompt), progress=False)
+        cache = self.contestant.step_cache or CACHE_OFF
+        request = dataclasses.replace(settings, image=image, prompt=prompt, cache=cache)
+        result = self.pipe.edit(request, progress=False)
         stages = {k: v for k, v in result.timings.items() if k in STAGES}
-        return RunSample(stages=stages, step_times=self.clock.drain(), image=result.image)
+        step_times, notes = self.clock.drain(), {}
+        if cache.enabled:  # a residual cache runs the split forward, which the clock does not see
+            step_times = result.step_times
+            notes["step"] = "every step of the loop, skipped ones included (step cache)"
+        return RunSample(
+            stages=stages,
+            step_times=step_times,
+            image=result.image,
+            notes=notes,
+            steps_computed=result.steps_computed,
+            latents=result.latents,
+        )
 
     def close(self) -> None:
         self.replay_denoiser.close()
@@ -188,6 +206,28 @@ def open_runner(
     if contestant.make_denoiser is None:
         return DiffusersRunner(contestant, components, device, dtype)
     return PipelineRunner(contestant, components, contestant.make_denoiser(), device, dtype)
+
+
+# --------------------------------------------------------------------------- step caches
+
+
+def split_step_cache(name: str) -> tuple[str, CacheSpec | None]:
+    """'torch-eager+cache=magcache-kontext' -> ('torch-eager', its CacheSpec); no +cache=: (name, None).
+
+    Contestant lists are comma separated, so a full spec writes ';' for its commas:
+    torch-eager+cache=magcache:threshold=0.05;max_skip_steps=4. Presets have no commas."""
+    head, sep, spec = name.partition("+" + STEP_CACHE)
+    if not sep:
+        return name, None
+    return head, parse_cache_spec(spec.replace(";", ","))
+
+
+def with_step_cache(contestant: Contestant, spec: CacheSpec | None) -> Contestant:
+    """The contestant with its edits under `spec` (named NAME+cache=LABEL); unchanged when None or off."""
+    if spec is None or not spec.enabled:
+        return contestant
+    label = spec.label.replace(",", ";")
+    return dataclasses.replace(contestant, name=f"{contestant.name}+{STEP_CACHE}{label}", step_cache=spec)
 
 
 # --------------------------------------------------------------------------- torch contestants

@@ -21,6 +21,7 @@ class TimedDenoiser(DenoiserBase):
         self.clock = clock
         self.name: str = inner.name
         self.shape_keys: frozenset[ShapeKey] | None = inner.shape_keys
+        self.stages = getattr(inner, "stages", None)  # the split forward, untimed (step caches use it)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         self.clock.tic()

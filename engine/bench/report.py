@@ -19,7 +19,8 @@ from typing import Any
 
 from ..files import atomic_write_bytes
 from ..flops import ForwardFlops, gpu_peaks, linear_flops_by_name, mixed_peak_tflops, transformer_flops
-from .contestants import BASELINE, STAGES
+from ..metrics import psnr, rel_l2
+from .contestants import BASELINE, STAGES, STEP_CACHE
 from .goals import evaluate_goals, format_goals, goals_apply
 from .machine import FP8_PRECISIONS, device_name, library_versions, peak_tflops, slug
 from .run import BenchRun, Entry, median_total
@@ -96,7 +97,68 @@ def result_records(run: BenchRun) -> list[dict[str, Any]]:
         b = base.get(r["bucket"])
         r["ratio_total"] = _ratio(b, r, "total")
         r["ratio_step"] = _ratio(b, r, "step")
+    entries = {(e.contestant.name, f"{e.bucket[0]}x{e.bucket[1]}"): e for e in run.entries}
+    for e, r in zip(run.entries, records, strict=True):
+        r.update(step_cache_record(e, entries, r, records))
     return records
+
+
+CACHE_NOTE = (
+    "with random weights a threshold cache (fbc) hits as the random model dictates, not as the real one "
+    "does; a schedule cache (magcache ratios, taylorseer interval) computes the same steps on any weights"
+)
+
+
+def step_cache_record(
+    e: Entry, entries: dict[tuple[str, str], Entry], rec: dict[str, Any], records: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """steps_computed, and for a +cache= contestant: the step cache, its end-to-end speed-up over the same
+    contestant uncached (same bucket, when in the run) and its final latents' rel L2 and PSNR against it."""
+    last = e.samples[-1] if e.samples else None
+    out: dict[str, Any] = {"steps_computed": None if last is None else last.steps_computed}
+    spec = e.contestant.step_cache
+    if spec is None:
+        return out
+    uncached_name = e.contestant.name.partition("+" + STEP_CACHE)[0]
+    plain = entries.get((uncached_name, rec["bucket"]))
+    plain_rec = next(
+        (r for r in records if r["contestant"] == uncached_name and r["bucket"] == rec["bucket"]), None
+    )
+    ref = plain.samples[-1].latents if plain is not None and plain.samples else None
+    mine = None if last is None else last.latents
+    same = ref is not None and mine is not None and ref.shape == mine.shape
+    out["step_cache"] = {
+        "spec": str(spec),
+        "label": spec.label,
+        "uncached": uncached_name if plain is not None else None,
+        "speedup_total": _ratio(plain_rec, rec, "total") if plain_rec is not None else None,
+        "latent_rel_l2": rel_l2(mine.float(), ref.float()) if same else None,  # type: ignore[union-attr]
+        "latent_psnr_db": _finite(_latent_psnr(mine, ref)) if same else None,
+        "note": CACHE_NOTE,
+    }
+    return out
+
+
+def step_cache_lines(records: list[dict[str, Any]]) -> list[str]:
+    """One line per +cache= record: steps computed, speed-up and final-latent error vs uncached."""
+    out = []
+    for r in records:
+        c = r.get("step_cache")
+        if not c or r["steps_computed"] is None:
+            continue
+        vs = c["uncached"] or "no uncached run of it here"
+        out.append(
+            f"{r['contestant']} {r['bucket']}: {r['steps_computed']} steps computed; vs {vs}: "
+            f"x{_num(c['speedup_total'], '.2f')} end to end, final latents rel L2 "
+            f"{_num(c['latent_rel_l2'], '.2e')}, PSNR {_num(c['latent_psnr_db'], '.1f')} dB"
+        )
+    return ["", "step caches:", *out, f"  ({CACHE_NOTE})"] if out else []
+
+
+def _latent_psnr(x: Any, ref: Any) -> float:
+    """PSNR of final latents over the uncached latents' range (max - min)."""
+    r = ref.float()
+    return psnr(x.float(), r, data_range=float(r.max() - r.min()))
 
 
 def _ratio(base: dict[str, Any] | None, rec: dict[str, Any], stage: str) -> float | None:
@@ -283,10 +345,13 @@ def format_table(run_rec: dict[str, Any], records: list[dict[str, Any]]) -> str:
         "edit - its median edit: compiles and graph captures (0 when the first edit was no slower). "
         "Within one run, graphs an earlier contestant compiled hit inductor's on-disk cache.",
     ]
-    noted = {n for r in records for n in r["stage_notes"].values()}
+    lines += step_cache_lines(records)
+    noted = {(s, n) for r in records for s, n in r["stage_notes"].items()}
     if noted:
+        names = {"text_encode": "text ms", "step": "step ms"}
+        outside = {"text_encode": " (outside its end-to-end time)"}
         lines.append(
-            "*: " + "; ".join(f"text ms = {n}" for n in sorted(noted)) + " (outside its end-to-end time)."
+            "*: " + "; ".join(f"{names.get(s, s)} = {n}{outside.get(s, '')}" for s, n in sorted(noted))
         )
     counted = [r for r in records if r.get("dynamo") and r["dynamo"]["graphs"]]
     for r in {r["contestant"]: r for r in counted}.values():

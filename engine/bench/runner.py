@@ -28,7 +28,9 @@ from .contestants import (
     TORCH_PREFIX,
     Contestant,
     engine_contestants,
+    split_step_cache,
     torch_contestant,
+    with_step_cache,
 )
 from .interleaved import run_interleaved
 from .machine import cpu_has_bf16
@@ -70,11 +72,14 @@ def select_contestants(
         names = default_contestants(device)
     out: list[Contestant] = []
     engines: list[Contestant] | None = None
-    for name in names:
+    for full_name in names:
+        name, step_cache = split_step_cache(full_name)
         if name == BASELINE:
+            if step_cache is not None:
+                raise ConfigError("diffusers runs its own loop: a +cache= contestant is one of ours")
             out.append(Contestant(BASELINE, "diffusers", dtype_name(dtype)))
         elif name.startswith(TORCH_PREFIX):
-            out.append(torch_contestant(name, components, device, dtype))
+            out.append(with_step_cache(torch_contestant(name, components, device, dtype), step_cache))
         else:
             if engines is None:
                 engines = _engines_or_note(build_dir, components, device, notes, name)
@@ -85,7 +90,7 @@ def select_contestants(
                     f"unknown contestant {name!r}: not diffusers, torch-<mode>[+lever...], "
                     f"engines, nor an artifact of {build_dir} (have: {have})"
                 )
-            out.extend(chosen)
+            out.extend(with_step_cache(c, step_cache) for c in chosen)
     return list({c.name: c for c in out}.values())
 
 

@@ -153,7 +153,9 @@ def _save(
         review_dir=args.review_dir,
         extra=extra,
     )
-    what = f"{result.size[0]}x{result.size[1]}, {len(result.step_times)} steps, " + (
+    steps = len(result.step_times)
+    computed = f", {result.steps_computed} computed" if result.cache else ""  # a step cache ran
+    what = f"{result.size[0]}x{result.size[1]}, {steps} steps{computed}, " + (
         f"{result.timings['total']:.2f}s, {result.backend}" + (", C2PA-signed" if saved.signed else "")
     )
     from ..assets import sample_image_path

@@ -130,7 +130,7 @@ def add_load_flags(p: argparse.ArgumentParser, *, torch_path: bool = True) -> No
     add_vram_flag(g)  # edit, serve and bench alike (bench refuses it: benchmarks.memory_phase times plans)
     if not torch_path:
         return
-    # --cache SPEC (add_cache_flag(g)) here, for edit and serve (a bench names caches per contestant).
+    add_cache_flag(g)  # edit and serve (a bench names its caches per contestant)
     g.add_argument("--backend", default=None, choices=BACKENDS, help="with --build: the artifact's backend")
     g.add_argument(
         "--precision", default=None, help="with --build: fp32 | int8 | fp8 | bf16 (default: the first built)"
@@ -458,6 +458,20 @@ def _serve_parsers(sub: Any) -> None:
     lt.add_argument("--open-seconds", type=float, default=20.0, help="seconds per open-loop rate")
     lt.add_argument("--pid", type=int, default=None, help="the server's process id, for its RSS slope")
     lt.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results root folder")
+
+
+def add_cache_flag(p: argparse.ArgumentParser | Any) -> None:
+    """--cache SPEC (LoadOptions.cache): every edit's step cache (docs/caching.md); a server's default,
+    since neither BFL's nor OpenAI's API has the field. A bad spec: one line, exit status 2."""
+    from ..caching.spec import PRESETS
+
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="SPEC",
+        help=f"step cache of every edit: off, a preset ({', '.join(PRESETS)}) or NAME[:key=value,...] "
+        "with NAME fbc | taylorseer | magcache, e.g. magcache:threshold=0.05,ratios=kontext (default off)",
+    )
 
 
 def _int_list(text: str) -> tuple[int, ...]:

@@ -91,6 +91,7 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     output_format: str
     size: str
+    steps_computed: int | None = None  # ours: full transformer passes per image (a step cache skips some)
 
 
 _FORM_SCHEMA: dict[str, Any] = {
@@ -254,8 +255,13 @@ async def images_edits(request: Request, user: User, service: ServiceDep) -> JSO
         else ImageData(url=sample_url(base, job, i))
         for i, d in enumerate(data)
     ]
+    computed = (job.timings or {}).get("steps_computed")
     body = ImagesResponse(
-        created=int(job.finished or time.time()), data=items, output_format=output_format, size=f"{w}x{h}"
+        created=int(job.finished or time.time()),
+        data=items,
+        output_format=output_format,
+        size=f"{w}x{h}",
+        steps_computed=None if computed is None else int(computed),
     )
     return JSONResponse(body.model_dump(exclude_none=True), headers={"X-Task-Id": out.job_id})
 

@@ -36,6 +36,8 @@ def result_response(job: J.Job, base: str) -> ResultResponse:
             "expires_at": job.expires,
             "timings": job.timings or {},
         }
+        if job.timings and "steps_computed" in job.timings:  # full transformer passes (a step cache skips)
+            result["steps_computed"] = int(job.timings["steps_computed"])
         return ResultResponse(id=job.id, status=status, result=result, progress=1.0, details=job.details)
     if job.state in J.UNFINISHED or job.state == J.HELD:
         progress = 0.0 if job.state == J.QUEUED else None
