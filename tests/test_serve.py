@@ -585,6 +585,7 @@ def test_job_params_to_request_carries_every_edit_field() -> None:
     from engine.serve.params import EDIT_FIELDS, JobParams, job_params
 
     not_served = {"image", "references", "placement"}  # the input files travel beside the params
+    not_served.add("cache")  # neither API has the field: the server's --cache is every job's (engine default)
     wanted = {f.name for f in fields(EditRequest)} - not_served - {"prompt"}
     assert set(EDIT_FIELDS) == wanted
     params = job_params("snow", seed=5, steps=3, guidance=4.0, size=(160, 96), num_images=2)

@@ -63,9 +63,9 @@ def request_hash(
     opts: resolved (BuildOptions.resolved).
 
     An option enters the hash only when it differs from its default (refs, batches, loras; dtype when
-    not fp32), so adding an option never changes the hash of a request that does not use it, and the
-    builds made from such requests stay up to date. A LoRA enters by its file's sha256 and scale, as
-    its weights_id does.
+    not fp32; TensorRT weight streaming), so adding an option never changes the hash of a request that
+    does not use it, and the builds made from such requests stay up to date. A LoRA enters by its file's
+    sha256 and scale, as its weights_id does.
     """
     if opts.device is None or opts.dtype is None:
         raise BuildError("the request hash takes resolved options: BuildOptions(...).resolved()")
@@ -74,6 +74,8 @@ def request_hash(
         del options[name]
     if options["dtype"] == "fp32":
         del options["dtype"]
+    if not opts.tensorrt.weight_streaming:  # the default: a plan built for streaming hashes apart
+        del options["tensorrt"]["weight_streaming"]
     if opts.refs != DEFAULT_REFS:
         options["refs"] = list(opts.refs)
     if opts.batches != DEFAULT_BATCHES:
