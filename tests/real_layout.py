@@ -75,7 +75,7 @@ PRESET = ModelPreset(
     max_sequence_length=512,
 )
 
-# every file of the download, relative to its root (REAL-CHECKPOINT.md's table)
+# every file of the download, relative to its root (docs/checkpoints.md, "The real download's files")
 FILES = sorted(
     [
         "model_index.json",

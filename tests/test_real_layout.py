@@ -1,4 +1,4 @@
-"""The real download's layout (tests/real_layout.py, per REAL-CHECKPOINT.md) at reduced width: both routes
+"""The real download's layout (tests/real_layout.py; its files: docs/checkpoints.md), reduced: both routes
 load it (folder and BFL file, from --local-dir and from a cache snapshot) with every tensor equal to the
 bytes on disk and bit-identical edits; every broken download is exit 2 and one stderr line naming the
 file; builds are named, keyed and signed by what they read."""
