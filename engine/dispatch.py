@@ -114,9 +114,10 @@ class Dispatcher:
         served = ", ".join(f"{w}x{h}" for w, h in served_buckets(keys, self.family)) or "none of the family's"
         return (
             f"shape {what} is not served by {self.primary.name}; it serves buckets {served} (family "
-            f"{self.family}; shape keys {describe_keys(keys)}). Edit at one of those sizes (size=None picks "
-            f"the input's bucket), load with miss_policy='torch' to fall back to PyTorch, or rebuild for "
-            f"this shape with {self.rebuild_hint}"
+            f"{self.family}; shape keys {describe_keys(keys)}). Edit at one of those sizes (the input's "
+            f'bucket: size=None in Python, no --size on the CLI, size "auto" over HTTP), fall back to '
+            f"PyTorch (miss_policy='torch', or --miss-policy torch on kontext edit and serve), or rebuild "
+            f"for this shape with {self.rebuild_hint}"
         )
 
     def stats(self) -> DispatchStats:
