@@ -222,6 +222,20 @@ def is_synthetic(model: str) -> bool:
     return model in PRESETS and PRESETS[model].synthetic
 
 
+def parse_vram(value: float | str | None) -> float | str | None:
+    """The one rule for a card's memory: None, "auto", or a positive number of GiB (also as text: "24",
+    "15.5"), as a float. LoadOptions, `--vram` and `kontext plan` all read it here."""
+    if value is None or value == "auto":
+        return value
+    try:
+        gib = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"vram must be a number of GiB or 'auto', got {value!r}") from None
+    if isinstance(value, bool) or not gib > 0:
+        raise ConfigError(f"vram must be a positive number of GiB, got {value!r}")
+    return gib
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How runtime.load builds an engine; passed down once, to the backend's loader.
@@ -277,9 +291,6 @@ class LoadOptions:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
         if self.threads is not None and self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0: ONNX Runtime's default), got {self.threads}")
-        if self.vram not in (None, "auto") and (
-            isinstance(self.vram, bool) or not isinstance(self.vram, int | float) or not self.vram > 0
-        ):
-            raise ConfigError(f"vram must be a positive number of GiB or 'auto', got {self.vram!r}")
+        object.__setattr__(self, "vram", parse_vram(self.vram))  # GiB as a float, or "auto"
         if self.plan_memory_budget is not None and self.plan_memory_budget <= 0:
             raise ConfigError(f"plan_memory_budget must be positive bytes, got {self.plan_memory_budget}")

@@ -22,7 +22,9 @@ from ..config import (
     MISS_POLICIES,
     TORCH_MODES,
     LoadOptions,
+    parse_vram,
 )
+from ..errors import ConfigError
 from ..manifest import PROFILE_MODES
 from ..serve.settings import ServeSettings
 from ..version import __version__
@@ -313,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("build_dir", nargs="?", type=Path, help="a build folder: show its manifest")
     i.add_argument(
         "--vram",
-        type=parse_vram,
+        type=vram_flag,
         default=None,
         metavar="GIB|auto",
         help="also the memory plan of --plan-model on this card",
@@ -338,22 +340,17 @@ VRAM_HELP = (
 )
 
 
-def parse_vram(text: str) -> float | str:
-    """--vram's value: "auto" or a positive number of GiB (LoadOptions.vram); no torch import."""
-    if text == "auto":
-        return text
+def vram_flag(text: str) -> float | str | None:
+    """--vram's value by config.parse_vram (the rule LoadOptions checks), as an argparse type."""
     try:
-        gib = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--vram takes GiB (e.g. 24) or auto, got {text!r}") from None
-    if not gib > 0:
-        raise argparse.ArgumentTypeError(f"--vram takes a positive number of GiB, got {text!r}")
-    return gib
+        return parse_vram(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_vram_flag(p: argparse.ArgumentParser | Any) -> None:
     """--vram GIB|auto (engine/memory): the memory plan of edit, serve and bench (LoadOptions.vram)."""
-    p.add_argument("--vram", type=parse_vram, default=None, metavar="GIB|auto", help=VRAM_HELP)
+    p.add_argument("--vram", type=vram_flag, default=None, metavar="GIB|auto", help=VRAM_HELP)
 
 
 def _plan_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

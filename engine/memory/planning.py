@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..backends.fp8 import device_capability, fp8_supported
+from ..config import parse_vram as parse_vram  # the one rule, beside LoadOptions
 from ..errors import ConfigError
 from .plan import GIB, MemoryPlan, plan_memory
 
@@ -20,19 +21,6 @@ if TYPE_CHECKING:
     from ..manifest import Manifest
 
 log = logging.getLogger(__name__)
-
-
-def parse_vram(value: float | str | None) -> float | str | None:
-    """None, "auto", or a positive number of GiB (also as text: "24", "15.5")."""
-    if value is None or value == "auto":
-        return value
-    try:
-        gib = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"vram must be a number of GiB or 'auto', got {value!r}") from None
-    if not gib > 0:
-        raise ConfigError(f"vram must be a positive number of GiB, got {value!r}")
-    return gib
 
 
 def card_gib(vram: float | str, device: torch.device) -> float | None:
