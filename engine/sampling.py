@@ -13,12 +13,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .buckets import MULTIPLE
-from .caching import StepCache
+
+if TYPE_CHECKING:
+    from .caching import StepCache
 
 LATENT_CHANNELS = 16
 
