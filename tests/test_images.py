@@ -449,3 +449,7 @@ def test_one_format_table_for_every_spelling() -> None:
         output_format("a.webp")  # an input format only
     with pytest.raises(ConfigError, match="unknown image format 'gif'"):
         image_format("gif")
+    from engine.serve import api_openai, schemas
+
+    api_names = [image_format(n).api_name for n in OUTPUT_FORMATS]
+    assert list(api_openai.OUTPUT_FORMATS) == [f.value for f in schemas.OutputFormat] == api_names

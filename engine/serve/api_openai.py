@@ -31,7 +31,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from ..buckets import MAX_REFERENCES, nearest_bucket
 from ..errors import ConfigError, ImageError
-from ..images import load_image
+from ..images import FORMATS, load_image
 from ..prompts import check_prompt
 from . import jobs as J
 from .deps import ServiceDep, User, base_url
@@ -45,7 +45,7 @@ from .views import sample_url
 MAX_N = 10  # OpenAI's bound on n
 SIZE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$")
 RESPONSE_FORMATS = ("b64_json", "url")
-OUTPUT_FORMATS = ("png", "jpeg")
+OUTPUT_FORMATS = tuple(f.api_name for f in FORMATS if f.output)  # in OpenAI's spelling: "png", "jpeg"
 MODERATED = (J.REQUEST_MODERATED, J.CONTENT_MODERATED)
 
 router = APIRouter(tags=["OpenAI"])
@@ -226,7 +226,7 @@ async def images_edits(request: Request, user: User, service: ServiceDep) -> JSO
         output_format = "jpeg" if output_format == "jpg" else output_format
         if output_format not in OUTPUT_FORMATS:
             raise _invalid(
-                service, "output_format", f"output_format must be png or jpeg, got {output_format!r}"
+                service, "output_format", f"output_format must be {' or '.join(OUTPUT_FORMATS)}, got {output_format!r}"
             )
         size = _size(service, _text(service, form, "size"), service.editor.family)
         seed = _number(service, form, "seed", int, 0, MAX_SEED)
