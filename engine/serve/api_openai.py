@@ -225,8 +225,9 @@ async def images_edits(request: Request, user: User, service: ServiceDep) -> JSO
         output_format = _text(service, form, "output_format", "png")
         output_format = "jpeg" if output_format == "jpg" else output_format
         if output_format not in OUTPUT_FORMATS:
+            allowed = " or ".join(OUTPUT_FORMATS)
             raise _invalid(
-                service, "output_format", f"output_format must be {' or '.join(OUTPUT_FORMATS)}, got {output_format!r}"
+                service, "output_format", f"output_format must be {allowed}, got {output_format!r}"
             )
         size = _size(service, _text(service, form, "size"), service.editor.family)
         seed = _number(service, form, "seed", int, 0, MAX_SEED)
