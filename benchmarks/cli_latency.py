@@ -7,6 +7,9 @@ answers"):
 - `kontext keys new`: under 1 s;
 - a tiny edit: its wall time at most the edit's own time (the `wrote` line's seconds) plus 3 s.
 
+Then the import floor: the seconds `import torch`, `torch._dynamo` and the model's classes take in a
+fresh interpreter, which a tiny edit pays before its first tensor.
+
     .venv/bin/python -m benchmarks.cli_latency                       # this checkout, 5 runs each
     .venv/bin/python -m benchmarks.cli_latency --repo ../other-checkout --runs 3
 
@@ -141,6 +144,37 @@ def table(repo: Path, chosen: list[Case]) -> str:
     return head + "\n" + "\n".join(lines)
 
 
+# What a tiny edit must import before its first tensor, cumulative, timed inside one fresh interpreter.
+IMPORT_STEPS = (
+    ("import torch", "import torch"),
+    ("+ torch._dynamo (diffusers imports it)", "import torch._dynamo"),
+    (
+        "+ the model classes (diffusers', transformers')",
+        "from diffusers import AutoencoderKL, FluxTransformer2DModel\n"
+        "from transformers import CLIPTextModel, T5EncoderModel",
+    ),
+)
+
+
+def import_floor(runs: int) -> str:
+    """The seconds of each import step (cumulative, medians of `runs` fresh interpreters): the part of
+    a tiny edit's overhead that no order of our own imports can remove."""
+    code = "import time, sys\nt0 = time.perf_counter()\n" + "".join(
+        f"{stmt}\nprint(time.perf_counter() - t0)\n" for _, stmt in IMPORT_STEPS
+    )
+    samples = []
+    for _ in range(runs):
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+        )
+        samples.append([float(x) for x in r.stdout.split()])
+    rows = [
+        f"  {name}: {statistics.median(s[i] for s in samples):.2f} s"
+        for i, (name, _) in enumerate(IMPORT_STEPS)
+    ]
+    return f"imports, cumulative ({runs} fresh interpreters, medians):\n" + "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument(
@@ -151,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for repo in args.repo or [ROOT]:
         print(table(repo.resolve(), measure(repo.resolve(), args.runs, args.warmup)), flush=True)
+    print(import_floor(args.runs), flush=True)
     return 0
 
 

@@ -1,7 +1,5 @@
 """`python -m engine.cli`: the same as the `kontext` console script."""
 
-import sys
+from . import run
 
-from . import main
-
-sys.exit(main())
+run()
