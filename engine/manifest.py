@@ -210,16 +210,22 @@ def read_manifest(build_dir: Path) -> Manifest:
 def rebuild_command(manifest: Manifest, build_dir: Path, precision: str | None = None) -> str:
     """The command that rebuilds this build folder for this machine (what every refusal names)."""
     prec = f" --precision {precision}" if precision else ""
-    return f"kontext build --model {manifest.model}{prec}{build_flags(manifest)} --out {build_dir} --force"
+    return f"kontext build --model {manifest.model}{prec}{build_flags(manifest)} --build {build_dir} --force"
 
 
 def build_flags(manifest: Manifest) -> str:
-    """The --refs, --batch and --lora flags of the build that wrote `manifest` ('' for the defaults)."""
+    """The --refs, --batch and --lora flags of the build that wrote `manifest`, and its TensorRT plans'
+    --profiles static and --weight-streaming ('' for the defaults)."""
     flags = ""
     if tuple(manifest.refs) != (0,):
         flags += " --refs " + ",".join(str(r) for r in manifest.refs)
     if tuple(manifest.batches) != (1,):
         flags += " --batch " + ",".join(str(b) for b in manifest.batches)
+    trt = [a.build_options.get("tensorrt", {}) for a in manifest.artifacts if a.backend == "tensorrt"]
+    if any(o.get("profiles") == "static" for o in trt):
+        flags += " --profiles static"
+    if any(o.get("weight_streaming") for o in trt):
+        flags += " --weight-streaming"
     return flags + "".join(f" --lora {lora_arg(x)}" for x in manifest.loras)
 
 

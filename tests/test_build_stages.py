@@ -187,7 +187,7 @@ def test_the_default_folder_is_never_replaced_by_another_recipe(
     ):
         with pytest.raises(BuildError, match=r"build/tiny holds a build of another recipe") as e:
             build("tiny", options=_options(**change), **common)  # type: ignore[arg-type]
-        assert words in str(e.value) and "--out DIR" in str(e.value) and "\n" not in str(e.value)
+        assert words in str(e.value) and "--build DIR" in str(e.value) and "\n" not in str(e.value)
     assert read_manifest(tmp_path / "build/tiny") == before  # untouched
     # negative control: the default recipe into the default folder is the no-op it always was
     assert build("tiny", options=_options(), **common).to_json() == before.to_json()  # type: ignore[arg-type]

@@ -92,3 +92,42 @@ def test_the_budget_of_a_plan() -> None:
     heaviest = max(p - plan.transformer_card_bytes for p in plan.phases.values())
     assert heaviest + budget == plan.budget_bytes
     assert 0 < budget < sizes.transformer_fp8  # some weights stream, some stay
+
+
+def test_the_build_flag_reaches_the_builder_and_every_rebuild_hint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`kontext build --weight-streaming` builds with TensorRTOptions(weight_streaming=True), and the
+    rebuild command of a build whose plans stream repeats the flag (and --profiles static), so a
+    refusal's advice rebuilds the same kind of plans; the default build's command has neither."""
+    import dataclasses
+
+    from engine.builder import builder
+    from engine.cli import main
+    from engine.manifest import Manifest, rebuild_command
+
+    seen = []
+
+    def fake_build(model: str, **kw: object) -> Manifest:
+        seen.append(kw["options"])
+        raise ManifestError("stop here")  # a KontextError: main() answers 2 after the options are made
+
+    monkeypatch.setattr(builder, "build", fake_build)
+    assert main(["build", "--model", "tiny", "--weight-streaming", "--build", str(tmp_path)]) == 2
+    assert main(["build", "--model", "tiny", "--build", str(tmp_path)]) == 2
+    assert [o.tensorrt.weight_streaming for o in seen] == [True, False]  # type: ignore[attr-defined]
+
+    streaming = dataclasses.replace(
+        _artifact("p.plan", "tiny", "static", text=32),
+        build_options={"tensorrt": {"profiles": "static", "weight_streaming": True}},
+    )
+    plain = dataclasses.replace(
+        streaming, build_options={"tensorrt": {"profiles": "dynamic", "weight_streaming": False}}
+    )
+    fields = {f.name: None for f in dataclasses.fields(Manifest) if f.default is dataclasses.MISSING}
+    for artifact, flags in ((streaming, " --profiles static --weight-streaming"), (plain, "")):
+        m = Manifest(**{**fields, "model": "tiny", "artifacts": (artifact,)})  # type: ignore[arg-type]
+        assert (
+            rebuild_command(m, Path("build/x"))
+            == f"kontext build --model tiny{flags} --build build/x --force"
+        )

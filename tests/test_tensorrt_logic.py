@@ -37,7 +37,7 @@ from . import trt_fakes
 
 GiB = 2**30
 CFG = PRESETS["tiny"].transformer
-REBUILD = "kontext build --model tiny --out build/tiny --force"
+REBUILD = "kontext build --model tiny --build build/tiny --force"
 
 
 def _artifact(

@@ -44,7 +44,7 @@ def set_weight_budget(engine: Any, budget: int, path: str, rebuild: str) -> int:
     if streamable <= 0:
         raise ManifestError(
             f"{path} was built without weight streaming and the memory plan streams the transformer; "
-            f"rebuild with weight streaming (TensorRTOptions(weight_streaming=True)), or give more --vram "
+            "rebuild with weight streaming (kontext build --weight-streaming), or give more --vram "
             f"(`{rebuild}`)"
         )
     budget = min(max(0, budget), streamable)

@@ -160,8 +160,8 @@ def refuse_another_recipe(root: Path, opts: BuildOptions) -> None:
         theirs = _recipe(previous.refs, previous.batches, previous.loras)
         raise BuildError(
             f"{root} holds a build of another recipe ({theirs}; this one: "
-            f"{_recipe(opts.refs, opts.batches, ours)}): build it elsewhere with --out DIR, "
-            f"or replace it with --out {root}"
+            f"{_recipe(opts.refs, opts.batches, ours)}): build it elsewhere with --build DIR, "
+            f"or replace it by naming it: --build {root}"
         )
 
 

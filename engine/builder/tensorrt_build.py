@@ -91,7 +91,7 @@ def set_timing_cache(config: trt.IBuilderConfig, cache_path: Path) -> bool:
         cache_path.unlink(missing_ok=True)
     fresh = config.create_timing_cache(b"")
     if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
-        raise BuildError("TensorRT refused a new, empty timing cache; rebuild with a fresh --out folder")
+        raise BuildError("TensorRT refused a new, empty timing cache; rebuild into a fresh --build folder")
     return False
 
 

@@ -25,7 +25,12 @@ def build_command(args: argparse.Namespace) -> int:
         **given(opset=args.opset),
         calibration=CalibrationSpec(**given(edits=args.calib_samples, steps=args.calib_steps)),
         tensorrt=TensorRTOptions(
-            **given(profiles=args.profiles, opt_level=args.opt_level, workspace_gb=args.workspace_gb)
+            **given(
+                profiles=args.profiles,
+                opt_level=args.opt_level,
+                workspace_gb=args.workspace_gb,
+                weight_streaming=args.weight_streaming,
+            )
         ),
         fp8_attention=args.fp8_attention,
         device=args.device,

@@ -284,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     # no torch, so it cannot read them): build_command passes only the flags given.
     k.add_argument("--opt-level", type=int, default=None, help="TensorRT builder optimization level, 0-5")
     k.add_argument("--workspace-gb", type=float, default=None, help="TensorRT workspace limit in GiB")
+    k.add_argument(
+        "--weight-streaming",
+        action="store_true",
+        default=None,
+        help="TensorRT: build plans that may stream their weights, so --vram can plan a smaller card",
+    )
     k.add_argument("--calib-samples", type=int, default=None, help="calibration edits (image, instruction)")
     k.add_argument("--calib-steps", type=int, default=None, help="sampling steps per calibration edit")
     k.add_argument("--fp8-attention", action="store_true", help="fp8: quantize attention too (Hopper)")
