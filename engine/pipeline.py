@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -20,6 +19,7 @@ from . import sampling
 from .backends import Denoiser
 from .buckets import ShapeKey, buckets, nearest_bucket, reference_bucket
 from .caching import StepCache, new_step_cache
+from .clock import synchronize, timed
 from .config import ModelPreset
 from .errors import BucketError, ConfigError
 from .images import resize_to, to_pil, to_tensor
@@ -295,9 +295,9 @@ class KontextPipeline:
         timings = {} if timings is None else timings
         bucket = self.context_bucket(r.image)
         size = r.size or bucket
-        with self._timed(timings, "text_encode"):
+        with timed(self.device, timings, "text_encode"):
             txt, vec, txt_ids = self.encode_prompt(r.prompt, r.num_images)
-        with self._timed(timings, "vae_encode"):
+        with timed(self.device, timings, "vae_encode"):
             ctx, ctx_ids, ref_buckets = self.encode_context(
                 r.image, bucket, r.references, r.placement, r.num_images
             )
@@ -344,10 +344,10 @@ class KontextPipeline:
         t_start = time.perf_counter()
         p = self.prepare(request, timings, key=key)
         cache = new_step_cache(request.cache, denoiser, p.schedule.steps)  # this edit's alone
-        with self._timed(timings, "denoise"), torch.inference_mode():
+        with timed(self.device, timings, "denoise"), torch.inference_mode():
             latents, step_times = self._denoise(p, denoiser, progress, callback, cache)  # [B, N, 64]
         computed = p.schedule.steps if cache is None else cache.computed
-        with self._timed(timings, "vae_decode"):
+        with timed(self.device, timings, "vae_decode"):
             images = [self.decode(latents[i : i + 1], p.size) for i in range(latents.shape[0])]
         timings["total"] = time.perf_counter() - t_start
         timings["steps_computed"] = float(computed)  # a count beside the seconds (bench and server read it)
@@ -393,7 +393,7 @@ class KontextPipeline:
         last = [time.perf_counter()]
 
         def on_step(i: int, n: int, latents: torch.Tensor) -> None:
-            self._sync()
+            synchronize(self.device)
             now = time.perf_counter()
             step_times.append(now - last[0])
             last[0] = now
@@ -405,17 +405,3 @@ class KontextPipeline:
             return p.denoise(denoiser, on_step, cache), step_times
         finally:
             bar.close()
-
-    # ------------------------------------------------------------------ timing
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextmanager
-    def _timed(self, timings: dict[str, float], stage: str) -> Iterator[None]:
-        self._sync()
-        t0 = time.perf_counter()
-        yield
-        self._sync()
-        timings[stage] = time.perf_counter() - t0

@@ -24,6 +24,7 @@ from ..backends.fp8 import fp8_linears
 from ..backends.torch import TorchDenoiser, dtype_name, torch_denoiser, weight_sharing_copy, with_vae_lever
 from ..backends.torch_options import parse_spec
 from ..caching import CACHE_OFF, CacheSpec, parse_cache_spec
+from ..clock import synchronize, timed
 from ..distributed import check_context_parallel, context_parallel_denoiser
 from ..errors import ConfigError
 from ..model.components import Components
@@ -31,7 +32,7 @@ from ..pipeline import KontextPipeline
 from ..prompt_cache import PromptCache
 from ..request import EditRequest
 from .probes import TimedDenoiser, TimedTransformer, TimedVae
-from .timing import CallClock, synchronize, timed
+from .timing import CallClock
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..clock import synchronize
+
 
 @dataclass(frozen=True)
 class Stats:
@@ -34,11 +36,6 @@ def summarize(samples: list[float]) -> Stats | None:
         return None
     a = np.asarray(samples, dtype=np.float64)
     return Stats(median=float(np.median(a)), p90=float(np.percentile(a, 90)), n=len(samples))
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class CallClock:
@@ -78,16 +75,6 @@ class CallClock:
             out = [float(end) - float(start) for start, end in self._pending]  # type: ignore[arg-type]
         self._pending = []
         return out
-
-
-@contextmanager
-def timed(device: torch.device, into: dict[str, float], stage: str) -> Iterator[None]:
-    """Wall time of the block (synchronized on a GPU), added to into[stage]."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    yield
-    synchronize(device)
-    into[stage] = into.get(stage, 0.0) + time.perf_counter() - t0
 
 
 def process_age_s() -> float:
