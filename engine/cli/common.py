@@ -140,10 +140,7 @@ def check_output(path: Path) -> None:
 def save_compile_cache(kontext: KontextEngine) -> None:
     """After the edits or a server's warm-up (everything compiled by now): write the torch compile cache
     named by --compile-cache, so the next process skips the compiles."""
-    from ..backends.torch import TorchDenoiser
-
-    primary = kontext.dispatcher.primary
-    if isinstance(primary, TorchDenoiser) and (saved := primary.save_compile_cache()) is not None:
+    if (saved := kontext.save_compile_cache()) is not None:
         log.info("compile cache written to %s", saved)
 
 
