@@ -9,20 +9,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "engine"
 
-# Lowest first. A name stands for that module and, for a package, everything under it.
-LAYERS: dict[str, tuple[str, ...]] = {
-    "base": ("engine.errors", "engine.version", "engine.noise", "engine.prompts", "engine.files",
-             "engine.config", "engine.metrics", "engine.flops", "engine.assets", "engine.buckets",
-             "engine.sampling", "engine.images", "engine.references", "engine.request", "engine.manifest",
-             "engine.safety", "engine.caching"),
-    "model": ("engine.model", "engine.prompt_cache"),
-    "compute": ("engine.kernels", "engine.backends", "engine.distributed", "engine.memory"),
-    "pipeline": ("engine.pipeline", "engine.dispatch", "engine.calibration"),
-    "runtime": ("engine.runtime", "engine.loading", "engine.session", "engine.outputs", "engine.provenance",
-                "engine.adapters"),
-    "apps": ("engine.builder", "engine.bench", "engine.serve", "engine.info"),
-    "cli": ("engine.cli",),
-}  # fmt: skip
+NOTES = ROOT.parent / "docs" / "DESIGN-NOTES.md"
+
+
+def read_layers(text: str) -> dict[str, tuple[str, ...]]:
+    """The layer table of DESIGN-NOTES ("## Layers"), lowest first: `| layer | `a`, `pkg/` |` rows, each
+    name a module of engine/ or (`engine/model/`, `model/`) a package and everything under it. The
+    document is the one list: this test reads it rather than keeping a second copy."""
+    section = text.split("\n## Layers\n", 1)[1].split("\n## ", 1)[0]
+    layers: dict[str, tuple[str, ...]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 2 or cells[0] in ("layer", "---") or "`" not in cells[1]:
+            continue
+        names = [n.strip().strip("`").removeprefix("engine/").rstrip("/") for n in cells[1].split(",")]
+        layers[cells[0]] = tuple(f"engine.{n.replace('/', '.')}" for n in names)
+    return layers
+
+
+LAYERS = read_layers(NOTES.read_text())
 ORDER = list(LAYERS)
 
 
@@ -116,7 +121,7 @@ def test_no_import_cycles() -> None:
 
 def test_every_module_has_a_layer() -> None:
     unplaced = [m for m in modules() if m != "engine" and layer_of(m) is None]
-    assert unplaced == [], "add these modules to LAYERS and to DESIGN-NOTES' layer list"
+    assert unplaced == [], "add these modules to the layer table of docs/DESIGN-NOTES.md"
 
 
 def test_the_package_root_imports_only_its_version_and_noise_filters() -> None:
@@ -134,6 +139,18 @@ def test_imports_run_down_the_layers() -> None:
         if m != "engine" and t != "engine" and (layer_of(t) or 0) > (layer_of(m) or 0)
     )
     assert upward == []
+
+
+def test_the_layer_table_is_read_from_the_design_notes() -> None:
+    assert list(LAYERS) == ["base", "model", "compute", "pipeline", "runtime", "apps", "cli"]
+    assert "engine.model" in LAYERS["model"] and "engine.clock" in LAYERS["base"]
+    known = modules()
+    stale = [n for names in LAYERS.values() for n in names if n not in known]
+    assert stale == [], "the table names modules that do not exist"
+    table = (
+        "x\n## Layers\n\n| layer | modules |\n| --- | --- |\n| base | `errors`, `engine/model/` |\n## Next\n"
+    )
+    assert read_layers(table) == {"base": ("engine.errors", "engine.model")}
 
 
 def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path: Path) -> None:
