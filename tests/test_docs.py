@@ -134,6 +134,21 @@ def test_every_skipped_block_says_why() -> None:
             assert block.skip is None or len(block.skip.strip()) > 5, block.where()
 
 
+COMMAND = re.compile(r"`(?:kontext|python|pytest) ")  # a command named in the text, without its path
+
+
+def needs_venv_note(text: str) -> bool:
+    """A page that names `kontext`, `python` or `pytest` bare must say once where they come from."""
+    return COMMAND.search(text) is not None and ".venv/bin/" not in text
+
+
+def test_every_page_naming_commands_says_where_they_come_from() -> None:
+    """A reader of any page can run what it names: bare names come with a note on the virtual
+    environment's programs (`.venv/bin/`, or activating it), on the page itself."""
+    assert [p.name for p in PAGES if p.name != "DESIGN-NOTES.md" and needs_venv_note(p.read_text())] == []
+    assert needs_venv_note("run `kontext build` first") and not needs_venv_note("`.venv/bin/kontext build`")
+
+
 def serve_on(code: str, port: int) -> str:
     """`code` with the documented port 8000 replaced by `port` (a free one: other servers may hold
     8000): in URLs, and as `--port` on every `kontext serve` command."""
