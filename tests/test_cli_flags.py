@@ -109,6 +109,17 @@ def test_old_build_folder_spellings_are_aliases_that_say_so(argv: list[str], old
     assert new.build == Path("build/x") and not getattr(new, "deprecated_flags", None)
 
 
+def test_calib_samples_is_the_old_spelling_of_calib_edits(capsys: pytest.CaptureFixture[str]) -> None:
+    old, new = parse("build", "--calib-samples", "3"), parse("build", "--calib-edits", "3")
+    assert old.calib_edits == new.calib_edits == 3
+    assert old.deprecated_flags == ["--calib-samples"] and not getattr(new, "deprecated_flags", None)
+    assert parse("build").calib_edits is None  # unset: CalibrationSpec's default
+    with pytest.raises(SystemExit):
+        parse("build", "--help")
+    shown = capsys.readouterr().out
+    assert "--calib-edits" in shown and "--calib-samples" not in shown  # not offered, still accepted
+
+
 def test_an_old_spelling_logs_one_deprecation_line(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     with caplog.at_level(logging.WARNING, logger="engine.cli"):
         code = main(["edit", str(tmp_path / "in.png"), "a hat", "--engine", str(tmp_path / "nothere")])

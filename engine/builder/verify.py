@@ -80,6 +80,6 @@ def check(results: Mapping[str, Verification], label: str) -> None:
         worst = ", ".join(f"{k}: {v.rel_l2:.3e} > {v.bound:.1e}" for k, v in sorted(bad.items()))
         raise VerificationError(
             f"{label} differs from the fp32 torch transformer beyond its bound ({worst}); "
-            "try another recipe (e.g. --precision fp32), more calibration (--calib-samples), "
+            "try another recipe (e.g. --precision fp32), more calibration (--calib-edits), "
             "or rebuild with --force if the files were changed"
         )

@@ -21,7 +21,7 @@ from .bench import bench_command
 from .build import build_command, info_command
 from .common import quiet_third_party
 from .edit import edit_command
-from .parser import build_parser
+from .parser import RENAMED, build_parser
 from .plan import plan_command
 from .serve import keys_command, loadtest_command, serve_command
 
@@ -33,9 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for flag in getattr(args, "deprecated_flags", None) or ():
-        logging.getLogger("engine.cli").warning(
-            "%s is deprecated: spell it --build (the one name of a build folder)", flag
-        )
+        new, why = RENAMED[flag]
+        logging.getLogger("engine.cli").warning("%s is deprecated: spell it %s (%s)", flag, new, why)
     try:
         if args.command == "edit":
             return edit_command(args)

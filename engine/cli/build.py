@@ -23,7 +23,7 @@ def build_command(args: argparse.Namespace) -> int:
 
     options = BuildOptions(
         **given(opset=args.opset),
-        calibration=CalibrationSpec(**given(edits=args.calib_samples, steps=args.calib_steps)),
+        calibration=CalibrationSpec(**given(edits=args.calib_edits, steps=args.calib_steps)),
         tensorrt=TensorRTOptions(
             **given(
                 profiles=args.profiles,

@@ -83,9 +83,16 @@ class HelpFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
-class BuildFolder(argparse.Action):
-    """--build DIR, also under its deprecated spellings (--engine, --build-dir, build's --out): the value
-    lands in `build`; an old spelling is noted in `deprecated_flags`, which main() logs in one line."""
+# Old spellings still accepted: each logs one line naming its new spelling and why (main()).
+RENAMED: dict[str, tuple[str, str]] = {
+    **{old: ("--build", "the one name of a build folder") for old in (*BUILD_ALIASES, "--out")},
+    "--calib-samples": ("--calib-edits", "it counts calibration edits; samples are edits x steps"),
+}
+
+
+class Renamed(argparse.Action):
+    """A flag under its one name or an old spelling (RENAMED): the value lands in `dest` either way; an
+    old spelling is noted in `deprecated_flags`, which main() logs in one line."""
 
     def __call__(
         self,
@@ -94,22 +101,25 @@ class BuildFolder(argparse.Action):
         values: str | Sequence[Any] | None,
         option_string: str | None = None,
     ) -> None:
-        setattr(namespace, self.dest, Path(str(values)))
-        if option_string is not None and option_string != "--build":
+        setattr(namespace, self.dest, values)
+        if option_string in RENAMED:
             old = list(getattr(namespace, "deprecated_flags", None) or [])
             namespace.deprecated_flags = [*old, option_string]
 
 
-def add_build_flag(p: argparse.ArgumentParser | Any, help: str, *aliases: str) -> None:
-    """The build folder's one flag, `--build`, with its old spellings as deprecated aliases (accepted,
-    logged, and left out of --help)."""
-    p.add_argument(
-        "--build", dest="build", type=Path, default=None, metavar="DIR", action=BuildFolder, help=help
-    )
+def add_renamed(p: argparse.ArgumentParser | Any, name: str, *aliases: str, **kwargs: Any) -> None:
+    """`name` with its old spellings (keys of RENAMED) as deprecated aliases: accepted, logged, and left
+    out of --help."""
+    p.add_argument(name, action=Renamed, **kwargs)
+    hidden = {**kwargs, "help": argparse.SUPPRESS}
+    hidden.pop("metavar", None)
     for alias in aliases:
-        p.add_argument(
-            alias, dest="build", type=Path, default=None, action=BuildFolder, help=argparse.SUPPRESS
-        )
+        p.add_argument(alias, action=Renamed, **hidden)
+
+
+def add_build_flag(p: argparse.ArgumentParser | Any, help: str, *aliases: str) -> None:
+    """The build folder's one flag, `--build`, with its old spellings as deprecated aliases."""
+    add_renamed(p, "--build", *aliases, dest="build", type=Path, default=None, metavar="DIR", help=help)
 
 
 def add_load_flags(p: argparse.ArgumentParser, *, torch_path: bool = True) -> None:
@@ -290,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="TensorRT: build plans that may stream their weights, so --vram can plan a smaller card",
     )
-    k.add_argument("--calib-samples", type=int, default=None, help="calibration edits (image, instruction)")
+    add_renamed(
+        k, "--calib-edits", "--calib-samples", dest="calib_edits", type=int, default=None,
+        help="calibration edits (image, instruction)",
+    )  # fmt: skip
     k.add_argument("--calib-steps", type=int, default=None, help="sampling steps per calibration edit")
     k.add_argument("--fp8-attention", action="store_true", help="fp8: quantize attention too (Hopper)")
     k.add_argument("--device", default=None, help="calibration's device (default: cuda, bf16; else cpu)")
