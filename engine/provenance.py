@@ -1,8 +1,9 @@
 """C2PA provenance for outputs (c2pa-python): a signed manifest saying the image is an AI edit of its
 input. EDIT intent with the input as the `parentOf` ingredient (its SHA-256 in the ingredient's
 metadata), a `c2pa.edited` action with digitalSourceType trainedAlgorithmicMedia, softwareAgent
-kontext-engine and the model; no thumbnails unless asked (232 ms and 2.6 MB each at 1024², SERVING.md
-§2.3). Signing is offline unless a timestamp authority URL is given (one network call per image)."""
+kontext-engine and the model; no thumbnails unless asked (232 ms and 2.6 MB each at 1024²:
+docs/safety-and-provenance.md, 'Provenance'). Signing is offline unless a timestamp authority URL is
+given (one network call per image)."""
 
 from __future__ import annotations
 

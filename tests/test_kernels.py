@@ -134,7 +134,7 @@ def test_benchmark_imports_neither_diffusers_nor_the_rest_of_engine() -> None:
 def test_dynamo_traces_the_launch_without_graph_breaks(
     monkeypatch: pytest.MonkeyPatch, variant: str, autotune: bool
 ) -> None:
-    """GPU-AUDIT #8: under torch.compile, one attention call must become one graph holding the kernel.
+    """Under torch.compile, one attention call must become one graph holding the kernel.
 
     Traced on fake CUDA tensors, no GPU: dynamo is told that Triton can run here (it asks for a device), and
     Heuristics.run is made opaque to it, as torch 2.11's dynamo (the GPU image's) treats a

@@ -95,11 +95,12 @@ def test_fp8_filters_differ_by_exactly_the_modulation_layers(tiny):
 
 
 def test_fp8_filter_on_the_full_kontext_config_selects_418_linears():
-    """GPU-AUDIT #3: on the real 12B layout (built on the meta device, no memory) the default filter
+    """On the real 12B layout (built on the meta device, no memory) the default filter
     quantizes 418 Linears: 19 double blocks x 12 (q, k, v, added q, k, v, to_out, to_add_out, two FFNs
     of two Linears) + 38 single blocks x 5 (q, k, v, proj_mlp, proj_out). `all` adds the 2 x 19 + 38
     modulation Linears: 494. Matching FP8_KEEP on any path component kept the 38 single-block proj_out
-    in bf16 (380 and 456), which is not the recipe that measured 225 ms."""
+    in bf16 (380 and 456), which is not the recipe that measured 225 ms (docs/hardware.md; the recipe:
+    docs/gpu.md, 'The FP8 recipe')."""
     from diffusers import FluxTransformer2DModel
 
     from engine.config import KONTEXT_DEV_TRANSFORMER as cfg
@@ -148,7 +149,7 @@ def test_fused_qkv_on_a_copy_matches_and_leaves_the_original(tiny):
 
 @pytest.mark.slow  # dynamo traces every block
 def test_regional_compile_traces_each_block_type_once_per_shape(tiny, monkeypatch):
-    """GPU-AUDIT #13: the first single block got contiguous inputs and the later ones slices of one
+    """Without JointSlices the first single block got contiguous inputs and the later ones slices of one
     [B, L + N, D] tensor, so dynamo compiled the single block twice per shape (3 graphs per shape on tiny,
     whose 1 double and 2 single blocks should make 2). Counted with a backend that only counts."""
     from torch._dynamo.testing import CompileCounter
@@ -210,7 +211,7 @@ def test_static_fp8_linear_numerics():
 
 
 def test_static_fp8_linear_asks_for_fast_accumulation(monkeypatch):
-    """GPU-AUDIT #7: one _scaled_mm per call, with use_fast_accum=True as torchao's Float8 Linears (left
+    """One _scaled_mm per call, with use_fast_accum=True as torchao's Float8 Linears (left
     False, Hopper accumulates with periodic fp32 promotion: a slower GEMM than the dynamic contestant's)."""
     calls: list[dict] = []
     real = torch._scaled_mm
@@ -305,7 +306,7 @@ def test_graphed_call_replays_per_signature_on_fresh_inputs(tiny):
 
 
 def test_each_graphed_call_captures_into_its_own_memory_pool(tiny, monkeypatch):
-    """GPU-AUDIT #15: the graphs of one GraphedCall share its pool; two GraphedCalls never share one."""
+    """The graphs of one GraphedCall share its pool; two GraphedCalls never share one."""
     from engine.backends import cuda_graphs
 
     handles = iter(range(100))

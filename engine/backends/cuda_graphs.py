@@ -8,7 +8,8 @@ the static output (the next replay overwrites it). The graphs of one GraphedCall
 its replays never overlap (a lock serializes them), so their intermediates may reuse the same memory.
 Two GraphedCalls (two benchmark contestants, say) never share a pool: a block the first one's graphs
 left alive in a shared pool could trip the caching allocator when the second captures into it
-(GPU-AUDIT #15, read from the allocator's code, not reproduced).
+(read from torch's caching allocator, c10/cuda/CUDACachingAllocator.cpp in pytorch/pytorch, not
+reproduced; docs/gpu.md, 'CUDA graphs: when they are captured').
 """
 
 from __future__ import annotations

@@ -127,7 +127,9 @@ class StaticFp8Linear(torch.nn.Module):
 
     use_fast_accum=True, as torchao's Float8 Linears: Hopper's FP8 tensor cores then accumulate without
     the periodic fp32 promotion. Left False, this contestant ran a slower GEMM than torchao's and the
-    benchmark compared kernels, not scale recipes (GPU-AUDIT #7).
+    benchmark compared kernels, not scale recipes. torchao's default: its
+    Float8DynamicActivationFloat8WeightConfig sets Float8MMConfig(use_fast_accum=True)
+    (pytorch/ao, torchao/quantization/quant_api.py).
     """
 
     weight_scale: torch.Tensor  # [] float32

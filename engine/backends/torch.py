@@ -140,7 +140,8 @@ class JointSlices(torch.nn.Module):
     layout diffusers' single block returns, so the layout every later single block receives.
 
     Without it the first block's contiguous inputs (from the last double block) fail the stride guards
-    of the graph the later blocks share, and the single block compiles twice per shape (GPU-AUDIT #13).
+    of the graph the later blocks share, and the single block compiles twice per shape (docs/DESIGN-NOTES.md,
+    'The torch fast path'; tests/test_torch_backend.py counts the compiles).
     Costs one concatenation per step, outside the compiled block (which concatenates the two anyway).
     """
 

@@ -57,7 +57,8 @@ def even_blocks(seq: int, block_m: int, block_n: int) -> dict[str, bool]:
 
     Computed here, in Python, and passed to the plain @triton.jit kernel: torch.compile's dynamo traces a
     launch of a JITFunction (or an Autotuner over one) into its graph; torch 2.11's dynamo does not know a
-    `triton.heuristics` object and broke the graph in every attention call (GPU-AUDIT #8).
+    `triton.heuristics` object and broke the graph in every attention call (docs/DESIGN-NOTES.md, 'The
+    torch fast path'; tests/test_kernels.py traces the launch with dynamo).
     """
     return {"EVEN_M": seq % block_m == 0, "EVEN_N": seq % block_n == 0}
 
