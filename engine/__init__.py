@@ -11,12 +11,12 @@ import importlib
 from typing import Any
 
 from . import noise
-from .version import __version__
+from .version import __version__ as __version__
 
 noise.install()  # drop torchao's, torch's and diffusers' known noise lines (engine/noise.py says which)
 
-__all__ = ["DenoiserTransformer", "EditRequest", "KontextEngine", "__version__", "kontext_pipeline", "load"]
-
+# The public API: each name and the module it lives in (imported on first use). __init__.pyi repeats
+# them for type checkers, which cannot read this table; tests/test_public_api.py holds the two equal.
 _LAZY = {
     "load": "runtime",
     "KontextEngine": "runtime",
@@ -24,6 +24,8 @@ _LAZY = {
     "DenoiserTransformer": "adapters",
     "EditRequest": "request",
 }
+
+__all__ = sorted([*_LAZY, "__version__"])
 
 
 def __getattr__(name: str) -> Any:
