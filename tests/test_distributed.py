@@ -316,7 +316,7 @@ def _dead(cp: ContextParallelDenoiser) -> bool:
 def test_close_stops_every_worker(launcher: Launcher) -> None:
     cp = launcher.get()
     cp.close()
-    assert _dead(cp) and [w.process.exitcode for w in cp.workers] == [0]
+    assert _dead(cp) and [w.process.exitcode for w in cp.workers] == [0]  # ended itself, not terminated
     cp.close()  # idempotent
     with pytest.raises(BackendUnavailableError, match="closed"):
         cp(**ODD)
@@ -333,6 +333,7 @@ def test_a_failing_worker_fails_the_edit_and_leaves_no_process(tiny: Components,
             EditRequest(gradient_image(128, 128), "x", steps=2, num_images=WORKER_FAULT_BATCH), progress=False
         )
     assert cp.closed and _dead(cp)
+    assert [w.process.exitcode for w in cp.workers] == [1]  # it reported, then ended itself (end_worker)
     with pytest.raises(BackendUnavailableError, match="load the engine again"):
         cp(**ODD)
 

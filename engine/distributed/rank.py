@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
+import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -107,33 +109,51 @@ def is_communication_error(error: BaseException) -> bool:
 
 def worker_main(rank: int, spec: RankSpec, transformer: torch.nn.Module, conn: Any) -> None:
     """A worker rank: load, join the group, then run every command rank 0 sends until 'stop' or EOF.
-    Any error is reported on the pipe (('error', rank, text, is_communication)) and ends the process."""
+    Any error is reported on the pipe (('error', rank, text, is_communication)) and ends the process.
+
+    The process ends through `end_worker` (exit status 0 after 'stop' or EOF, 1 after an error): a
+    spawned interpreter's own exit tore down torch and diffusers for 1.3 s of every engine close, and
+    let C++ destructors of the c10d group run in whatever order interpreter teardown reached them."""
+    status = 1
     try:
-        if spec.threads is not None:
-            torch.set_num_threads(spec.threads)
-        device = spec.devices[rank]
-        if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device))
-        group = Group(None, rank, spec.world_size)
-        # CPU: the weights stay in the shared memory rank 0 put them in; CUDA: copied to this rank's GPU
-        runner = RankRunner(rank_denoiser(transformer, group, spec, device), group)
-        conn.send(("loaded", rank))
-        store = dist.TCPStore(
-            HOST, spec.port, None, False, timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S)
-        )
-        group.backend = make_backend(spec, store, rank, STARTUP_TIMEOUT_S)  # rank 0 joins last
-        conn.send(("ready", rank))
-        while True:
-            try:
-                command = conn.recv()
-            except (EOFError, OSError):  # rank 0's process is gone
-                return
-            if command[0] == "stop":
-                return
-            shapes: list[tuple[tuple[int, ...], torch.dtype]] = command[1]
-            with torch.inference_mode():
-                inputs = named_inputs(*(torch.empty(s, dtype=d, device=device) for s, d in shapes))
-                runner.step(inputs)
+        status = _serve(rank, spec, transformer, conn)
     except BaseException as e:  # every failure is reported, then the process ends
         with contextlib.suppress(OSError, ValueError):  # rank 0 gone: nobody to tell
             conn.send(("error", rank, describe(e), is_communication_error(e)))
+    end_worker(status)
+
+
+def end_worker(status: int) -> NoReturn:
+    """End this worker process now: its streams flushed, no interpreter teardown (os._exit)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
+
+
+def _serve(rank: int, spec: RankSpec, transformer: torch.nn.Module, conn: Any) -> int:
+    """The worker's life until rank 0 says stop or goes away (0); an error raises."""
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    device = spec.devices[rank]
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    group = Group(None, rank, spec.world_size)
+    # CPU: the weights stay in the shared memory rank 0 put them in; CUDA: copied to this rank's GPU
+    runner = RankRunner(rank_denoiser(transformer, group, spec, device), group)
+    conn.send(("loaded", rank))
+    store = dist.TCPStore(HOST, spec.port, None, False, timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
+    group.backend = make_backend(spec, store, rank, STARTUP_TIMEOUT_S)  # rank 0 joins last
+    conn.send(("ready", rank))
+    while True:
+        try:
+            command = conn.recv()
+        except (EOFError, OSError):  # rank 0's process is gone
+            return 0
+        if command[0] == "stop":
+            group.backend = None  # the c10d group and its connections, before the process ends
+            return 0
+        shapes: list[tuple[tuple[int, ...], torch.dtype]] = command[1]
+        with torch.inference_mode():
+            inputs = named_inputs(*(torch.empty(s, dtype=d, device=device) for s, d in shapes))
+            runner.step(inputs)
