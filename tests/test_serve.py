@@ -573,6 +573,13 @@ def test_job_params_round_trip_through_the_row() -> None:
     old = {"prompt": "hat", "seed": 3, "steps": 28, "guidance": 2.5, "size": [1024, 1024], "extra": 1}
     loaded = JobParams.from_json(json.dumps(old))
     assert loaded.size == (1024, 1024) and loaded.num_images == 1 and loaded.output_format == "png"
+    # every JobParams field is a job_params keyword by its own name; an unknown one is refused
+    from dataclasses import fields
+
+    every = {f.name: getattr(made, f.name) for f in fields(JobParams) if f.name != "prompt"}
+    assert job_params("snow", **every) == made
+    with pytest.raises(TypeError, match="nmu_images"):
+        job_params("snow", nmu_images=2)
 
 
 def test_job_params_to_request_carries_every_edit_field() -> None:

@@ -66,33 +66,15 @@ EDIT_FIELDS = tuple(
 
 
 def job_params(
-    prompt: str,
-    *,
-    seed: int | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    size: tuple[int, int] | None = None,
-    output_format: str = "png",
-    num_images: int = 1,
-    aspect_ratio: str | None = None,
-    safety_tolerance: int | None = None,
-    webhook_url: str | None = None,
-    webhook_secret: str | None = None,
-    base: str = "",
+    prompt: str, *, seed: int | None = None, guidance: float | None = None, **given: Any
 ) -> JobParams:
-    """A job's parameters from a request's fields (None: not given, so the default; steps None: the
-    server's, filled in by Service.submit)."""
+    """A job's parameters from a request's fields: seed and guidance None (not given) get their
+    defaults here, steps None waits for Service.submit (the server's), and every other JobParams field
+    is passed by its own name (an unknown name is a TypeError, as JobParams itself would raise): a new
+    field is one line of JobParams, not a second list here."""
     return JobParams(
         prompt=prompt,
         seed=seed if seed is not None else secrets.randbelow(RANDOM_SEEDS),
-        steps=steps,
         guidance=guidance if guidance is not None else DEFAULT_GUIDANCE,
-        size=size,
-        output_format=output_format,
-        num_images=num_images,
-        aspect_ratio=aspect_ratio,
-        safety_tolerance=safety_tolerance,
-        webhook_url=webhook_url,
-        webhook_secret=webhook_secret,
-        base=base,
+        **{"steps": None, **given},
     )
