@@ -8,6 +8,7 @@ pipeline around it with the engine's other modules (nothing is monkeypatched).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -49,21 +50,12 @@ def kontext_pipeline(engine: KontextEngine) -> Any:
     check_output) and write files with engine.outputs, or use engine.edit. A warning is logged when the
     engine's policy is not off.
     """
-    from diffusers import FluxKontextPipeline
-
     if not engine.safety.off:
         log.warning(
             "kontext_pipeline: diffusers' pipeline skips the engine's safety policy (%s) and output "
             "metadata; use engine.edit and engine.outputs for outputs you share",
             ",".join(engine.safety.names),
         )
-    c = engine.components
-    return FluxKontextPipeline(
-        scheduler=c.scheduler(),
-        vae=c.vae,
-        text_encoder=c.text_encoder,
-        tokenizer=c.tokenizer,
-        text_encoder_2=c.text_encoder_2,
-        tokenizer_2=c.tokenizer_2,
-        transformer=as_transformer(engine),
-    )
+    # the engine's components with the adapter as transformer, through the one place that builds
+    # diffusers' pipeline from components (Components.diffusers_pipeline)
+    return dataclasses.replace(engine.components, transformer=as_transformer(engine)).diffusers_pipeline()
