@@ -185,7 +185,8 @@ class JobStore:
             self._db.execute("UPDATE jobs SET state=?, started=NULL WHERE id=?", (QUEUED, job_id))
 
     def reap(self, now: float | None = None) -> int:
-        """Delete expired jobs with their files, and input/result files no job owns. Returns jobs deleted."""
+        """Delete expired jobs with their files, the inputs of finished jobs, and input/result files no
+        job owns. Returns jobs deleted."""
         now = time.time() if now is None else now
         with self._lock:
             ids = [
@@ -195,15 +196,20 @@ class JobStore:
                 )
             ]
             self._db.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in ids])
-            known = {r[0] for r in self._db.execute("SELECT id FROM jobs")}
+            state_of = dict(self._db.execute("SELECT id, state FROM jobs").fetchall())
         for job_id in ids:
             self._remove_results(job_id)
             self._remove_inputs(job_id)
         for d in (self.inputs, self.results):
-            for f in d.iterdir():  # orphans: a crash between a file write and its row's commit
+            for f in d.iterdir():
                 with contextlib.suppress(FileNotFoundError):
                     owner_id = f.name.split(".", 1)[0]  # <id>, <id>.ref2 or <id>.1
-                    if owner_id not in known and not f.name.startswith(".") and f.stat().st_mtime < now - 60:
+                    if f.name.startswith("."):  # atomic_write_bytes' temporary files
+                        continue
+                    state = state_of.get(owner_id)
+                    finished_input = d is self.inputs and state in FINISHED  # killed after its commit
+                    orphan = state is None and f.stat().st_mtime < now - 60  # killed before create's commit
+                    if finished_input or orphan:
                         f.unlink()
         if ids:
             log.info("reaped %d expired job(s)", len(ids))

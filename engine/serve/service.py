@@ -67,6 +67,7 @@ class Service:
         if self._started:
             return
         self._started = True
+        self.store.reap()  # what a killed run left: expired jobs, inputs of jobs it had finished
         for job in self.store.unfinished():
             self.store.requeue(job.id)
             self.queue.requeue(job.id, job.owner)
