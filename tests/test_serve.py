@@ -497,6 +497,38 @@ def test_webhook_called_and_private_urls_refused(tmp_path: Path) -> None:
         hook.shutdown()
 
 
+def test_a_stopping_server_sends_the_webhooks_of_the_jobs_it_finished(tmp_path: Path) -> None:
+    """A drain ends with the last jobs' webhooks delivered: the server waits for posts in flight (a slow
+    receiver here: it answers after 1 s) before it exits, instead of dropping them with the process."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[str] = []
+
+    class SlowHook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            time.sleep(1.0)
+            received.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = HTTPServer(("127.0.0.1", 0), SlowHook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        with serve(tmp_path, tiny_editor, allow_webhooks=True) as s, s.client() as c:
+            url = f"http://127.0.0.1:{hook.server_address[1]}/last"
+            job = submit(c, webhook_url=url).json()["id"]
+            assert poll(c, job)["status"] == "Ready"
+            assert s.service.drain(30)  # the job has ended and its post has started
+        assert received == ["/last"]  # the shutdown waited for it (without the wait: [], as it was)
+    finally:
+        hook.shutdown()
+
+
 def test_engine_review_policy_holds_results(tmp_path: Path) -> None:
     """An engine whose safety policy asks for review (SafetyPolicy.review) holds results even when the
     server was not started with --review."""

@@ -6,6 +6,7 @@ over the limit are refused before they are read whole (body_limit.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,7 +21,7 @@ from .keys import KeyRing
 from .refusals import install_handlers
 from .schemas import STEPS_DEFAULT, ErrorResponse
 from .service import Service
-from .webhooks import notify
+from .webhooks import Webhooks
 
 TITLE = "Kontext engine: BFL-compatible API"
 DESCRIPTION = (
@@ -41,14 +42,19 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 def create_app(service: Service, keys: KeyRing | None = None) -> FastAPI:
     """The ASGI app over `service`. keys None: no auth (the settings allow that on loopback only)."""
-    if service.settings.allow_webhooks:
-        service.on_end = notify
+    webhooks = Webhooks() if service.settings.allow_webhooks else None
+    if webhooks is not None:
+        service.on_end = webhooks
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         service.start()
         yield
-        service.close()
+        try:
+            service.close()
+        finally:
+            if webhooks is not None:
+                await asyncio.to_thread(webhooks.close)  # the drained jobs' posts, sent before the exit
 
     app = FastAPI(
         title=TITLE, version=__version__, description=DESCRIPTION, lifespan=lifespan, responses=ERRORS

@@ -1,11 +1,13 @@
 """Webhooks (--allow-webhooks only): POST the task's ResultResponse to its webhook_url when it ends,
 from a short-lived thread, once, with X-Webhook-Secret when the client gave one. Best effort: a
-failing receiver is logged, never retried, and never changes the task."""
+failing receiver is logged, never retried, and never changes the task. A server that drains (SIGTERM)
+waits for the posts in flight, up to TIMEOUT_S, before it exits: the last jobs' webhooks are sent."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from . import jobs as J
 from .views import result_response
@@ -14,15 +16,50 @@ log = logging.getLogger(__name__)
 TIMEOUT_S = 10.0
 
 
-def notify(job: J.Job) -> None:
-    url = job.params.webhook_url
-    if not url:
-        return
-    body = result_response(job, job.params.base).model_dump_json()
-    headers = {"Content-Type": "application/json"}
-    if job.params.webhook_secret:
-        headers["X-Webhook-Secret"] = job.params.webhook_secret
-    threading.Thread(target=_post, args=(url, body, headers, job.id), daemon=True).start()
+class Webhooks:
+    """Service.on_end for a server with webhooks: each ended job's post in its own thread; close()
+    waits for the posts still in flight."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sending: set[threading.Thread] = set()
+
+    def __call__(self, job: J.Job) -> None:
+        url = job.params.webhook_url
+        if not url:
+            return
+        body = result_response(job, job.params.base).model_dump_json()
+        headers = {"Content-Type": "application/json"}
+        if job.params.webhook_secret:
+            headers["X-Webhook-Secret"] = job.params.webhook_secret
+        thread = threading.Thread(
+            target=self._send,
+            args=(url, body, headers, job.id),
+            name=f"kontext-webhook-{job.id}",
+            daemon=True,
+        )
+        with self._lock:
+            self._sending.add(thread)
+        thread.start()
+
+    def _send(self, url: str, body: str, headers: dict[str, str], job_id: str) -> None:
+        try:
+            _post(url, body, headers, job_id)
+        finally:
+            with self._lock:
+                self._sending.discard(threading.current_thread())
+
+    def close(self, timeout: float = TIMEOUT_S) -> int:
+        """Wait up to `timeout` seconds in all for the posts in flight. Returns how many were left."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            sending = list(self._sending)
+        for thread in sending:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        left = sum(t.is_alive() for t in sending)
+        if left:
+            log.warning("exiting with %d webhook(s) unsent after %.0fs", left, timeout)
+        return left
 
 
 def _post(url: str, body: str, headers: dict[str, str], job_id: str) -> None:
