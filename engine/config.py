@@ -122,7 +122,7 @@ class ModelPreset:
     text: TextEncoderConfig | None = None  # None: loaded from disk
     seed: int = 0  # seed of the random weights (synthetic presets)
     init: Literal["module", "scaled"] = "module"
-    default_steps: int = DEFAULT_STEPS  # what an edit naming no steps runs (runtime.default_steps)
+    default_steps: int = DEFAULT_STEPS  # what an edit naming no steps runs (loading.default_steps)
 
     @property
     def synthetic(self) -> bool:

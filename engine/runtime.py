@@ -39,7 +39,6 @@ from .distributed import check_context_parallel
 from .errors import BackendUnavailableError, ConfigError
 from .images import load_image
 from .loading import assemble, resolve
-from .loading import default_steps as default_steps  # runtime.default_steps: the CLI's name for it
 from .loading import is_build_dir as is_build_dir
 from .loading import load_artifacts as load_artifacts
 from .manifest import Manifest

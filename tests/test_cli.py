@@ -17,8 +17,9 @@ from engine.cli.parser import build_parser
 from engine.cli.serve import serve_settings
 from engine.config import DEFAULT_PROMPT, DEFAULT_STEPS, PRESETS, SYNTHETIC_STEPS
 from engine.images import load_image, read_png_metadata
+from engine.loading import default_steps
 from engine.model.layout import SIDECAR
-from engine.runtime import default_steps, load
+from engine.runtime import load
 from engine.serve import settings as settings_module
 
 
@@ -98,7 +99,7 @@ def test_info_lists_presets_and_buckets(capsys):
 
 @pytest.mark.parametrize("model", sorted(PRESETS))
 def test_edit_serve_and_bench_share_the_model_defaults(model):
-    """Steps: one rule (runtime.default_steps, the preset's value) behind edit, serve and bench; guidance
+    """Steps: one rule (loading.default_steps, the preset's value) behind edit, serve and bench; guidance
     and prompt: config's. `serve --model full` once ran 8 steps where `edit --model full` ran 28."""
     p = build_parser()
     edit = p.parse_args(["edit", "--model", model, "", "a hat"])

@@ -19,9 +19,10 @@ from engine.config import LoadOptions
 from engine.dispatch import Dispatcher
 from engine.errors import BackendUnavailableError, ConfigError
 from engine.images import read_png_metadata
+from engine.loading import default_steps
 from engine.outputs import OutputWriter
 from engine.request import EditRequest
-from engine.runtime import KontextEngine, default_steps
+from engine.runtime import KontextEngine
 
 from .conftest import gradient_image
 

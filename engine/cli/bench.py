@@ -40,11 +40,11 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
-    """BenchConfig of `kontext bench`'s flags; steps: the model's default (runtime.default_steps).
+    """BenchConfig of `kontext bench`'s flags; steps: the model's default (loading.default_steps).
     Its load flags are edit's source, device and context parallelism (parser.add_load_flags, read through
     common.load_options); the torch modes, levers and dtypes are named per contestant."""
     from ..bench import BenchConfig
-    from ..runtime import default_steps
+    from ..loading import default_steps
 
     def names(text: str | None) -> tuple[str, ...] | None:
         return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())

@@ -97,9 +97,9 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
-    """ServeSettings of `kontext serve`'s flags; default steps: the model's (runtime.default_steps),
+    """ServeSettings of `kontext serve`'s flags; default steps: the model's (loading.default_steps),
     the same value `kontext edit` runs for the same --model or --build."""
-    from ..runtime import default_steps
+    from ..loading import default_steps
     from ..serve.settings import ServeSettings
 
     return ServeSettings(
