@@ -6,7 +6,6 @@ over the limit are refused before they are read whole (body_limit.py)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -42,19 +41,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 def create_app(service: Service, keys: KeyRing | None = None) -> FastAPI:
     """The ASGI app over `service`. keys None: no auth (the settings allow that on loopback only)."""
-    webhooks = Webhooks() if service.settings.allow_webhooks else None
-    if webhooks is not None:
-        service.on_end = webhooks
+    if service.settings.allow_webhooks:
+        service.on_end = Webhooks()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         service.start()
         yield
-        try:
-            service.close()
-        finally:
-            if webhooks is not None:
-                await asyncio.to_thread(webhooks.close)  # the drained jobs' posts, sent before the exit
+        service.close()  # after the drain: waits for the webhooks in flight, then frees the engine
 
     app = FastAPI(
         title=TITLE, version=__version__, description=DESCRIPTION, lifespan=lifespan, responses=ERRORS

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import KontextError, ModeratedError
 from . import jobs as J
@@ -40,6 +40,14 @@ class NotAccepting(Exception):
     """Warming up, draining after SIGTERM, or the engine failed to load."""
 
 
+class EndListener(Protocol):
+    """Told of each ended job (webhooks.Webhooks); close() waits for what it still has in flight."""
+
+    def __call__(self, job: J.Job) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Service:
     def __init__(self, settings: ServeSettings, editor_factory: Callable[[], Editor]) -> None:
         self.settings = settings
@@ -56,7 +64,7 @@ class Service:
         self._stop = threading.Event()
         self._waiters: dict[str, threading.Event] = {}
         self._waiters_lock = threading.Lock()
-        self.on_end: Callable[[J.Job], None] | None = None  # called with each ended job (webhooks)
+        self.on_end: EndListener | None = None  # told of each ended job (webhooks); closed by close()
         self._started = self._closed = False
 
     # ------------------------------------------------------------------ lifetime
@@ -116,6 +124,8 @@ class Service:
         self._closed = True
         self._stop.set()
         self.queue.stop()
+        if self.on_end is not None:
+            self.on_end.close()  # e.g. the drained jobs' webhooks, posted before the process exits
         if self.queue.running:  # a drain timed out: the job stays `running` and runs again at restart
             log.warning("exiting with %d job(s) running; they will run again", self.queue.running)
             return

@@ -17,8 +17,8 @@ TIMEOUT_S = 10.0
 
 
 class Webhooks:
-    """Service.on_end for a server with webhooks: each ended job's post in its own thread; close()
-    waits for the posts still in flight."""
+    """Service.on_end (a service.EndListener) for a server with webhooks: each ended job's post in its
+    own thread; close() waits for the posts still in flight."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -49,8 +49,9 @@ class Webhooks:
             with self._lock:
                 self._sending.discard(threading.current_thread())
 
-    def close(self, timeout: float = TIMEOUT_S) -> int:
-        """Wait up to `timeout` seconds in all for the posts in flight. Returns how many were left."""
+    def close(self, timeout: float = TIMEOUT_S) -> None:
+        """Wait up to `timeout` seconds in all for the posts in flight (Service.close calls it); those
+        still unsent after it are logged."""
         deadline = time.monotonic() + timeout
         with self._lock:
             sending = list(self._sending)
@@ -59,7 +60,6 @@ class Webhooks:
         left = sum(t.is_alive() for t in sending)
         if left:
             log.warning("exiting with %d webhook(s) unsent after %.0fs", left, timeout)
-        return left
 
 
 def _post(url: str, body: str, headers: dict[str, str], job_id: str) -> None:
