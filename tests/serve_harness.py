@@ -4,7 +4,6 @@ preset's engine (loaded once per session), with bounded polling that stops by it
 from __future__ import annotations
 
 import base64
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,16 +21,11 @@ from engine.serve.editor import EditJob, Editor, EditOutput
 from engine.serve.keys import KeyRing, new_key
 from engine.serve.service import Service
 from engine.serve.settings import ServeSettings
+from tests.ports import free_port
 
 FINAL = ("Ready", "Error", "Request Moderated", "Content Moderated", "Task not found")
 SAMPLE = assets.sample_image_path().read_bytes()  # 451x300 PNG; the tiny family's bucket is 160x96
 SAMPLE_B64 = base64.b64encode(SAMPLE).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

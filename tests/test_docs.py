@@ -10,7 +10,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -160,7 +161,7 @@ def serve_on(code: str, port: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def test_serve_on_moves_every_server_to_the_free_port() -> None:
+def test_serve_on_moves_every_server_to_thefree_port() -> None:
     code = ".venv/bin/kontext serve --model tiny &   # on 8000\ncurl localhost:8000/readyz 127.0.0.1:8000/x\n"
     assert serve_on(code, 5123) == (
         ".venv/bin/kontext serve --model tiny --port 5123 &   # on 8000\n"
@@ -189,12 +190,6 @@ def page_script(page: Path, workdir: Path, port: int, timeout_s: int) -> str:
         else:
             parts.append(serve_on(block.code, port))
     return "\n".join(parts) + "\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +234,7 @@ def test_every_documented_command_runs_as_written(clean_clone: Path) -> None:
     for page in PAGES:
         if not any(b.skip is None for b in code_blocks(page)):
             continue
-        script = page_script(page, clean_clone, _free_port(), timeout_s=PAGE_TIMEOUT_S)
+        script = page_script(page, clean_clone, free_port(), timeout_s=PAGE_TIMEOUT_S)
         proc = subprocess.Popen(
             ["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True,
