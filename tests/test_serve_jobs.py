@@ -85,3 +85,23 @@ def test_a_restart_reaps_before_it_recovers(tmp_path: Path, monkeypatch: pytest.
     assert names(service.store.inputs) == ["queued"]
     assert service.queue.in_flight == 1  # the queued job, recovered
     service.close()
+
+
+def test_a_kill_between_a_rejection_and_its_unlink_leaves_an_image_the_reaper_deletes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reviewer's rejected image must not outlive the kill: the reaper deletes results of a job whose
+    state keeps none, and keeps those of held and ready jobs."""
+    store = J.JobStore(tmp_path)
+    for job_id in ("rejected", "held", "ready"):
+        store.create(job_id, "k", PARAMS, b"image")
+        store.finish(job_id, J.READY if job_id == "ready" else J.HELD, ttl=600, results=[b"r0", b"r1"])
+    with monkeypatch.context() as m:  # the process dies after review's commit, before its unlink
+        m.setattr(store, "_remove_results", lambda job_id: None)
+        assert store.review("rejected", approve=False, ttl=600)
+    assert store.get("rejected").state == J.CONTENT_MODERATED  # type: ignore[union-attr]
+    assert names(store.results) == ["held", "held.1", "ready", "ready.1", "rejected", "rejected.1"]
+
+    store.reap()
+    assert names(store.results) == ["held", "held.1", "ready", "ready.1"]
+    store.close()

@@ -29,6 +29,7 @@ QUEUED, RUNNING, READY, HELD = "queued", "running", "ready", "held"
 ERROR, REQUEST_MODERATED, CONTENT_MODERATED = "error", "request_moderated", "content_moderated"
 UNFINISHED = (QUEUED, RUNNING)
 FINISHED = (READY, HELD, ERROR, REQUEST_MODERATED, CONTENT_MODERATED)
+WITH_RESULTS = (*UNFINISHED, READY, HELD)  # the states whose result files are kept (or being written)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -185,8 +186,9 @@ class JobStore:
             self._db.execute("UPDATE jobs SET state=?, started=NULL WHERE id=?", (QUEUED, job_id))
 
     def reap(self, now: float | None = None) -> int:
-        """Delete expired jobs with their files, the inputs of finished jobs, and input/result files no
-        job owns. Returns jobs deleted."""
+        """Delete expired jobs with their files, the inputs of finished jobs, the results of jobs that
+        keep none (a rejected review), and input/result files no job owns. Returns jobs deleted.
+        Each but expiry is what a kill between a commit and its unlink, or a file and its row, leaves."""
         now = time.time() if now is None else now
         with self._lock:
             ids = [
@@ -207,9 +209,10 @@ class JobStore:
                     if f.name.startswith("."):  # atomic_write_bytes' temporary files
                         continue
                     state = state_of.get(owner_id)
-                    finished_input = d is self.inputs and state in FINISHED  # killed after its commit
+                    finished_input = d is self.inputs and state in FINISHED  # killed after finish's commit
+                    dropped_result = d is self.results and state is not None and state not in WITH_RESULTS
                     orphan = state is None and f.stat().st_mtime < now - 60  # killed before create's commit
-                    if finished_input or orphan:
+                    if finished_input or dropped_result or orphan:
                         f.unlink()
         if ids:
             log.info("reaped %d expired job(s)", len(ids))
