@@ -8,8 +8,12 @@ import base64
 import io
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -461,17 +465,28 @@ def test_keys_file_holds_only_hashes(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- webhooks, URLs
 
 
-def test_webhook_called_and_private_urls_refused(tmp_path: Path) -> None:
+@dataclass
+class Post:
+    path: str
+    body: dict[str, Any]
+    secret: str | None
+
+
+@contextmanager
+def webhook_receiver(answer_after_s: float = 0.0) -> Iterator[tuple[str, list[Post]]]:
+    """An HTTP receiver on 127.0.0.1 (its base URL, and the posts it has answered, in order); each post
+    is recorded and answered 204 after `answer_after_s` seconds."""
     import json
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    received: list[tuple[dict[str, object], str | None]] = []
+    received: list[Post] = []
 
     class Hook(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["content-length"]))
-            received.append((json.loads(body), self.headers.get("x-webhook-secret")))
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            time.sleep(answer_after_s)
+            received.append(Post(self.path, body, self.headers.get("x-webhook-secret")))
             self.send_response(204)
             self.end_headers()
 
@@ -481,52 +496,39 @@ def test_webhook_called_and_private_urls_refused(tmp_path: Path) -> None:
     hook = HTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
     try:
-        with serve(tmp_path, tiny_editor, allow_webhooks=True, allow_urls=True) as s, s.client() as c:
-            url = f"http://127.0.0.1:{hook.server_address[1]}/done"
-            job = submit(c, webhook_url=url, webhook_secret="s3cret").json()["id"]
-            assert poll(c, job)["status"] == "Ready"
-            deadline = time.monotonic() + 10
-            while not received and time.monotonic() < deadline:
-                time.sleep(0.05)
-            payload, secret = received[0]
-            assert payload["id"] == job and payload["status"] == "Ready" and secret == "s3cret"
-            r = submit(c, input_image=f"http://127.0.0.1:{hook.server_address[1]}/cat.png")
-            assert r.status_code == 422 and "non-public address" in r.json()["detail"]
-            assert submit(c, webhook_url="ftp://example.com/x").status_code == 422
+        yield f"http://127.0.0.1:{hook.server_address[1]}", received
     finally:
         hook.shutdown()
+
+
+def test_webhook_called_and_private_urls_refused(tmp_path: Path) -> None:
+    with (
+        webhook_receiver() as (base, received),
+        serve(tmp_path, tiny_editor, allow_webhooks=True, allow_urls=True) as s,
+        s.client() as c,
+    ):
+        job = submit(c, webhook_url=f"{base}/done", webhook_secret="s3cret").json()["id"]
+        assert poll(c, job)["status"] == "Ready"
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        post = received[0]
+        assert (post.path, post.secret) == ("/done", "s3cret")
+        assert post.body["id"] == job and post.body["status"] == "Ready"
+        r = submit(c, input_image=f"{base}/cat.png")
+        assert r.status_code == 422 and "non-public address" in r.json()["detail"]
+        assert submit(c, webhook_url="ftp://example.com/x").status_code == 422
 
 
 def test_a_stopping_server_sends_the_webhooks_of_the_jobs_it_finished(tmp_path: Path) -> None:
     """A drain ends with the last jobs' webhooks delivered: the server waits for posts in flight (a slow
     receiver here: it answers after 1 s) before it exits, instead of dropping them with the process."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    received: list[str] = []
-
-    class SlowHook(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["content-length"]))
-            time.sleep(1.0)
-            received.append(self.path)
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    hook = HTTPServer(("127.0.0.1", 0), SlowHook)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    try:
+    with webhook_receiver(answer_after_s=1.0) as (base, received):
         with serve(tmp_path, tiny_editor, allow_webhooks=True) as s, s.client() as c:
-            url = f"http://127.0.0.1:{hook.server_address[1]}/last"
-            job = submit(c, webhook_url=url).json()["id"]
+            job = submit(c, webhook_url=f"{base}/last").json()["id"]
             assert poll(c, job)["status"] == "Ready"
             assert s.service.drain(30)  # the job has ended and its post has started
-        assert received == ["/last"]  # the shutdown waited for it (without the wait: [], as it was)
-    finally:
-        hook.shutdown()
+        assert [p.path for p in received] == ["/last"]  # the shutdown waited (without the wait: [])
 
 
 def test_engine_review_policy_holds_results(tmp_path: Path) -> None:
