@@ -75,7 +75,7 @@ class Service:
         if self._started:
             return
         self._started = True
-        self.store.reap()  # what a killed run left: expired jobs, inputs of jobs it had finished
+        self.store.reap()  # what a killed run left behind (JobStore.reap says what it deletes)
         for job in self.store.unfinished():
             self.store.requeue(job.id)
             self.queue.requeue(job.id, job.owner)
