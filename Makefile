@@ -14,7 +14,7 @@ EXTRAS ?= dev,quant,fp8,kernels,serve,ray,provenance,lora
 MODEL ?= tiny
 STAMP := $(VENV)/.installed-$(shell echo "$(TORCH) $(TORCH_INDEX) $(EXTRAS)" | cksum | cut -d' ' -f1)
 
-.PHONY: install test test-fast lint edit engine bench serve clean gpu-wheels rehearse
+.PHONY: install test test-fast lint edit engine bench serve clean gpu-wheels rehearse rehearse-venv
 
 install: $(STAMP)
 
@@ -98,6 +98,9 @@ $(REHEARSE_STAMP):
 # Its cold phase compiles the tiny model on the CPU (minutes on two busy cores), made cheaper for a rehearsal:
 # inductor compiles in-process (TORCHINDUCTOR_COMPILE_THREADS=1: no pool of workers each importing torch)
 # and its C++ at -O0 (TORCHINDUCTOR_DEBUG_COMPILE=1 instead of -O3: the same graphs, cached and loaded alike).
+# The image's venv alone (downloads, little CPU): .ci/run builds it while the tests run.
+rehearse-venv: $(REHEARSE_STAMP)
+
 rehearse: $(REHEARSE_STAMP)
 	$(MAKE) gpu-wheels GPU_PYTHON=$$($(REHEARSE)/venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 	rm -rf $(REHEARSE)/results $(REHEARSE)/tmp $(REHEARSE)/compile-cache $(REHEARSE)/site && mkdir -p $(REHEARSE)/tmp
