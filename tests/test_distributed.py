@@ -333,7 +333,9 @@ def test_a_failing_worker_fails_the_edit_and_leaves_no_process(tiny: Components,
             EditRequest(gradient_image(128, 128), "x", steps=2, num_images=WORKER_FAULT_BATCH), progress=False
         )
     assert cp.closed and _dead(cp)
-    assert [w.process.exitcode for w in cp.workers] == [1]  # it reported, then ended itself (end_worker)
+    assert [w.process.exitcode for w in cp.workers] == [
+        1
+    ]  # it reported, then ended itself (process.exit_now)
     with pytest.raises(BackendUnavailableError, match="load the engine again"):
         cp(**ODD)
 

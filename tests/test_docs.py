@@ -161,7 +161,7 @@ def serve_on(code: str, port: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def test_serve_on_moves_every_server_to_thefree_port() -> None:
+def test_serve_on_moves_every_server_to_the_free_port() -> None:
     code = ".venv/bin/kontext serve --model tiny &   # on 8000\ncurl localhost:8000/readyz 127.0.0.1:8000/x\n"
     assert serve_on(code, 5123) == (
         ".venv/bin/kontext serve --model tiny --port 5123 &   # on 8000\n"

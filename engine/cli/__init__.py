@@ -10,13 +10,12 @@ a fraction of a second), and quiets third-party noise unless -v.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from ..errors import KontextError, ModeratedError
+from ..process import exit_now
 from .bench import bench_command
 from .build import build_command, info_command
 from .common import quiet_third_party
@@ -89,10 +88,7 @@ def run() -> None:
 
 
 def _end_process(status: list[int]) -> None:
-    """The last atexit handler: logging's (registered before ours, so skipped otherwise) and the
-    standard streams flushed, then the process ends with `status` and no module teardown."""
+    """The last atexit handler: logging's (registered before ours, so skipped otherwise), then
+    process.exit_now (streams flushed, no module teardown) with `status`."""
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`kontext ... | head`)
-            stream.flush()
-    os._exit(status[0])
+    exit_now(status[0])

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
-import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +21,7 @@ import torch.distributed as dist
 from ..backends import named_inputs
 from ..backends.torch import TorchDenoiser, torch_denoiser
 from ..backends.torch_options import TorchOptions
+from ..process import exit_now
 from .sharding import Group, Layout, install_processors, shard_inputs
 
 HOST = "127.0.0.1"  # the store and the gloo pairs: ranks on this machine only
@@ -111,7 +110,7 @@ def worker_main(rank: int, spec: RankSpec, transformer: torch.nn.Module, conn: A
     """A worker rank: load, join the group, then run every command rank 0 sends until 'stop' or EOF.
     Any error is reported on the pipe (('error', rank, text, is_communication)) and ends the process.
 
-    The process ends through `end_worker` (exit status 0 after 'stop' or EOF, 1 after an error): a
+    The process ends through `process.exit_now` (exit status 0 after 'stop' or EOF, 1 after an error): a
     spawned interpreter's own exit tore down torch and diffusers for 1.3 s of every engine close, and
     let C++ destructors of the c10d group run in whatever order interpreter teardown reached them."""
     status = 1
@@ -120,15 +119,7 @@ def worker_main(rank: int, spec: RankSpec, transformer: torch.nn.Module, conn: A
     except BaseException as e:  # every failure is reported, then the process ends
         with contextlib.suppress(OSError, ValueError):  # rank 0 gone: nobody to tell
             conn.send(("error", rank, describe(e), is_communication_error(e)))
-    end_worker(status)
-
-
-def end_worker(status: int) -> NoReturn:
-    """End this worker process now: its streams flushed, no interpreter teardown (os._exit)."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(status)
+    exit_now(status)
 
 
 def _serve(rank: int, spec: RankSpec, transformer: torch.nn.Module, conn: Any) -> int:
